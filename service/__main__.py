@@ -1,0 +1,133 @@
+"""Command line: `python -m service serve|migrate|create-user`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+from service.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("service")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run one command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if getattr(args, "dev", False):
+        os.environ["SERVICE_ENV"] = "development"
+    try:
+        settings = load_settings()
+        return int(args.func(args, settings))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTPS server (Hypercorn)")
+    serve.add_argument("--bind", action="append", help="address:port to listen on (repeatable)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: hypercorn.toml)")
+    serve.add_argument("--config", type=Path, help="Hypercorn TOML file (default: hypercorn.toml)")
+    serve.add_argument("--dev", action="store_true", help="development mode: embedded defaults")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--revision", default="head")
+    migrate.add_argument("--dev", action="store_true", help="development mode: embedded defaults")
+    migrate.set_defaults(func=_migrate)
+
+    create_user = commands.add_parser("create-user", help="create an account")
+    create_user.add_argument("username")
+    create_user.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of prompting",
+    )
+    create_user.add_argument(
+        "--dev", action="store_true", help="development mode: embedded defaults"
+    )
+    create_user.set_defaults(func=_create_user)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from service.server import announce, hypercorn_config, serve
+
+    announce(settings)
+    if settings.embedded_database:
+        _migrate(args, settings)
+    config = hypercorn_config(
+        settings,
+        config_file=args.config,
+        bind=args.bind,
+        workers=args.workers,
+        access_log=args.access_log,
+    )
+    return serve(config)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.store.migrate import upgrade
+
+    upgrade(settings, getattr(args, "revision", "head"))
+    log.info("database schema is up to date")
+    return 0
+
+
+def _create_user(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import TypeAdapter, ValidationError
+
+    from service.auth.schemas import Credentials
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat: ") != password:
+            print("passwords differ", file=sys.stderr)
+            return 1
+    try:
+        creds = TypeAdapter(Credentials).validate_python(
+            {"username": args.username, "password": password}
+        )
+    except ValidationError as exc:
+        print(f"invalid: {exc.errors(include_url=False)[0]['msg']}", file=sys.stderr)
+        return 1
+    return asyncio.run(_create_user_async(settings, creds.username, creds.password))
+
+
+async def _create_user_async(settings: Settings, username: str, password: str) -> int:
+    from service.auth.passwords import Passwords
+    from service.store.db import Database
+    from service.store.users import UsernameTaken, create_user
+
+    passwords = Passwords(settings)
+    database = Database(settings)
+    try:
+        password_hash = await passwords.hash(password)
+        async with database.session() as session:
+            account = await create_user(session, username=username, password_hash=password_hash)
+    except UsernameTaken:
+        print(f"username {username!r} is taken", file=sys.stderr)
+        return 1
+    finally:
+        passwords.shutdown()
+        await database.dispose()
+    print(f"created {account.username} ({account.id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

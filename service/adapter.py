@@ -1,0 +1,194 @@
+"""Serve the Flask (WSGI) app over ASGI: each request runs in a worker thread.
+
+Written for this service instead of Hypercorn's WSGI mode, which sends no response for
+empty bodies (204, HEAD), has a fixed thread pool, and ignores lifespan shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+TOO_LARGE = (
+    b'{"type":"about:blank","title":"Content Too Large","status":413,'
+    b'"detail":"The request body is too large."}'
+)
+
+
+class AsgiAdapter:
+    """An ASGI 3 application wrapping a WSGI application."""
+
+    def __init__(
+        self,
+        wsgi_app: WsgiApp,
+        *,
+        max_body_bytes: int,
+        threads: int,
+        on_startup: Callable[[], None] | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self._wsgi_app = wsgi_app
+        self._max_body = max_body_bytes
+        self._threads = threads
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self._on_startup is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self._on_startup)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _shutdown(self) -> None:
+        if self._on_shutdown is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._on_shutdown)
+            except Exception:
+                log.exception("error during shutdown")
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body(receive)
+        if body is None:
+            await _respond(send, 413, [(b"content-type", b"application/problem+json")], TOO_LARGE)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
+        environ = build_environ(scope, body)
+        loop = asyncio.get_running_loop()
+        status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
+        await _respond(send, status, headers, chunks)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """Read the whole body; None once it exceeds the limit."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                return None
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    def _call(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Run the WSGI app to completion in a worker thread."""
+        started: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], None]:
+            if exc_info is not None and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return lambda _data: None
+
+        result = self._wsgi_app(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = started
+        encoded = [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
+        ]
+        return int(status.split(" ", 1)[0]), encoded, body
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except (OSError, RuntimeError):
+        log.debug("client went away before the response was sent")
+
+
+def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
+    """Translate an ASGI HTTP scope into a PEP 3333 environ."""
+    server = scope.get("server") or ("localhost", 443)
+    client = scope.get("client") or ("", 0)
+    raw_path = scope.get("raw_path")
+    path = raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": root,
+        "PATH_INFO": _unquote_path(path),
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "REMOTE_ADDR": str(client[0]),
+        "REMOTE_PORT": str(client[1]),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "CONTENT_LENGTH": str(len(body)),
+    }
+    for raw_name, raw_value in scope.get("headers", []):
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        value = raw_value.decode("latin-1")
+        if name == "CONTENT_TYPE":
+            environ["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT_LENGTH":
+            continue
+        key = f"HTTP_{name}"
+        if key in environ:
+            separator = "; " if key == "HTTP_COOKIE" else ","
+            environ[key] = f"{environ[key]}{separator}{value}"
+        else:
+            environ[key] = value
+    if "HTTP_HOST" not in environ and "HTTP_:AUTHORITY" in environ:
+        environ["HTTP_HOST"] = environ.pop("HTTP_:AUTHORITY")
+    return environ
+
+
+def _unquote_path(path: str) -> str:
+    """Percent-decode a raw path to the latin-1 string PEP 3333 expects."""
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(path).decode("latin-1")

@@ -1,0 +1,15 @@
+"""First-party authentication: accounts, sessions, and JWTs."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from service.auth import jwt
+from service.auth.views import bp
+from service.config import Settings
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Configure JWTs and register the auth blueprint."""
+    jwt.init_app(app, settings)
+    app.register_blueprint(bp)

@@ -1,0 +1,99 @@
+"""Flask-JWT-Extended wiring: keys, pinned algorithms, the blocklist loader, 401 bodies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask, Response, current_app
+from flask_jwt_extended import JWTManager
+
+from service.config import Settings
+from service.errors import problem, unauthorized
+from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
+
+jwt = JWTManager()
+
+
+def jwt_config(settings: Settings) -> dict[str, Any]:
+    """Map settings onto Flask-JWT-Extended's configuration keys."""
+    config: dict[str, Any] = {
+        "JWT_ALGORITHM": settings.jwt_algorithm,
+        "JWT_DECODE_ALGORITHMS": [settings.jwt_algorithm],
+        "JWT_TOKEN_LOCATION": ["headers"],
+        "JWT_ENCODE_ISSUER": settings.jwt_issuer,
+        "JWT_DECODE_ISSUER": settings.jwt_issuer,
+        "JWT_ENCODE_AUDIENCE": settings.jwt_audience,
+        "JWT_DECODE_AUDIENCE": settings.jwt_audience,
+        "JWT_ENCODE_NBF": True,
+        "JWT_DECODE_LEEWAY": 0,
+        "JWT_ACCESS_TOKEN_EXPIRES": timedelta(seconds=settings.access_token_ttl),
+        "JWT_REFRESH_TOKEN_EXPIRES": timedelta(seconds=settings.refresh_token_ttl),
+        "JWT_VERIFY_SUB": True,
+        "JWT_COOKIE_CSRF_PROTECT": False,
+    }
+    if settings.jwt_algorithm == "HS256":
+        config["JWT_SECRET_KEY"] = settings.jwt_secret
+    else:
+        assert settings.jwt_private_key_file is not None
+        config["JWT_PRIVATE_KEY"] = settings.jwt_private_key_file.read_text()
+        public = settings.jwt_public_key_file
+        config["JWT_PUBLIC_KEY"] = (
+            public.read_text() if public else _public_pem(config["JWT_PRIVATE_KEY"])
+        )
+    return config
+
+
+def _public_pem(private_pem: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Configure and bind the JWT manager."""
+    app.config.update(jwt_config(settings))
+    jwt.init_app(app)
+
+
+@jwt.token_in_blocklist_loader
+def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
+    """One Redis round trip; fails closed (503) when the answer is unknown."""
+    store = current_app.extensions["store"]
+    verdict = store.blocklist.check(TokenRef.from_claims(claims))
+    if verdict is Verdict.NOT_LOADED:
+        store.request_rebuild()
+        raise BlocklistUnavailable("blocklist is being rebuilt")
+    return verdict is Verdict.REVOKED
+
+
+def _render(detail: str, error: str | None = "invalid_token") -> Response:
+    exc = unauthorized(detail, error)
+    return problem(exc.status, exc.detail, headers=exc.headers)
+
+
+@jwt.unauthorized_loader
+def _missing(reason: str) -> Response:
+    if reason.startswith("Missing"):
+        return _render("A Bearer token is required.", error=None)
+    return _render(reason)
+
+
+@jwt.invalid_token_loader
+def _invalid(reason: str) -> Response:
+    return _render(f"The token is invalid: {reason}.")
+
+
+@jwt.expired_token_loader
+def _expired(_header: dict[str, Any], _claims: dict[str, Any]) -> Response:
+    return _render("The token has expired.")
+
+
+@jwt.revoked_token_loader
+def _revoked(_header: dict[str, Any], _claims: dict[str, Any]) -> Response:
+    return _render("The token has been revoked.")

@@ -1,0 +1,43 @@
+"""Request bodies of the auth endpoints, validated strictly."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ConfigDict, StringConstraints
+from werkzeug.exceptions import UnsupportedMediaType
+
+Username = Annotated[
+    str, StringConstraints(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=256)]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Body(BaseModel):
+    """Base for JSON bodies: strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Credentials(Body):
+    """Username and password, for register and login."""
+
+    username: Username
+    password: Password
+
+
+class PasswordChange(Body):
+    """The current password and its replacement."""
+
+    current_password: Password
+    new_password: Password
+
+
+def parse_body(model: type[M]) -> M:
+    """Parse the JSON request body into model: 415 if not JSON, 400 if malformed or invalid."""
+    if not request.is_json:
+        raise UnsupportedMediaType("The request body must be application/json.")
+    return model.model_validate(request.get_json())

@@ -1,0 +1,107 @@
+"""Login sessions: sign-in, refresh-token rotation with reuse detection, and sign-out."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+from service.auth.passwords import Passwords
+from service.auth.tokens import TokenPair, issue_pair
+from service.errors import ApiError, unauthorized
+from service.ids import new_id
+from service.store import Store
+from service.store import sessions as session_store
+from service.store import users as user_store
+from service.store.blocklist import Entry, Kind
+
+log = logging.getLogger(__name__)
+
+LOGIN_FAILED = "The username or password is wrong."
+
+
+async def login(*, store: Store, passwords: Passwords, username: str, password: str) -> TokenPair:
+    """Check credentials and open a session; unknown users and bad passwords look alike."""
+    async with store.db.session() as session:
+        found = await user_store.find_credentials(session, username=username)
+    account, password_hash = found if found else (None, None)
+    verification = await passwords.verify(password_hash, password)
+    if account is None or not verification.ok:
+        raise ApiError(401, LOGIN_FAILED, headers={"WWW-Authenticate": 'Basic realm="authsvc"'})
+    settings = store.settings
+    sid = new_id()
+    session_expires = int(time.time()) + settings.refresh_token_ttl
+    pair = issue_pair(
+        user_id=str(account.id),
+        username=account.username,
+        sid=sid,
+        refresh_jti=new_id(),
+        session_expires=session_expires,
+        access_ttl=settings.access_token_ttl,
+        scope=settings.default_scopes,
+    )
+    async with store.db.session() as session:
+        if verification.new_hash:
+            await user_store.set_password_hash(
+                session, user_id=account.id, password_hash=verification.new_hash
+            )
+        await session_store.open_session(
+            session,
+            sid=sid,
+            user_id=account.id,
+            refresh_jti=pair.refresh_jti,
+            expires_at=datetime.fromtimestamp(session_expires, UTC),
+        )
+    return pair
+
+
+async def refresh(*, store: Store, claims: dict[str, object]) -> TokenPair:
+    """Rotate: spend the presented refresh token and issue a new pair in the same session.
+
+    A refresh token that is not the session's current one was already spent: someone
+    replayed it, so the whole session is revoked.
+    """
+    sid, presented = str(claims["sid"]), str(claims["jti"])
+    next_jti = new_id()
+    async with store.db.session() as session:
+        info = await session_store.rotate(
+            session, sid=sid, presented_jti=presented, next_jti=next_jti
+        )
+    if info is None:
+        await revoke_session(store=store, sid=sid, reason="refresh-reuse")
+        log.warning("refresh token reuse detected; session revoked")
+        raise unauthorized("The refresh token was already used; the session is revoked.")
+    settings = store.settings
+    return issue_pair(
+        user_id=str(info.user_id),
+        username=info.username,
+        sid=sid,
+        refresh_jti=next_jti,
+        session_expires=int(info.expires_at.timestamp()),
+        access_ttl=settings.access_token_ttl,
+        scope=settings.default_scopes,
+    )
+
+
+async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
+    """Revoke every token of one session, durably and in the blocklist."""
+    async with store.db.session() as session:
+        expires_at = await session_store.close_session(session, sid=sid, reason=reason)
+    until = (
+        int(expires_at.timestamp())
+        if expires_at
+        else int(time.time()) + store.settings.refresh_token_ttl
+    )
+    await store.revoke([Entry(kind=Kind.SESSION, subject=sid, expires_at=until)])
+
+
+async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> None:
+    """Revoke every token of a user issued up to now, on every device."""
+    cutoff_ms = time.time_ns() // 1_000_000
+    async with store.db.session() as session:
+        await session_store.close_user_sessions(session, user_id=uuid.UUID(user_id), reason=reason)
+    until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
+    await store.revoke(
+        [Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)]
+    )

@@ -1,0 +1,89 @@
+"""First-party auth endpoints: thin views over the session and account functions."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+from flask_jwt_extended import get_jwt, jwt_required
+
+from service.auth import accounts, sessions
+from service.auth.passwords import Passwords
+from service.auth.schemas import Credentials, PasswordChange, parse_body
+from service.store import get_store
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _passwords() -> Passwords:
+    passwords: Passwords = current_app.extensions["passwords"]
+    return passwords
+
+
+@bp.post("/register")
+async def register() -> tuple[dict[str, str], int]:
+    """Create an account."""
+    body = parse_body(Credentials)
+    account = await accounts.register(
+        store=get_store(), passwords=_passwords(), username=body.username, password=body.password
+    )
+    return {"id": str(account.id), "username": account.username}, 201
+
+
+@bp.post("/login")
+async def login() -> tuple[dict[str, object], int, dict[str, str]]:
+    """Exchange credentials for an access and refresh token."""
+    body = parse_body(Credentials)
+    pair = await sessions.login(
+        store=get_store(), passwords=_passwords(), username=body.username, password=body.password
+    )
+    return pair.as_json(), 200, NO_STORE
+
+
+@bp.post("/refresh")
+@jwt_required(refresh=True)
+async def refresh() -> tuple[dict[str, object], int, dict[str, str]]:
+    """Spend a refresh token for a new pair."""
+    pair = await sessions.refresh(store=get_store(), claims=get_jwt())
+    return pair.as_json(), 200, NO_STORE
+
+
+@bp.post("/logout")
+@jwt_required()
+async def logout() -> Response:
+    """Revoke this session: the access token and its refresh tokens."""
+    await sessions.revoke_session(store=get_store(), sid=get_jwt()["sid"], reason="logout")
+    return Response(status=204)
+
+
+@bp.post("/logout-all")
+@jwt_required()
+async def logout_all() -> Response:
+    """Revoke every token of this user, on every device."""
+    await sessions.revoke_all_sessions(
+        store=get_store(), user_id=get_jwt()["sub"], reason="logout-all"
+    )
+    return Response(status=204)
+
+
+@bp.post("/password")
+@jwt_required()
+async def change_password() -> Response:
+    """Change the password; every session of the user ends."""
+    body = parse_body(PasswordChange)
+    await accounts.change_password(
+        store=get_store(),
+        passwords=_passwords(),
+        user_id=get_jwt()["sub"],
+        current=body.current_password,
+        new=body.new_password,
+    )
+    return Response(status=204)
+
+
+@bp.get("/me")
+@jwt_required()
+async def me() -> dict[str, str]:
+    """The account behind the access token."""
+    account = await accounts.get_account(store=get_store(), user_id=get_jwt()["sub"])
+    return {"id": str(account.id), "username": account.username}

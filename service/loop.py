@@ -1,0 +1,142 @@
+"""One long-lived event loop per worker process, where async views and pooled I/O run.
+
+Flask would otherwise run every async view in a fresh loop, which breaks pooled
+connections (asyncpg, redis.asyncio) and costs more than the work it wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+class LoopThread:
+    """A daemon thread running an event loop, started lazily in the process that uses it."""
+
+    def __init__(self, name: str = "service-loop") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """Return this process's loop, starting it on first use (and again after a fork)."""
+        loop = self._loop
+        if loop is not None and self._pid == os.getpid():
+            return loop
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._start()
+            assert self._loop is not None
+            return self._loop
+
+    def _start(self) -> None:
+        loop = _new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run, name=self._name, daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread, self._pid = loop, thread, os.getpid()
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller is this loop's own thread (where blocking would deadlock)."""
+        return self._thread is threading.current_thread()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule coro on the loop, in a copy of the caller's context, and return its future."""
+        loop = self.loop
+        context = contextvars.copy_context()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            if future.cancelled():
+                coro.close()
+                return
+            task = loop.create_task(coro, context=context)
+            task.add_done_callback(lambda done: _copy_outcome(done, future))
+            future.add_done_callback(
+                lambda f: loop.call_soon_threadsafe(task.cancel) if f.cancelled() else None
+            )
+
+        loop.call_soon_threadsafe(start)
+        return future
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run coro on the loop and wait for it from a thread that is not the loop's."""
+        if self.in_loop_thread():
+            coro.close()
+            raise RuntimeError("LoopThread.run() called on its own loop: await the coroutine")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            # A timed-out or interrupted wait must not leave the coroutine running.
+            future.cancel()
+            raise
+
+    def wrap(self, func: Callable[P, Awaitable[T]]) -> Callable[P, T]:
+        """Turn a coroutine function into a blocking one that runs on this loop."""
+
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return self.run(_as_coroutine(func(*args, **kwargs)))
+
+        return call
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop and join its thread (no-op if it never started here)."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None or self._pid != os.getpid():
+                return
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            if not thread.is_alive():
+                loop.close()
+            self._loop = self._thread = self._pid = None
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _copy_outcome(task: asyncio.Task[T], future: concurrent.futures.Future[T]) -> None:
+    # The future stays pending (never "running") so that the waiting thread can cancel it.
+    if future.done():
+        return
+    try:
+        if task.cancelled():
+            future.cancel()
+        elif (exc := task.exception()) is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(task.result())
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by the waiter in the meantime
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """Prefer uvloop where it is installed: it is the faster loop on Linux."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

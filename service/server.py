@@ -1,0 +1,89 @@
+"""Running the service under Hypercorn: configuration checks, TLS, workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from service import close_app, create_app, warm_up
+from service.adapter import AsgiAdapter
+from service.config import ConfigError, Settings
+from service.tls import ensure_dev_certificate
+
+log = logging.getLogger("service")
+
+APPLICATION_PATH = "service.asgi:app"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
+
+
+def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
+    """The Flask app wrapped for ASGI, with its shutdown hook."""
+    flask_app = create_app(settings)
+    settings = flask_app.extensions["settings"]
+    return AsgiAdapter(
+        flask_app.wsgi_app,
+        max_body_bytes=settings.max_body_bytes,
+        threads=settings.request_threads,
+        on_startup=lambda: warm_up(flask_app),
+        on_shutdown=lambda: close_app(flask_app),
+    )
+
+
+def hypercorn_config(
+    settings: Settings,
+    *,
+    config_file: Path | None = None,
+    bind: list[str] | None = None,
+    workers: int | None = None,
+    access_log: bool = False,
+) -> object:
+    """Build Hypercorn's Config from hypercorn.toml plus command-line overrides."""
+    from hypercorn.config import Config
+
+    path = config_file or Path(os.environ.get("HYPERCORN_CONFIG", DEFAULT_CONFIG))
+    config = Config.from_toml(path) if path.exists() else Config()
+    config.application_path = APPLICATION_PATH
+    if bind:
+        config.bind = bind
+    if workers is not None:
+        config.workers = workers
+    if access_log:
+        config.accesslog = "-"
+    config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
+    if settings.embedded_blocklist and config.workers != 1:
+        log.warning("in-process blocklist: running ONE worker (set REDIS_URL for more)")
+        config.workers = 1
+    return config
+
+
+def _certificates(settings: Settings) -> tuple[Path, Path]:
+    if settings.tls_cert_file and settings.tls_key_file:
+        return settings.tls_cert_file, settings.tls_key_file
+    if not settings.is_development:
+        raise ConfigError("production mode requires TLS_CERT_FILE and TLS_KEY_FILE")
+    cert, key = ensure_dev_certificate(settings.instance_dir)
+    log.warning("development TLS: self-signed certificate %s", cert)
+    return cert, key
+
+
+def announce(settings: Settings) -> None:
+    """Say loudly what this process runs on, so nobody mistakes a dev setup for production."""
+    if settings.embedded_database:
+        log.warning(
+            "DATABASE_URL not set: using embedded SQLite %s", settings.instance_dir / "dev.sqlite3"
+        )
+    if settings.embedded_blocklist:
+        log.warning("REDIS_URL not set: revocations are kept in process memory (one worker)")
+    if settings.is_development:
+        log.warning(
+            "DEVELOPMENT MODE: generated secrets in %s; never use this in production",
+            settings.instance_dir,
+        )
+
+
+def serve(config: object) -> int:
+    """Run Hypercorn until it is told to stop."""
+    from hypercorn.run import run
+
+    return int(run(config) or 0)  # type: ignore[arg-type]

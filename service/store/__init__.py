@@ -1,0 +1,107 @@
+"""Storage behind one object: the database, the blocklist, and revocations spanning both."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+from flask import Flask, current_app
+
+from service.config import Settings
+from service.loop import LoopThread
+from service.store.blocklist import Blocklist, Entry, MemoryBlocklist, RedisBlocklist
+from service.store.db import Database
+from service.store.revocations import purge_expired, record, stream_active
+
+REBUILD_INTERVAL = 0.5
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """App-scoped storage: created unbound, its connections opened lazily per process."""
+
+    def __init__(self, settings: Settings, loop: LoopThread) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.db = Database(settings)
+        self.blocklist: Blocklist = _make_blocklist(settings)
+        self._rebuild: Future[bool] | None = None
+        self._rebuild_started = 0.0
+        self._rebuild_lock = threading.Lock()
+
+    async def revoke(self, entries: Iterable[Entry]) -> None:
+        """Persist revocations, then put them in force; returns once both are done."""
+        entries = list(entries)
+        async with self.db.session() as session:
+            await record(session, entries=entries)
+        await self.blocklist.add(entries)
+
+    async def rebuild_blocklist(self) -> bool:
+        """Reload the blocklist from the durable record (after a Redis restart, say)."""
+        async with self.db.session() as session:
+            return await self.blocklist.rebuild(stream_active(session))
+
+    def request_rebuild(self) -> None:
+        """Start a blocklist rebuild on the loop unless one is running or just ran (no wait)."""
+        with self._rebuild_lock:
+            running = self._rebuild is not None and not self._rebuild.done()
+            if running or time.monotonic() - self._rebuild_started < REBUILD_INTERVAL:
+                return
+            self._rebuild_started = time.monotonic()
+            self._rebuild = self.loop.submit(self._rebuild_logged())
+
+    async def _rebuild_logged(self) -> bool:
+        try:
+            done = await self.rebuild_blocklist()
+        except Exception:
+            log.exception("blocklist rebuild failed; will retry on the next request")
+            return False
+        if done:
+            log.warning("blocklist rebuilt from the durable revocation record")
+        return done
+
+    async def warm_up(self) -> None:
+        """Connect to both backends and make sure the blocklist is loaded."""
+        await self.db.ping()
+        if not await self.blocklist.ping():
+            await self.rebuild_blocklist()
+
+    async def purge(self) -> int:
+        """Drop durable revocations that no longer cover any usable token."""
+        async with self.db.session() as session:
+            return await purge_expired(session)
+
+    async def close(self) -> None:
+        """Release this process's connections."""
+        await self.blocklist.close()
+        await self.db.dispose()
+
+
+def _make_blocklist(settings: Settings) -> Blocklist:
+    if settings.redis_url is None:
+        return MemoryBlocklist()
+    return RedisBlocklist(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        shards=settings.revocation_shards,
+        bucket_seconds=settings.revocation_bucket_seconds,
+        timeout=settings.redis_timeout,
+        max_connections=settings.request_threads + 8,
+    )
+
+
+def get_store() -> Store:
+    """The store of the current app."""
+    store: Store = current_app.extensions["store"]
+    return store
+
+
+def init_app(app: Flask, settings: Settings, loop: LoopThread) -> Store:
+    """Attach a store to app."""
+    store = Store(settings, loop)
+    app.extensions["store"] = store
+    return store

@@ -1,0 +1,323 @@
+"""The revocation blocklist: one Redis round trip per check, memory bounded by token expiry.
+
+Layout under the configured prefix:
+  ready                   set once the blocklist holds every durable revocation
+  r:<bucket>:<shard>      hash of revoked jti/sid ids whose tokens expire in that time bucket;
+                          small hashes stay listpack-encoded, about 40 bytes per id
+  u:<user id>             sessions of that user started at or before this millisecond are revoked
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, Protocol
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import RedisError
+
+from service.ids import issued_millis
+
+CHECK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 1 end
+local cutoff = redis.call('GET', KEYS[4])
+if cutoff and tonumber(cutoff) >= tonumber(ARGV[3]) then return 1 end
+return 0
+"""
+
+RAISE_CUTOFF_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if (not current) or tonumber(current) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+elseif redis.call('EXPIRETIME', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+WRITE_BATCH = 1000
+
+
+class BlocklistUnavailable(RuntimeError):
+    """The blocklist cannot answer (Redis unreachable or not yet rebuilt): fail closed."""
+
+
+class Verdict(IntEnum):
+    """Result of a check, as the check script returns it."""
+
+    VALID = 0
+    REVOKED = 1
+    NOT_LOADED = 2
+
+
+class Kind(StrEnum):
+    """What a revocation covers."""
+
+    TOKEN = "token"  # noqa: S105 - one token, by jti
+    SESSION = "session"  # every token of one login or grant, by sid
+    USER = "user"  # every session of a user started at or before cutoff_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One revocation; expires_at is when every token it covers has expired (epoch s)."""
+
+    kind: Kind
+    subject: str
+    expires_at: int
+    cutoff_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRef:
+    """The claims a revocation check needs."""
+
+    jti: str
+    exp: int
+    sid: str
+    sxp: int
+    sub: str
+
+    @classmethod
+    def from_claims(cls, claims: dict[str, object]) -> TokenRef:
+        """Build from decoded JWT claims; a token without sid is its own session."""
+        jti = str(claims["jti"])
+        exp = int(str(claims["exp"]))
+        sid = str(claims.get("sid") or jti)
+        sxp = int(str(claims.get("sxp") or exp))
+        return cls(jti=jti, exp=exp, sid=sid, sxp=sxp, sub=str(claims["sub"]))
+
+
+class Blocklist(Protocol):
+    """What the service needs from a blocklist, whatever stores it."""
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """Answer for one token; raises BlocklistUnavailable when it cannot."""
+        ...
+
+    async def add(self, entries: Iterable[Entry]) -> None:
+        """Store revocations; returns only once they are in force."""
+        ...
+
+    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
+        """Load every durable revocation and mark the blocklist ready; False if busy elsewhere."""
+        ...
+
+    async def ping(self) -> bool:
+        """Whether the blocklist is reachable and loaded."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections of this process."""
+        ...
+
+
+def session_started_ms(ref: TokenRef) -> int:
+    """Milliseconds when the token's session began, read from its UUIDv7 sid."""
+    try:
+        return issued_millis(ref.sid)
+    except ValueError:
+        return ref.exp * 1000
+
+
+class RedisBlocklist:
+    """Blocklist in Redis: sync client for the per-request check, asyncio client for writes."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        shards: int,
+        bucket_seconds: int,
+        timeout: float,
+        max_connections: int,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._shards = shards
+        self._bucket = bucket_seconds
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._ready_key = f"{prefix}ready"
+        self._lock_key = f"{prefix}rebuild-lock"
+        self._sync: redis.Redis | None = None
+        self._async: aredis.Redis | None = None
+        self._check: redis.commands.core.Script | None = None
+        self._pid: int | None = None
+        self._init_lock = threading.Lock()
+
+    def bucket_key(self, subject: str, expires_at: int) -> str:
+        """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
+        shard = zlib.crc32(subject.encode()) % self._shards
+        return f"{self._prefix}r:{expires_at // self._bucket}:{shard}"
+
+    def user_key(self, user_id: str) -> str:
+        """The key that holds a user's revocation cutoff."""
+        return f"{self._prefix}u:{user_id}"
+
+    def _clients(self) -> tuple[redis.Redis, aredis.Redis]:
+        if self._sync is None or self._async is None or self._pid != os.getpid():
+            with self._init_lock:
+                if self._sync is None or self._async is None or self._pid != os.getpid():
+                    options: dict[str, Any] = {
+                        "socket_timeout": self._timeout,
+                        "socket_connect_timeout": self._timeout,
+                        "health_check_interval": 30,
+                    }
+                    self._sync = redis.Redis.from_url(
+                        self._url,
+                        connection_pool=redis.BlockingConnectionPool.from_url(
+                            self._url,
+                            max_connections=self._max_connections,
+                            timeout=self._timeout,
+                            **options,
+                        ),
+                    )
+                    self._async = aredis.Redis.from_url(self._url, **options)
+                    self._check = self._sync.register_script(CHECK_SCRIPT)
+                    self._pid = os.getpid()
+        return self._sync, self._async
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
+        self._clients()
+        assert self._check is not None
+        keys = [
+            self._ready_key,
+            self.bucket_key(ref.jti, ref.exp),
+            self.bucket_key(ref.sid, ref.sxp),
+            self.user_key(ref.sub),
+        ]
+        try:
+            result = self._check(keys=keys, args=[ref.jti, ref.sid, session_started_ms(ref)])
+        except RedisError as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        return Verdict(int(result))
+
+    async def add(self, entries: Iterable[Entry]) -> None:
+        """Write revocations in one pipeline."""
+        _, client = self._clients()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    self._queue(pipe, entry)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+
+    def _queue(self, pipe: aredis.client.Pipeline, entry: Entry) -> None:
+        if entry.kind is Kind.USER:
+            assert entry.cutoff_ms is not None
+            pipe.eval(
+                RAISE_CUTOFF_SCRIPT,
+                1,
+                self.user_key(entry.subject),
+                entry.cutoff_ms,
+                entry.expires_at,
+            )
+            return
+        key = self.bucket_key(entry.subject, entry.expires_at)
+        pipe.hset(key, entry.subject, 1)
+        pipe.expireat(key, (entry.expires_at // self._bucket + 1) * self._bucket + 1)
+
+    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
+        """Copy durable revocations in, then set the ready key; one process at a time."""
+        _, client = self._clients()
+        token = os.urandom(8).hex()
+        try:
+            if not await client.set(self._lock_key, token, nx=True, ex=120):
+                return False
+            batch: list[Entry] = []
+            async for entry in entries:
+                batch.append(entry)
+                if len(batch) >= WRITE_BATCH:
+                    await self.add(batch)
+                    batch = []
+            await self.add(batch)
+            await client.set(self._ready_key, int(time.time()))
+            if await client.get(self._lock_key) == token.encode():
+                await client.delete(self._lock_key)
+            return True
+        except RedisError as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+
+    async def ping(self) -> bool:
+        """Whether Redis answers and holds a loaded blocklist."""
+        _, client = self._clients()
+        try:
+            return bool(await client.exists(self._ready_key))
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        """Close both connection pools of this process."""
+        if self._pid == os.getpid():
+            if self._async is not None:
+                await self._async.aclose()
+            if self._sync is not None:
+                self._sync.close()
+        self._sync = self._async = None
+
+
+class MemoryBlocklist:
+    """In-process blocklist for development without Redis: one worker process only."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._cutoffs: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """Look the token up in memory."""
+        if not self._loaded:
+            return Verdict.NOT_LOADED
+        now = int(time.time())
+        with self._lock:
+            for subject in (ref.jti, ref.sid):
+                if self._ids.get(subject, 0) >= now:
+                    return Verdict.REVOKED
+            cutoff, until = self._cutoffs.get(ref.sub, (0, 0))
+        if until >= now and cutoff >= session_started_ms(ref):
+            return Verdict.REVOKED
+        return Verdict.VALID
+
+    async def add(self, entries: Iterable[Entry]) -> None:
+        """Record revocations and drop the ones that have expired."""
+        now = int(time.time())
+        with self._lock:
+            for entry in entries:
+                if entry.kind is Kind.USER:
+                    assert entry.cutoff_ms is not None
+                    cutoff, until = self._cutoffs.get(entry.subject, (0, 0))
+                    self._cutoffs[entry.subject] = (
+                        max(cutoff, entry.cutoff_ms),
+                        max(until, entry.expires_at),
+                    )
+                else:
+                    self._ids[entry.subject] = max(
+                        self._ids.get(entry.subject, 0), entry.expires_at
+                    )
+            self._ids = {key: exp for key, exp in self._ids.items() if exp >= now}
+
+    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
+        """Load durable revocations (at start-up)."""
+        await self.add([entry async for entry in entries])
+        self._loaded = True
+        return True
+
+    async def ping(self) -> bool:
+        """Reachable by definition; ready once loaded."""
+        return self._loaded
+
+    async def close(self) -> None:
+        """Nothing to release."""

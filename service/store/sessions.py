@@ -1,0 +1,98 @@
+"""Login sessions: the refresh-token chain of one login, rotated by compare-and-swap."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.store.models import LoginSession, User, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What a rotation needs to issue the next tokens."""
+
+    sid: str
+    user_id: uuid.UUID
+    username: str
+    expires_at: datetime
+
+
+async def open_session(
+    session: AsyncSession, *, sid: str, user_id: uuid.UUID, refresh_jti: str, expires_at: datetime
+) -> None:
+    """Record a new login session and its first refresh token."""
+    session.add(
+        LoginSession(id=sid, user_id=user_id, refresh_jti=refresh_jti, expires_at=expires_at)
+    )
+    await session.flush()
+
+
+async def rotate(
+    session: AsyncSession, *, sid: str, presented_jti: str, next_jti: str
+) -> SessionInfo | None:
+    """Swap the current refresh jti if it is the presented one; None means it was not.
+
+    The UPDATE's WHERE clause is the compare-and-swap: of two concurrent rotations with the
+    same token, the second re-reads the row after the first commits and matches nothing.
+    """
+    now = utcnow()
+    row = (
+        await session.execute(
+            update(LoginSession)
+            .where(
+                LoginSession.id == sid,
+                LoginSession.refresh_jti == presented_jti,
+                LoginSession.revoked_at.is_(None),
+                LoginSession.expires_at > now,
+            )
+            .values(refresh_jti=next_jti, rotated_at=now)
+            .returning(LoginSession.user_id, LoginSession.expires_at)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    username = await session.scalar(select(User.username).where(User.id == row.user_id))
+    if username is None:
+        return None
+    return SessionInfo(sid=sid, user_id=row.user_id, username=username, expires_at=row.expires_at)
+
+
+async def find_open(session: AsyncSession, *, sid: str) -> LoginSession | None:
+    """Return the session if it exists and is neither revoked nor expired."""
+    return await session.scalar(
+        select(LoginSession).where(
+            LoginSession.id == sid,
+            LoginSession.revoked_at.is_(None),
+            LoginSession.expires_at > utcnow(),
+        )
+    )
+
+
+async def close_session(session: AsyncSession, *, sid: str, reason: str) -> datetime | None:
+    """Mark one session revoked; returns its expiry, or None if it was unknown."""
+    expires_at: datetime | None = await session.scalar(
+        update(LoginSession)
+        .where(LoginSession.id == sid, LoginSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoked_reason=reason)
+        .returning(LoginSession.expires_at)
+    )
+    if expires_at is None:
+        expires_at = await session.scalar(
+            select(LoginSession.expires_at).where(LoginSession.id == sid)
+        )
+    return expires_at
+
+
+async def close_user_sessions(session: AsyncSession, *, user_id: uuid.UUID, reason: str) -> int:
+    """Mark every open session of a user revoked; returns how many were open."""
+    result = await session.execute(
+        update(LoginSession)
+        .where(LoginSession.user_id == user_id, LoginSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoked_reason=reason)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
