@@ -59,15 +59,20 @@ class AsgiAdapter:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                if self._on_startup is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, self._on_startup)
+                await self.startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self._shutdown()
+                await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _shutdown(self) -> None:
+    async def startup(self) -> None:
+        """Warm the app up (pools, blocklist) before it takes requests."""
+        if self._on_startup is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._on_startup)
+
+    async def shutdown(self) -> None:
+        """Close the app's connections and the request threads."""
         if self._on_shutdown is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._on_shutdown)

@@ -173,8 +173,7 @@ class RedisBlocklist:
                         "socket_connect_timeout": self._timeout,
                         "health_check_interval": 30,
                     }
-                    self._sync = redis.Redis.from_url(
-                        self._url,
+                    self._sync = redis.Redis(
                         connection_pool=redis.BlockingConnectionPool.from_url(
                             self._url,
                             max_connections=self._max_connections,

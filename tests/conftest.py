@@ -1,0 +1,213 @@
+"""Real PostgreSQL and Redis for every test: found, or started, or the run stops and says why."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from service.config import Environment, Settings
+from service.server import build_asgi_app
+from service.store.migrate import upgrade
+
+INSTALL_HINT = {
+    "postgres": "PostgreSQL: set DATABASE_URL, or run a server on 127.0.0.1:5432, or install one "
+    "(Debian: apt-get install postgresql) so pytest-postgresql can start a throwaway server.",
+    "redis": "Redis: set REDIS_URL, or run a server on 127.0.0.1:6379, or install one "
+    "(Debian: apt-get install redis-server) so pytest-redis can start a throwaway server.",
+}
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _missing(what: str) -> None:
+    pytest.exit(f"cannot run the tests without {INSTALL_HINT[what]}", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest) -> str:
+    """A libpq URL of a PostgreSQL server we may create databases on."""
+    if url := os.environ.get("DATABASE_URL"):
+        return url.replace("postgresql+asyncpg://", "postgresql://")
+    if _answers("127.0.0.1", 5432):
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    if shutil.which("pg_ctl"):
+        proc = request.getfixturevalue("postgresql_proc")
+        return f"postgresql://{proc.user}@{proc.host}:{proc.port}/postgres"
+    _missing("postgres")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest) -> str:
+    """A Redis URL; tests only touch keys under their own prefix."""
+    if url := os.environ.get("REDIS_URL"):
+        return url
+    if _answers("127.0.0.1", 6379):
+        return "redis://127.0.0.1:6379/0"
+    if shutil.which("redis-server"):
+        proc = request.getfixturevalue("redis_proc")
+        return f"redis://{proc.host}:{proc.port}/0"
+    _missing("redis")
+    raise AssertionError("unreachable")
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database for this test run, migrated to head, dropped afterwards."""
+    name = f"authsvc_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(postgres_server, name)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_server: str) -> Iterator[str]:
+    """A key prefix of this run; its keys (and only those) are deleted at the end."""
+    prefix = f"authsvc-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    delete_prefix(redis_server, prefix)
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under prefix."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for batch in _batched(client.scan_iter(match=f"{prefix}*", count=1000), 500):
+            client.delete(*batch)
+    finally:
+        client.close()
+
+
+def _batched(items: Any, size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    """Production-mode settings with fresh random secrets."""
+    values: dict[str, Any] = {
+        "service_env": Environment.PRODUCTION,
+        "instance_dir": tmp,
+        "jwt_secret": secrets.token_urlsafe(48),
+        "secret_key": secrets.token_urlsafe(48),
+        "password_memory_kib": 7168,
+        "password_time_cost": 1,
+        "password_queue_limit": 256,
+        "redis_timeout": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def settings(
+    database_url: str,
+    redis_server: str,
+    redis_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Settings:
+    """Settings of the shared app under test, against the real backends."""
+    result = make_settings(
+        tmp_path_factory.mktemp("instance"),
+        database_url=database_url,
+        redis_url=redis_server,
+        redis_prefix=redis_prefix,
+    )
+    upgrade(result)
+    return result
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client speaking to the ASGI app that Hypercorn serves, in process."""
+    async with serve_in_process(settings) as http:
+        yield http
+
+
+class serve_in_process:
+    """Build the ASGI app for settings, run its lifespan, and give an httpx client for it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = build_asgi_app(settings)
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        await self.app.startup()
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="https://testserver"
+        )
+        return self.http
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        await self.app.shutdown()
+
+
+class Session:
+    """A logged-in user as a client sees it."""
+
+    def __init__(self, username: str, password: str, tokens: dict[str, Any]) -> None:
+        self.username = username
+        self.password = password
+        self.access = tokens["access_token"]
+        self.refresh = tokens["refresh_token"]
+
+    def bearer(self, token: str | None = None) -> dict[str, str]:
+        """Authorization header for the access token (or another token)."""
+        return {"Authorization": f"Bearer {token or self.access}"}
+
+
+async def register(http: httpx.AsyncClient, password: str = "correct horse battery") -> str:
+    """Register a new user with a unique name; returns the username."""
+    username = f"user_{uuid.uuid4().hex[:12]}"
+    response = await http.post("/auth/register", json={"username": username, "password": password})
+    assert response.status_code == 201, response.text
+    return username
+
+
+async def login(http: httpx.AsyncClient, username: str, password: str) -> Session:
+    """Log in and return the session."""
+    response = await http.post("/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    return Session(username, password, response.json())
+
+
+@pytest.fixture
+async def user(client: httpx.AsyncClient) -> Session:
+    """A freshly registered and logged-in user."""
+    password = "correct horse battery"
+    return await login(client, await register(client, password), password)
