@@ -22,6 +22,7 @@ Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+DRAIN_SECONDS = 10.0
 TOO_LARGE = (
     b'{"type":"about:blank","title":"Content Too Large","status":413,'
     b'"detail":"The request body is too large."}'
@@ -84,6 +85,9 @@ class AsgiAdapter:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body(receive)
         if body is None:
+            # Answering while the client still sends makes Hypercorn's HTTP/2 protocol fail
+            # on DATA for a finished stream and drop the whole connection: drain it first.
+            await _drain(receive)
             await _respond(send, 413, [(b"content-type", b"application/problem+json")], TOO_LARGE)
             return
         if self._pool is None:
@@ -133,6 +137,21 @@ class AsgiAdapter:
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
         ]
         return int(status.split(" ", 1)[0]), encoded, body
+
+
+async def _drain(receive: Receive, limit: float = DRAIN_SECONDS) -> None:
+    """Discard the rest of a request body, for at most limit seconds."""
+
+    async def discard() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(discard(), limit)
+    except TimeoutError:
+        pass
 
 
 async def _respond(

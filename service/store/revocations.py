@@ -17,6 +17,17 @@ from service.store.models import Revocation, utcnow
 
 async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> None:
     """Upsert revocations, keeping the later expiry and the later user cutoff."""
+    merged: dict[tuple[Kind, str], Entry] = {}
+    for entry in entries:
+        key = (entry.kind, entry.subject)
+        if (seen := merged.get(key)) is not None:
+            entry = Entry(
+                kind=entry.kind,
+                subject=entry.subject,
+                expires_at=max(entry.expires_at, seen.expires_at),
+                cutoff_ms=max(entry.cutoff_ms or 0, seen.cutoff_ms or 0) or None,
+            )
+        merged[key] = entry
     rows = [
         {
             "kind": entry.kind.value,
@@ -25,7 +36,7 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> None:
             "cutoff_ms": entry.cutoff_ms,
             "created_at": utcnow(),
         }
-        for entry in entries
+        for entry in merged.values()
     ]
     if not rows:
         return

@@ -1,0 +1,88 @@
+"""Start the real server (`python -m service serve`) as a subprocess, over TLS, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A server process and how to reach it."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the whole process group and wait; SIGKILL if it does not go."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+                raise
+        return self.process.returncode
+
+
+def start_server(
+    env: dict[str, str],
+    *,
+    workers: int = 1,
+    log_dir: Path,
+    dev: bool = False,
+    cwd: Path | None = None,
+    ready_path: str = "/readyz",
+    timeout: float = 60.0,
+) -> RunningServer:
+    """Start the service on a free port and wait until ready_path answers 200."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    command = [sys.executable, "-m", "service", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", str(workers)]
+    if dev:
+        command.append("--dev")
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = RunningServer(process=process, url=f"https://127.0.0.1:{port}", log_path=log_path,
+                           env=full_env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + ready_path, verify=False, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")

@@ -1,0 +1,179 @@
+"""Revocation semantics on the real Redis: TTLs, durability, outages, and round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+import pytest
+import redis
+import redis.connection
+
+from service.config import Settings
+from service.store import Store
+from service.store.blocklist import Entry, Kind, RedisBlocklist
+from tests.conftest import Session, delete_prefix, login, make_settings, register, serve_in_process
+from tests.proxy import TcpProxy
+
+
+def claims_of(token: str) -> dict[str, int | str]:
+    """Unverified claims of a token the service issued."""
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A plain client on the test Redis."""
+    return redis.Redis.from_url(str(settings.redis_url))
+
+
+def blocklist_of(settings: Settings) -> RedisBlocklist:
+    """A blocklist object with the app's layout, to compute key names."""
+    return RedisBlocklist(
+        str(settings.redis_url), prefix=settings.redis_prefix, shards=settings.revocation_shards,
+        bucket_seconds=settings.revocation_bucket_seconds, timeout=1, max_connections=2,
+    )
+
+
+async def test_session_entry_lives_until_the_session_ends(
+    client: httpx.AsyncClient, user: Session, settings: Settings
+) -> None:
+    claims = claims_of(user.access)
+    assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 204
+    key = blocklist_of(settings).bucket_key(str(claims["sid"]), int(claims["sxp"]))
+    r = redis_client(settings)
+    assert r.hexists(key, str(claims["sid"]))
+    ttl = r.ttl(key)
+    remaining = int(claims["sxp"]) - time.time()
+    # Entries share a hash per time bucket: they go at most one bucket after the session.
+    assert remaining - 2 <= ttl <= remaining + settings.revocation_bucket_seconds + 2
+    r.close()
+
+
+async def test_user_cutoff_lives_as_long_as_a_refresh_token(
+    client: httpx.AsyncClient, user: Session, settings: Settings
+) -> None:
+    assert (await client.post("/auth/logout-all", headers=user.bearer())).status_code == 204
+    r = redis_client(settings)
+    key = blocklist_of(settings).user_key(str(claims_of(user.access)["sub"]))
+    assert abs(r.ttl(key) - settings.refresh_token_ttl) <= 3
+    assert int(r.get(key) or 0) >= int(str(claims_of(user.access)["sid"])[:12], 16)
+    r.close()
+
+
+async def test_token_entries_expire_and_free_their_memory(settings: Settings) -> None:
+    blocklist = RedisBlocklist(
+        str(settings.redis_url), prefix=settings.redis_prefix + "ttl:", shards=4,
+        bucket_seconds=1, timeout=1, max_connections=2,
+    )
+    now = int(time.time())
+    await blocklist.add([Entry(Kind.TOKEN, f"{i:032x}", now + 1) for i in range(50)])
+    r = redis_client(settings)
+    assert r.keys(f"{settings.redis_prefix}ttl:r:*")
+    await asyncio.sleep(3.2)
+    assert r.keys(f"{settings.redis_prefix}ttl:r:*") == []
+    r.close()
+    await blocklist.close()
+
+
+async def test_revocations_survive_losing_redis(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    password = "correct horse battery"
+    username = await register(client, password)
+    revoked, kept = await login(client, username, password), await login(client, username, password)
+    assert (await client.post("/auth/logout", headers=revoked.bearer())).status_code == 204
+    delete_prefix(str(settings.redis_url), settings.redis_prefix)  # Redis restarted empty
+    first = await client.get("/api/hello", headers=kept.bearer())
+    assert first.status_code in {200, 503}
+    if first.status_code == 503:
+        assert first.headers["retry-after"] == "1"
+        assert first.headers["content-type"] == "application/problem+json"
+    deadline = time.monotonic() + 10
+    while (await client.get("/api/hello", headers=kept.bearer())).status_code != 200:
+        assert time.monotonic() < deadline, "blocklist was not rebuilt"
+        await asyncio.sleep(0.1)
+    assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401
+
+
+@pytest.fixture
+async def cut_redis(
+    settings: Settings, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
+    """An app whose Redis sits behind a proxy the test can cut."""
+    upstream = urlsplit(str(settings.redis_url))
+    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
+    proxy.start()
+    proxied = make_settings(
+        tmp_path, database_url=settings.database_url, redis_prefix=settings.redis_prefix,
+        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}", redis_timeout=0.3,
+    )
+    async with serve_in_process(proxied) as http:
+        yield http, proxy
+    proxy.close()
+
+
+async def test_redis_down_means_503_and_recovery_without_restart(
+    cut_redis: tuple[httpx.AsyncClient, TcpProxy],
+) -> None:
+    http, proxy = cut_redis
+    password = "correct horse battery"
+    session = await login(http, await register(http, password), password)
+    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
+    proxy.stop()
+    down = await http.get("/api/hello", headers=session.bearer())
+    assert down.status_code == 503
+    assert down.headers["retry-after"]
+    assert down.headers["content-type"] == "application/problem+json"
+    assert "Traceback" not in down.text
+    logout = await http.post("/auth/logout", headers=session.bearer())
+    assert logout.status_code == 503
+    assert (await http.get("/readyz")).status_code == 503
+    proxy.start()
+    deadline = time.monotonic() + 10
+    while (await http.get("/api/hello", headers=session.bearer())).status_code != 200:
+        assert time.monotonic() < deadline, "did not recover after Redis came back"
+        await asyncio.sleep(0.1)
+    assert (await http.post("/auth/logout", headers=session.bearer())).status_code == 204
+    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 401
+
+
+async def test_a_protected_request_costs_one_redis_round_trip(
+    client: httpx.AsyncClient, user: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await client.get("/api/hello", headers=user.bearer())).status_code == 200
+    sent: list[object] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: object, command: object, check_health: bool = True) -> None:
+        sent.append(command)
+        original(self, command, check_health)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    assert (await client.get("/api/hello", headers=user.bearer())).status_code == 200
+    assert len(sent) == 1
+
+
+async def test_durable_record_holds_every_kind(settings: Settings, tmp_path: Path) -> None:
+    from service.loop import LoopThread
+    from service.store.revocations import stream_active
+
+    store = Store(settings, LoopThread())
+    now = int(time.time())
+    entries = [
+        Entry(Kind.TOKEN, "a" * 32, now + 60),
+        Entry(Kind.SESSION, "b" * 32, now + 120),
+        Entry(Kind.USER, "some-user", now + 180, cutoff_ms=now * 1000),
+        Entry(Kind.USER, "some-user", now + 90, cutoff_ms=now * 1000 - 5),
+    ]
+    await store.revoke(entries)
+    async with store.db.session() as session:
+        active = {(e.kind, e.subject): e async for e in stream_active(session)}
+    assert active[(Kind.TOKEN, "a" * 32)].expires_at == now + 60
+    user_entry = active[(Kind.USER, "some-user")]
+    assert (user_entry.expires_at, user_entry.cutoff_ms) == (now + 180, now * 1000)
+    await store.close()
