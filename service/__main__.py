@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--dev", action="store_true", help="development mode: embedded defaults")
     migrate.set_defaults(func=_migrate)
 
+    wait = commands.add_parser("wait", help="wait until PostgreSQL and Redis answer")
+    wait.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
+    wait.set_defaults(func=_wait)
+
     create_user = commands.add_parser("create-user", help="create an account")
     create_user.add_argument("username")
     create_user.add_argument(
@@ -84,6 +88,44 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     upgrade(settings, getattr(args, "revision", "head"))
     log.info("database schema is up to date")
     return 0
+
+
+def _wait(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_wait_async(settings, args.timeout))
+
+
+async def _wait_async(settings: Settings, seconds: float) -> int:
+    import time
+
+    from service.loop import LoopThread
+    from service.store import Store
+
+    store = Store(settings, LoopThread())
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    try:
+        while True:
+            try:
+                await store.db.ping()
+                if settings.redis_url is not None:
+                    import redis.asyncio as aredis
+
+                    client = aredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+                    try:
+                        await client.ping()
+                    finally:
+                        await client.aclose()
+                log.info("database and redis answer")
+                return 0
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("backends did not answer within %.0fs: %s", seconds, exc)
+                    return 1
+                log.info("waiting for backends (%s)", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    finally:
+        await store.db.dispose()
 
 
 def _create_user(args: argparse.Namespace, settings: Settings) -> int:

@@ -7,6 +7,7 @@ empty bodies (204, HEAD), has a fixed thread pool, and ignores lifespan shutdown
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import sys
@@ -148,10 +149,8 @@ async def _drain(receive: Receive, limit: float = DRAIN_SECONDS) -> None:
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 return
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(discard(), limit)
-    except TimeoutError:
-        pass
 
 
 async def _respond(

@@ -58,22 +58,38 @@ def start_server(
     cwd: Path | None = None,
     ready_path: str = "/readyz",
     timeout: float = 60.0,
+    unset: tuple[str, ...] = (),
 ) -> RunningServer:
     """Start the service on a free port and wait until ready_path answers 200."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    command = [sys.executable, "-m", "service", "serve", "--bind", f"127.0.0.1:{port}",
-               "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+    ]
     if dev:
         command.append("--dev")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    for name in [name for name in full_env if name.startswith(unset)]:
+        del full_env[name]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=cwd or ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = RunningServer(process=process, url=f"https://127.0.0.1:{port}", log_path=log_path,
-                           env=full_env)
+    server = RunningServer(
+        process=process, url=f"https://127.0.0.1:{port}", log_path=log_path, env=full_env
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -34,8 +34,12 @@ def redis_client(settings: Settings) -> redis.Redis:
 def blocklist_of(settings: Settings) -> RedisBlocklist:
     """A blocklist object with the app's layout, to compute key names."""
     return RedisBlocklist(
-        str(settings.redis_url), prefix=settings.redis_prefix, shards=settings.revocation_shards,
-        bucket_seconds=settings.revocation_bucket_seconds, timeout=1, max_connections=2,
+        str(settings.redis_url),
+        prefix=settings.redis_prefix,
+        shards=settings.revocation_shards,
+        bucket_seconds=settings.revocation_bucket_seconds,
+        timeout=1,
+        max_connections=2,
     )
 
 
@@ -67,8 +71,12 @@ async def test_user_cutoff_lives_as_long_as_a_refresh_token(
 
 async def test_token_entries_expire_and_free_their_memory(settings: Settings) -> None:
     blocklist = RedisBlocklist(
-        str(settings.redis_url), prefix=settings.redis_prefix + "ttl:", shards=4,
-        bucket_seconds=1, timeout=1, max_connections=2,
+        str(settings.redis_url),
+        prefix=settings.redis_prefix + "ttl:",
+        shards=4,
+        bucket_seconds=1,
+        timeout=1,
+        max_connections=2,
     )
     now = int(time.time())
     await blocklist.add([Entry(Kind.TOKEN, f"{i:032x}", now + 1) for i in range(50)])
@@ -109,8 +117,11 @@ async def cut_redis(
     proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
     proxy.start()
     proxied = make_settings(
-        tmp_path, database_url=settings.database_url, redis_prefix=settings.redis_prefix,
-        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}", redis_timeout=0.3,
+        tmp_path,
+        database_url=settings.database_url,
+        redis_prefix=settings.redis_prefix,
+        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
+        redis_timeout=0.3,
     )
     async with serve_in_process(proxied) as http:
         yield http, proxy

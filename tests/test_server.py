@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import uuid
@@ -72,7 +73,9 @@ def sign_in(server: RunningServer) -> dict[str, str]:
         return tokens
 
 
-def statuses_per_worker(server: RunningServer, method: str, path: str, token: str) -> dict[int, set[int]]:
+def statuses_per_worker(
+    server: RunningServer, method: str, path: str, token: str
+) -> dict[int, set[int]]:
     """Call path on fresh connections until both workers answered; status codes by worker."""
     seen: dict[int, set[int]] = {}
     for _ in range(80):
@@ -98,7 +101,9 @@ def test_logout_is_refused_by_every_worker_at_once(server: RunningServer) -> Non
     before = statuses_per_worker(server, "GET", "/api/hello", tokens["access_token"])
     assert all(codes == {200} for codes in before.values())
     with connect(server) as http:
-        response = http.post("/auth/logout", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+        response = http.post(
+            "/auth/logout", headers={"Authorization": f"Bearer {tokens['access_token']}"}
+        )
         assert response.status_code == 204
         assert response.content == b""
     after = statuses_per_worker(server, "GET", "/api/hello", tokens["access_token"])
@@ -141,7 +146,8 @@ def test_bad_input_gets_problem_details(server: RunningServer, http2: bool) -> N
         assert malformed.status_code == 400
         assert malformed.headers["content-type"] == "application/problem+json"
         too_big = http.post(
-            "/auth/login", content=b"x" * (2 * 1024 * 1024),
+            "/auth/login",
+            content=b"x" * (2 * 1024 * 1024),
             headers={"content-type": "application/json"},
         )
         assert too_big.status_code == 413
@@ -174,23 +180,27 @@ def _abort_streams(server: RunningServer) -> None:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=5) as raw, context.wrap_socket(
-        raw, server_hostname=host
-    ) as tls:
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         for index in range(10):
             stream = conn.get_next_available_stream_id()
-            headers = [(":method", "POST"), (":path", "/auth/login"), (":scheme", "https"),
-                       (":authority", f"{host}:{port}"), ("content-type", "application/json"),
-                       ("content-length", "1000")]
+            headers = [
+                (":method", "POST"),
+                (":path", "/auth/login"),
+                (":scheme", "https"),
+                (":authority", f"{host}:{port}"),
+                ("content-type", "application/json"),
+                ("content-length", "1000"),
+            ]
             conn.send_headers(stream, headers)
             conn.send_data(stream, b'{"username": "x')
             if index % 2:
                 conn.reset_stream(stream)
         tls.sendall(conn.data_to_send())
         tls.settimeout(0.5)
-        try:
+        with contextlib.suppress(TimeoutError, ssl.SSLError):
             tls.recv(65536)
-        except (TimeoutError, ssl.SSLError):
-            pass

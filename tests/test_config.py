@@ -1,0 +1,78 @@
+"""Settings: production refuses to start without real secrets; development fills them in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, load_settings
+from tests.servers import ROOT
+
+STRONG = "x9" * 24
+BASE = {"database_url": "postgresql://db/x", "redis_url": "redis://r", "secret_key": STRONG}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: start every test from an empty one."""
+    for name in list(os.environ):
+        if name.startswith(("DATABASE_", "REDIS_", "JWT_", "SECRET_", "SERVICE_", "TLS_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"database_url": None}, "DATABASE_URL"),
+        ({"redis_url": None}, "REDIS_URL"),
+        ({"secret_key": None}, "SECRET_KEY"),
+        ({}, "JWT_SECRET"),
+        ({"jwt_secret": "changeme"}, "JWT_SECRET must be"),
+        ({"jwt_secret": "short-secret"}, "JWT_SECRET must be"),
+        ({"jwt_secret": STRONG, "secret_key": "secret"}, "SECRET_KEY must be"),
+        ({"jwt_secret": STRONG, "jwt_algorithm": "ES256"}, "JWT_PRIVATE_KEY_FILE"),
+    ],
+)
+def test_production_refuses_unsafe_settings(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(**{**BASE, **overrides})
+
+
+def test_production_accepts_complete_settings() -> None:
+    settings = load_settings(**BASE, jwt_secret=STRONG)
+    assert not settings.is_development
+
+
+def test_development_generates_stable_secrets(tmp_path: Path) -> None:
+    first = load_settings(service_env="development", instance_dir=tmp_path)
+    second = load_settings(service_env="development", instance_dir=tmp_path)
+    assert first.jwt_secret and len(first.jwt_secret) >= 32
+    assert first.jwt_secret == second.jwt_secret
+    assert first.embedded_database and first.embedded_blocklist
+    assert (tmp_path / "dev-jwt-secret").stat().st_mode & 0o077 == 0
+
+
+def test_serve_refuses_to_start_in_production_without_config(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_", "REDIS_", "JWT_", "SECRET_", "SERVICE_"))
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        "production mode requires DATABASE_URL, REDIS_URL, SECRET_KEY, JWT_SECRET" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
