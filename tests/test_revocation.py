@@ -16,7 +16,7 @@ import redis.connection
 
 from service.config import Settings
 from service.store import Store
-from service.store.blocklist import Entry, Kind, RedisBlocklist
+from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBlocklist
 from tests.conftest import Session, delete_prefix, login, make_settings, register, serve_in_process
 from tests.proxy import TcpProxy
 
@@ -133,24 +133,49 @@ async def test_redis_down_means_503_and_recovery_without_restart(
 ) -> None:
     http, proxy = cut_redis
     password = "correct horse battery"
-    session = await login(http, await register(http, password), password)
-    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
+    username = await register(http, password)
+    kept, leaving = await login(http, username, password), await login(http, username, password)
+    assert (await http.get("/api/hello", headers=kept.bearer())).status_code == 200
     proxy.stop()
-    down = await http.get("/api/hello", headers=session.bearer())
+    down = await http.get("/api/hello", headers=kept.bearer())
     assert down.status_code == 503
     assert down.headers["retry-after"]
     assert down.headers["content-type"] == "application/problem+json"
     assert "Traceback" not in down.text
-    logout = await http.post("/auth/logout", headers=session.bearer())
-    assert logout.status_code == 503
+    # A logout that cannot be put in force must not say it worked.
+    assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 503
     assert (await http.get("/readyz")).status_code == 503
     proxy.start()
+    await wait_for_status(http, kept, 200)
+    assert (await http.get("/readyz")).status_code == 200
+    assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 204
+    assert (await http.get("/api/hello", headers=leaving.bearer())).status_code == 401
+    assert (await http.get("/api/hello", headers=kept.bearer())).status_code == 200
+
+
+async def test_a_recorded_logout_redis_missed_is_put_in_force_later(
+    client: httpx.AsyncClient, user: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = iter([True])
+
+    async def add_fails_once(self: RedisBlocklist, entries: object) -> None:
+        if next(failures, False):
+            raise BlocklistUnavailable("connection reset")
+        await original(self, entries)  # type: ignore[arg-type]
+
+    original = RedisBlocklist.add
+    monkeypatch.setattr(RedisBlocklist, "add", add_fails_once)
+    assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 503
+    # Recorded in PostgreSQL: the next checks reload the record into Redis.
+    await wait_for_status(client, user, 401)
+
+
+async def wait_for_status(http: httpx.AsyncClient, session: Session, status: int) -> None:
+    """Poll the protected resource until it answers status (10 s at most)."""
     deadline = time.monotonic() + 10
-    while (await http.get("/api/hello", headers=session.bearer())).status_code != 200:
-        assert time.monotonic() < deadline, "did not recover after Redis came back"
+    while (await http.get("/api/hello", headers=session.bearer())).status_code != status:
+        assert time.monotonic() < deadline, f"never answered {status}"
         await asyncio.sleep(0.1)
-    assert (await http.post("/auth/logout", headers=session.bearer())).status_code == 204
-    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 401
 
 
 async def test_a_protected_request_costs_one_redis_round_trip(

@@ -7,6 +7,8 @@ from typing import Any
 
 from flask import Flask, Response, current_app
 from flask_jwt_extended import JWTManager
+from flask_jwt_extended.config import config as jwt_settings
+from jwt import InvalidTokenError
 
 from service.config import Settings
 from service.errors import problem, unauthorized
@@ -19,7 +21,8 @@ def jwt_config(settings: Settings) -> dict[str, Any]:
     """Map settings onto Flask-JWT-Extended's configuration keys."""
     config: dict[str, Any] = {
         "JWT_ALGORITHM": settings.jwt_algorithm,
-        "JWT_DECODE_ALGORITHMS": [settings.jwt_algorithm],
+        # First-party tokens keep their algorithm; OAuth access tokens are ES256 with a kid.
+        "JWT_DECODE_ALGORITHMS": sorted({settings.jwt_algorithm, "ES256"}),
         "JWT_TOKEN_LOCATION": ["headers"],
         "JWT_ENCODE_ISSUER": settings.jwt_issuer,
         "JWT_DECODE_ISSUER": settings.jwt_issuer,
@@ -64,12 +67,29 @@ def init_app(app: Flask, settings: Settings) -> None:
 @jwt.token_in_blocklist_loader
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
     """One Redis round trip; fails closed (503) when the answer is unknown."""
-    store = current_app.extensions["store"]
-    verdict = store.blocklist.check(TokenRef.from_claims(claims))
+    verdict = current_app.extensions["store"].check(TokenRef.from_claims(claims))
     if verdict is Verdict.NOT_LOADED:
-        store.request_rebuild()
         raise BlocklistUnavailable("blocklist is being rebuilt")
     return verdict is Verdict.REVOKED
+
+
+@jwt.decode_key_loader
+def decode_key(header: dict[str, Any], _claims: dict[str, Any]) -> Any:
+    """Pick the key from the header, and pin the algorithm to that key's.
+
+    A kid names an OAuth signing key; no kid means a first-party token. Any other mix (an
+    HS256 token "signed" with a public key, alg none, an unknown kid) is refused here.
+    """
+    alg, kid = header.get("alg"), header.get("kid")
+    if kid is None:
+        if alg != current_app.config["JWT_ALGORITHM"]:
+            raise InvalidTokenError("unexpected algorithm")
+        return jwt_settings.decode_key
+    keyring = current_app.extensions.get("oauth_keyring")
+    key = keyring.verification_key(str(kid)) if keyring is not None else None
+    if key is None or alg != key.alg:
+        raise InvalidTokenError("unknown signing key")
+    return key.public_key
 
 
 def _render(detail: str, error: str | None = "invalid_token") -> Response:

@@ -100,7 +100,9 @@ async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> Non
     """Revoke every token of a user issued up to now, on every device."""
     cutoff_ms = time.time_ns() // 1_000_000
     async with store.db.session() as session:
-        await session_store.close_user_sessions(session, user_id=uuid.UUID(user_id), reason=reason)
+        await session_store.close_user_sessions(
+            session, user_id=uuid.UUID(user_id), cutoff_ms=cutoff_ms, reason=reason
+        )
     until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
     await store.revoke(
         [Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)]

@@ -12,7 +12,15 @@ from flask import Flask, current_app
 
 from service.config import Settings
 from service.loop import LoopThread
-from service.store.blocklist import Blocklist, Entry, MemoryBlocklist, RedisBlocklist
+from service.store.blocklist import (
+    Blocklist,
+    BlocklistUnavailable,
+    Entry,
+    MemoryBlocklist,
+    RedisBlocklist,
+    TokenRef,
+    Verdict,
+)
 from service.store.db import Database
 from service.store.revocations import purge_expired, record, stream_active
 
@@ -32,13 +40,26 @@ class Store:
         self._rebuild: Future[bool] | None = None
         self._rebuild_started = 0.0
         self._rebuild_lock = threading.Lock()
+        self.resync_pending = False
 
     async def revoke(self, entries: Iterable[Entry]) -> None:
         """Persist revocations, then put them in force; returns once both are done."""
         entries = list(entries)
         async with self.db.session() as session:
             await record(session, entries=entries)
-        await self.blocklist.add(entries)
+        try:
+            await self.blocklist.add(entries)
+        except BlocklistUnavailable:
+            # Recorded but not in force: reload the whole record once Redis answers again.
+            self.resync_pending = True
+            raise
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """The per-request revocation check; schedules a reload when the blocklist needs one."""
+        verdict = self.blocklist.check(ref)
+        if verdict is Verdict.NOT_LOADED or self.resync_pending:
+            self.request_rebuild()
+        return verdict
 
     async def rebuild_blocklist(self) -> bool:
         """Reload the blocklist from the durable record (after a Redis restart, say)."""
@@ -55,18 +76,27 @@ class Store:
             self._rebuild = self.loop.submit(self._rebuild_logged())
 
     async def _rebuild_logged(self) -> bool:
+        self.resync_pending = False
         try:
             done = await self.rebuild_blocklist()
         except Exception:
+            self.resync_pending = True
             log.exception("blocklist rebuild failed; will retry on the next request")
             return False
         if done:
             log.warning("blocklist rebuilt from the durable revocation record")
+        else:
+            self.resync_pending = True  # another process holds the rebuild lock: try again
         return done
 
     async def warm_up(self) -> None:
         """Connect to both backends and make sure the blocklist is loaded."""
         await self.db.ping()
+        if isinstance(self.blocklist, RedisBlocklist):
+            policy = await self.blocklist.eviction_policy()
+            if policy not in (None, "noeviction"):
+                # Evicted entries would let revoked tokens back in, silently.
+                log.error("Redis maxmemory-policy is %s: set it to noeviction", policy)
         if not await self.blocklist.ping():
             await self.rebuild_blocklist()
 

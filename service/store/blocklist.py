@@ -44,6 +44,7 @@ return 1
 """
 
 WRITE_BATCH = 1000
+REBUILD_LOCK_SECONDS = 30
 
 
 class BlocklistUnavailable(RuntimeError):
@@ -233,7 +234,7 @@ class RedisBlocklist:
         _, client = self._clients()
         token = os.urandom(8).hex()
         try:
-            if not await client.set(self._lock_key, token, nx=True, ex=120):
+            if not await client.set(self._lock_key, token, nx=True, ex=REBUILD_LOCK_SECONDS):
                 return False
             batch: list[Entry] = []
             async for entry in entries:
@@ -248,6 +249,16 @@ class RedisBlocklist:
             return True
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, or None where CONFIG is not allowed."""
+        _, client = self._clients()
+        try:
+            policy = await client.config_get("maxmemory-policy")
+        except RedisError:
+            return None
+        value = policy.get("maxmemory-policy") or policy.get(b"maxmemory-policy")
+        return value.decode() if isinstance(value, bytes) else value
 
     async def ping(self) -> bool:
         """Whether Redis answers and holds a loaded blocklist."""

@@ -88,11 +88,22 @@ async def close_session(session: AsyncSession, *, sid: str, reason: str) -> date
     return expires_at
 
 
-async def close_user_sessions(session: AsyncSession, *, user_id: uuid.UUID, reason: str) -> int:
-    """Mark every open session of a user revoked; returns how many were open."""
+async def close_user_sessions(
+    session: AsyncSession, *, user_id: uuid.UUID, cutoff_ms: int, reason: str
+) -> int:
+    """Mark a user's open sessions begun up to cutoff_ms revoked; returns how many.
+
+    Session ids are UUIDv7 in hex, so their order is their start time: every id below the
+    first one possible after cutoff_ms began at or before it (what the blocklist revokes).
+    """
+    first_after = f"{cutoff_ms + 1:012x}" + "0" * 20
     result = await session.execute(
         update(LoginSession)
-        .where(LoginSession.user_id == user_id, LoginSession.revoked_at.is_(None))
+        .where(
+            LoginSession.user_id == user_id,
+            LoginSession.revoked_at.is_(None),
+            LoginSession.id < first_after,
+        )
         .values(revoked_at=utcnow(), revoked_reason=reason)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

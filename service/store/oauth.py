@@ -1,0 +1,85 @@
+"""OAuth clients and consents."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.store.models import utcnow
+from service.store.oauth_models import OAuthClient, OAuthConsent
+
+
+async def create_client(
+    session: AsyncSession,
+    *,
+    client_id: str,
+    secret_hash: str | None,
+    name: str,
+    redirect_uris: list[str],
+    grant_types: list[str],
+    scope: str,
+    auth_method: str,
+) -> OAuthClient:
+    """Insert a client."""
+    client = OAuthClient(
+        client_id=client_id,
+        secret_hash=secret_hash,
+        name=name,
+        redirect_uris=redirect_uris,
+        grant_types=grant_types,
+        scope=scope,
+        auth_method=auth_method,
+    )
+    session.add(client)
+    await session.flush()
+    return client
+
+
+async def get_client(session: AsyncSession, *, client_id: str) -> OAuthClient | None:
+    """Return one client, or None."""
+    return await session.get(OAuthClient, client_id)
+
+
+async def list_clients(session: AsyncSession) -> Sequence[OAuthClient]:
+    """Return every client, oldest first."""
+    return (await session.scalars(select(OAuthClient).order_by(OAuthClient.created_at))).all()
+
+
+async def set_secret_hash(session: AsyncSession, *, client_id: str, secret_hash: str) -> bool:
+    """Replace a client's secret digest; False if there is no such client."""
+    result = await session.execute(
+        update(OAuthClient)
+        .where(OAuthClient.client_id == client_id)
+        .values(secret_hash=secret_hash, secret_rotated_at=utcnow())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def delete_client(session: AsyncSession, *, client_id: str) -> bool:
+    """Delete a client with its grants, codes, tokens and consents."""
+    result = await session.execute(delete(OAuthClient).where(OAuthClient.client_id == client_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def get_consent(session: AsyncSession, *, user_id: uuid.UUID, client_id: str) -> str | None:
+    """Return the scopes the user approved for the client, or None."""
+    return await session.scalar(
+        select(OAuthConsent.scope).where(
+            OAuthConsent.user_id == user_id, OAuthConsent.client_id == client_id
+        )
+    )
+
+
+async def save_consent(
+    session: AsyncSession, *, user_id: uuid.UUID, client_id: str, scope: str
+) -> None:
+    """Record (or widen) a user's approval of a client's scopes."""
+    current = await session.get(OAuthConsent, (user_id, client_id))
+    if current is None:
+        session.add(OAuthConsent(user_id=user_id, client_id=client_id, scope=scope))
+        return
+    current.scope = " ".join(sorted(set(current.scope.split()) | set(scope.split())))
+    current.granted_at = utcnow()

@@ -1,0 +1,145 @@
+"""OAuth grants (token families), authorization codes and refresh tokens.
+
+Codes and refresh tokens are spent with one conditional UPDATE ... RETURNING, so two
+concurrent redemptions cannot both succeed; the loser learns it was a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.store.models import utcnow
+from service.store.oauth_models import OAuthCode, OAuthGrant, OAuthRefreshToken
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption(Generic[T]):
+    """Outcome of spending a code or refresh token: the row, or the grant it replayed."""
+
+    row: T | None = None
+    replayed_grant: str | None = None
+
+
+async def open_grant_with_code(
+    session: AsyncSession,
+    *,
+    grant: OAuthGrant,
+    code: OAuthCode,
+) -> None:
+    """Insert a grant and the authorization code that will start it."""
+    session.add(grant)
+    await session.flush()
+    session.add(code)
+
+
+async def open_grant(session: AsyncSession, *, grant: OAuthGrant) -> None:
+    """Insert a grant issued without a code (client credentials)."""
+    session.add(grant)
+
+
+async def get_grant(session: AsyncSession, *, grant_id: str) -> OAuthGrant | None:
+    """Return one grant."""
+    return await session.get(OAuthGrant, grant_id)
+
+
+async def redeem_code(
+    session: AsyncSession, *, code_hash: str, client_id: str
+) -> Redemption[OAuthCode]:
+    """Spend an unexpired code of this client; a spent one reports its grant as replayed."""
+    now = utcnow()
+    row = await session.scalar(
+        update(OAuthCode)
+        .where(
+            OAuthCode.code_hash == code_hash,
+            OAuthCode.client_id == client_id,
+            OAuthCode.used_at.is_(None),
+            OAuthCode.expires_at > now,
+        )
+        .values(used_at=now)
+        .returning(OAuthCode)
+    )
+    if row is not None:
+        return Redemption(row=row)
+    spent = await session.scalar(
+        select(OAuthCode.grant_id).where(
+            OAuthCode.code_hash == code_hash,
+            OAuthCode.client_id == client_id,
+            OAuthCode.used_at.is_not(None),
+        )
+    )
+    return Redemption(replayed_grant=spent)
+
+
+async def save_refresh_token(session: AsyncSession, *, token: OAuthRefreshToken) -> None:
+    """Insert a refresh token."""
+    session.add(token)
+
+
+async def redeem_refresh_token(
+    session: AsyncSession, *, token_hash: str, client_id: str
+) -> Redemption[OAuthRefreshToken]:
+    """Spend a live refresh token of this client; a spent one reports its grant as replayed."""
+    now = utcnow()
+    live_grants = select(OAuthGrant.id).where(
+        OAuthGrant.revoked_at.is_(None), OAuthGrant.expires_at > now
+    )
+    row = await session.scalar(
+        update(OAuthRefreshToken)
+        .where(
+            OAuthRefreshToken.token_hash == token_hash,
+            OAuthRefreshToken.client_id == client_id,
+            OAuthRefreshToken.used_at.is_(None),
+            OAuthRefreshToken.revoked_at.is_(None),
+            OAuthRefreshToken.expires_at > now,
+            OAuthRefreshToken.grant_id.in_(live_grants),
+        )
+        .values(used_at=now)
+        .returning(OAuthRefreshToken)
+    )
+    if row is not None:
+        return Redemption(row=row)
+    spent = await session.scalar(
+        select(OAuthRefreshToken.grant_id).where(
+            OAuthRefreshToken.token_hash == token_hash,
+            OAuthRefreshToken.client_id == client_id,
+            OAuthRefreshToken.used_at.is_not(None),
+        )
+    )
+    return Redemption(replayed_grant=spent)
+
+
+async def find_refresh_token(
+    session: AsyncSession, *, token_hash: str
+) -> tuple[OAuthRefreshToken, OAuthGrant] | None:
+    """Return a refresh token with its grant, whatever their state."""
+    row = (
+        await session.execute(
+            select(OAuthRefreshToken, OAuthGrant)
+            .join(OAuthGrant, OAuthGrant.id == OAuthRefreshToken.grant_id)
+            .where(OAuthRefreshToken.token_hash == token_hash)
+        )
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+async def revoke_grant(session: AsyncSession, *, grant_id: str, reason: str) -> datetime | None:
+    """Revoke a grant and its refresh tokens; returns when its last token expires."""
+    now = utcnow()
+    await session.execute(
+        update(OAuthGrant)
+        .where(OAuthGrant.id == grant_id, OAuthGrant.revoked_at.is_(None))
+        .values(revoked_at=now, revoked_reason=reason)
+    )
+    await session.execute(
+        update(OAuthRefreshToken)
+        .where(OAuthRefreshToken.grant_id == grant_id, OAuthRefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return await session.scalar(select(OAuthGrant.expires_at).where(OAuthGrant.id == grant_id))
