@@ -1,0 +1,107 @@
+"""Client registration: secrets are generated here, shown once, and stored only as digests."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from service.oauth.models import Client, digest
+from service.oauth.scopes import SCOPES
+from service.store import oauth as client_store
+from service.store.db import Database
+
+GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
+
+
+class InvalidClient(ValueError):
+    """The registration request is inconsistent; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A client and its secret in clear, which exists only in this object."""
+
+    client: Client
+    secret: str | None
+
+
+def _check(
+    *, redirect_uris: Sequence[str], grant_types: Sequence[str], scope: str, auth_method: str
+) -> None:
+    if auth_method not in AUTH_METHODS:
+        raise InvalidClient(f"auth method must be one of {', '.join(AUTH_METHODS)}")
+    if unknown := set(grant_types) - set(GRANT_TYPES):
+        raise InvalidClient(f"unsupported grant types: {', '.join(sorted(unknown))}")
+    if unknown := set(scope.split()) - set(SCOPES):
+        raise InvalidClient(f"unknown scopes: {', '.join(sorted(unknown))}")
+    if auth_method == "none" and "client_credentials" in grant_types:
+        raise InvalidClient("a public client cannot use client_credentials")
+    if "authorization_code" in grant_types and not redirect_uris:
+        raise InvalidClient("authorization_code needs at least one redirect URI")
+    for uri in redirect_uris:
+        parts = urlsplit(uri)
+        loopback = parts.scheme == "http" and parts.hostname in LOOPBACK
+        if parts.fragment or not parts.netloc or not (parts.scheme == "https" or loopback):
+            raise InvalidClient(f"redirect URI must be absolute https (or http loopback): {uri}")
+
+
+async def register_client(
+    *,
+    database: Database,
+    name: str,
+    redirect_uris: Sequence[str] = (),
+    grant_types: Sequence[str] = ("authorization_code", "refresh_token"),
+    scope: str = " ".join(SCOPES),
+    auth_method: str = "client_secret_basic",
+) -> Registered:
+    """Create a client; confidential clients get a 256-bit secret."""
+    _check(
+        redirect_uris=redirect_uris, grant_types=grant_types, scope=scope, auth_method=auth_method
+    )
+    secret = None if auth_method == "none" else secrets.token_urlsafe(32)
+    async with database.session() as session:
+        row = await client_store.create_client(
+            session,
+            client_id=secrets.token_urlsafe(16),
+            secret_hash=digest(secret) if secret else None,
+            name=name,
+            redirect_uris=list(redirect_uris),
+            grant_types=list(dict.fromkeys(grant_types)),
+            scope=" ".join(dict.fromkeys(scope.split())),
+            auth_method=auth_method,
+        )
+    return Registered(client=Client.from_row(row), secret=secret)
+
+
+async def list_clients(*, database: Database) -> list[Client]:
+    """Every client."""
+    async with database.session() as session:
+        return [Client.from_row(row) for row in await client_store.list_clients(session)]
+
+
+async def get_client(*, database: Database, client_id: str) -> Client | None:
+    """One client."""
+    async with database.session() as session:
+        row = await client_store.get_client(session, client_id=client_id)
+    return Client.from_row(row) if row else None
+
+
+async def rotate_secret(*, database: Database, client_id: str) -> str | None:
+    """Give a confidential client a new secret (the old one stops working); None if unknown."""
+    client = await get_client(database=database, client_id=client_id)
+    if client is None or client.is_public:
+        return None
+    secret = secrets.token_urlsafe(32)
+    async with database.session() as session:
+        await client_store.set_secret_hash(session, client_id=client_id, secret_hash=digest(secret))
+    return secret
+
+
+async def delete_client(*, database: Database, client_id: str) -> bool:
+    """Delete a client and everything issued to it."""
+    async with database.session() as session:
+        return await client_store.delete_client(session, client_id=client_id)

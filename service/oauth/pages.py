@@ -1,0 +1,101 @@
+"""The browser side of authorization: who is signed in, CSRF tokens, consent records."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import uuid
+from urllib.parse import urlsplit
+
+from flask import session
+
+from service.auth.passwords import Passwords
+from service.errors import ApiError
+from service.store import Store
+from service.store import oauth as client_store
+from service.store import users as user_store
+from service.store.users import Account
+
+USER_KEY = "oauth_user"
+CSRF_KEY = "csrf"
+AUTHORIZE_PATH = "/oauth/authorize"
+
+# Pages must not be framed (clickjacking on Approve) nor load anything from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def signed_in_user_id() -> uuid.UUID | None:
+    """The user id of the browser session, if someone signed in."""
+    value = session.get(USER_KEY)
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
+
+
+def sign_in(account: Account) -> None:
+    """Start a fresh browser session for account (a new CSRF token, nothing carried over)."""
+    session.clear()
+    session[USER_KEY] = str(account.id)
+    session[CSRF_KEY] = secrets.token_urlsafe(32)
+
+
+def csrf_token() -> str:
+    """The session's CSRF token, created on first use."""
+    token = session.get(CSRF_KEY)
+    if not token:
+        token = session[CSRF_KEY] = secrets.token_urlsafe(32)
+    return str(token)
+
+
+def check_csrf(submitted: str | None) -> None:
+    """Refuse a form post whose CSRF token does not match the session's."""
+    expected = session.get(CSRF_KEY)
+    if not expected or not submitted or not hmac.compare_digest(str(expected), submitted):
+        raise ApiError(400, "The form has expired or was not sent by this site; reload it.")
+
+
+def safe_next(value: str | None) -> str:
+    """Only ever send the browser back to our own authorization endpoint."""
+    if not value:
+        return AUTHORIZE_PATH
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or parts.path != AUTHORIZE_PATH:
+        return AUTHORIZE_PATH
+    return value
+
+
+async def authenticate(
+    *, store: Store, passwords: Passwords, username: str, password: str
+) -> Account | None:
+    """Check a username and password; unknown users cost the same time as wrong passwords."""
+    async with store.db.session() as db:
+        found = await user_store.find_credentials(db, username=username)
+    account, password_hash = found if found else (None, None)
+    verification = await passwords.verify(password_hash, password)
+    return account if account is not None and verification.ok else None
+
+
+async def find_account(*, store: Store, user_id: uuid.UUID) -> Account | None:
+    """The account of a browser session, or None if it is gone."""
+    async with store.db.session() as db:
+        return await user_store.get_account(db, user_id=user_id)
+
+
+async def has_consent(*, store: Store, user_id: uuid.UUID, client_id: str, scope: str) -> bool:
+    """Whether the user already approved every requested scope for this client."""
+    async with store.db.session() as db:
+        granted = await client_store.get_consent(db, user_id=user_id, client_id=client_id)
+    return granted is not None and set(scope.split()) <= set(granted.split())
+
+
+async def remember_consent(*, store: Store, user_id: uuid.UUID, client_id: str, scope: str) -> None:
+    """Record an approval."""
+    async with store.db.session() as db:
+        await client_store.save_consent(db, user_id=user_id, client_id=client_id, scope=scope)

@@ -1,0 +1,80 @@
+"""The Authlib authorization server: grants, endpoints, client lookup and token storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.integrations.flask_oauth2 import AuthorizationServer
+from flask import Flask
+
+from service.oauth import bridge, families
+from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
+from service.oauth.grants import (
+    AuthorizationCodeGrant,
+    ClientCredentialsGrant,
+    RefreshTokenGrant,
+    S256Challenge,
+)
+from service.oauth.models import Client
+from service.oauth.scopes import SCOPES
+from service.store import oauth as client_store
+
+
+class Server(AuthorizationServer):  # type: ignore[misc]
+    """Authorization server whose hooks reach the async store through the app's loop."""
+
+    def query_client(self, client_id: str) -> Client | None:
+        async def lookup() -> Client | None:
+            async with bridge.store().db.session() as session:
+                row = await client_store.get_client(session, client_id=client_id)
+            return Client.from_row(row) if row else None
+
+        return bridge.run(lookup())
+
+    def save_token(self, token: dict[str, Any], request: Any) -> None:
+        if "refresh_token" not in token:
+            return
+        bridge.run(
+            families.save_refresh_token(
+                store=bridge.store(),
+                token=token["refresh_token"],
+                family=request.family,
+                client_id=request.client.client_id,
+                user_id=request.user.id,
+                scope=token["scope"],
+            )
+        )
+
+
+def create_server(app: Flask) -> Server:
+    """Configure the grants and endpoints the service offers, and nothing else."""
+    app.config.setdefault("OAUTH2_SCOPES_SUPPORTED", list(SCOPES))
+    server = Server()
+    server.init_app(app)
+    server.register_grant(AuthorizationCodeGrant, [S256Challenge(required=True)])
+    server.register_grant(RefreshTokenGrant)
+    server.register_grant(ClientCredentialsGrant)
+    server.register_endpoint(RevocationEndpoint)
+    server.register_endpoint(IntrospectionEndpoint)
+    return server
+
+
+def metadata(*, issuer: str, base_url: str) -> dict[str, Any]:
+    """RFC 8414 metadata describing exactly what create_server() registers."""
+    secret_auth = ["client_secret_basic", "client_secret_post"]
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{base_url}/oauth/authorize",
+        "token_endpoint": f"{base_url}/oauth/token",
+        "revocation_endpoint": f"{base_url}/oauth/revoke",
+        "introspection_endpoint": f"{base_url}/oauth/introspect",
+        "jwks_uri": f"{base_url}/.well-known/jwks.json",
+        "scopes_supported": list(SCOPES),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "token_endpoint_auth_methods_supported": [*secret_auth, "none"],
+        "revocation_endpoint_auth_methods_supported": [*secret_auth, "none"],
+        "introspection_endpoint_auth_methods_supported": secret_auth,
+        "code_challenge_methods_supported": ["S256"],
+    }

@@ -1,0 +1,131 @@
+"""OAuth endpoints and pages: thin views over Authlib's server and the page helpers.
+
+These views are plain functions on purpose: they run in a request thread, where Authlib's
+synchronous hooks may wait on the app's loop (see bridge.py).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from authlib.oauth2 import OAuth2Error
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+
+from service.auth.passwords import Passwords
+from service.oauth import bridge, pages
+from service.oauth.server import Server, metadata
+from service.store.users import Account
+
+bp = Blueprint("oauth", __name__, template_folder="templates")
+
+LOGIN_FAILED = "The username or password is wrong."
+
+
+def _server() -> Server:
+    server: Server = current_app.extensions["oauth_server"]
+    return server
+
+
+def _page(template: str, status: int = 200, **context: object) -> Response:
+    response = Response(render_template(template, **context), status=status)
+    response.headers.update(pages.PAGE_HEADERS)
+    return response
+
+
+def _current_user() -> Account | None:
+    user_id = pages.signed_in_user_id()
+    if user_id is None:
+        return None
+    return bridge.run(pages.find_account(store=bridge.store(), user_id=user_id))
+
+
+@bp.route("/oauth/authorize", methods=["GET", "POST"])
+def authorize() -> ResponseReturnValue:
+    """Sign in if needed, then ask for (or reuse) consent and redirect back with a code."""
+    server, user = _server(), _current_user()
+    try:
+        grant = server.get_consent_grant(end_user=user)
+    except OAuth2Error as error:
+        return cast(Response, server.handle_error_response(None, error))
+    if user is None:
+        return redirect(url_for("oauth.login", next=request.full_path))
+    client = grant.client
+    scope = client.get_allowed_scope(grant.request.payload.scope)
+    consent = {"store": bridge.store(), "user_id": user.id, "client_id": client.client_id}
+    if request.method == "POST":
+        pages.check_csrf(request.form.get("csrf_token"))
+        approved = request.form.get("decision") == "approve"
+        if approved:
+            bridge.run(pages.remember_consent(**consent, scope=scope))
+        granted = user if approved else None
+        return cast(Response, server.create_authorization_response(grant=grant, grant_user=granted))
+    if bridge.run(pages.has_consent(**consent, scope=scope)):
+        return cast(Response, server.create_authorization_response(grant=grant, grant_user=user))
+    csrf = pages.csrf_token()
+    return _page("consent.html", client=client, user=user, scopes=scope.split(), csrf_token=csrf)
+
+
+@bp.route("/oauth/login", methods=["GET", "POST"])
+def login() -> ResponseReturnValue:
+    """The sign-in form of the authorization flow."""
+    next_url = pages.safe_next(request.values.get("next"))
+    if request.method == "GET":
+        return _page("login.html", next=next_url, csrf_token=pages.csrf_token())
+    pages.check_csrf(request.form.get("csrf_token"))
+    passwords: Passwords = current_app.extensions["passwords"]
+    account = bridge.run(
+        pages.authenticate(
+            store=bridge.store(),
+            passwords=passwords,
+            username=request.form.get("username", ""),
+            password=request.form.get("password", ""),
+        )
+    )
+    if account is None:
+        return _page(
+            "login.html", 401, next=next_url, csrf_token=pages.csrf_token(), error=LOGIN_FAILED
+        )
+    pages.sign_in(account)
+    return redirect(next_url, code=303)
+
+
+@bp.post("/oauth/token")
+def token() -> Response:
+    """Token endpoint (authorization_code, refresh_token, client_credentials)."""
+    return cast(Response, _server().create_token_response())
+
+
+@bp.post("/oauth/revoke")
+def revoke() -> Response:
+    """RFC 7009 revocation."""
+    return cast(Response, _server().create_endpoint_response("revocation"))
+
+
+@bp.post("/oauth/introspect")
+def introspect() -> Response:
+    """RFC 7662 introspection."""
+    return cast(Response, _server().create_endpoint_response("introspection"))
+
+
+@bp.get("/.well-known/oauth-authorization-server")
+def server_metadata() -> dict[str, object]:
+    """RFC 8414 authorization server metadata."""
+    base_url = request.host_url.rstrip("/")
+    return metadata(issuer=bridge.settings().jwt_issuer, base_url=base_url)
+
+
+@bp.get("/.well-known/jwks.json")
+def jwks() -> ResponseReturnValue:
+    """Public keys of every access token that may still be alive."""
+    response = current_app.json.response(bridge.keyring().jwks())
+    response.headers["Cache-Control"] = "public, max-age=60"
+    return response
