@@ -257,8 +257,10 @@ class RedisBlocklist:
             policy = await client.config_get("maxmemory-policy")
         except RedisError:
             return None
-        value = policy.get("maxmemory-policy") or policy.get(b"maxmemory-policy")
-        return value.decode() if isinstance(value, bytes) else value
+        for key, value in policy.items():
+            if key in ("maxmemory-policy", b"maxmemory-policy"):
+                return value.decode() if isinstance(value, bytes) else str(value)
+        return None
 
     async def ping(self) -> bool:
         """Whether Redis answers and holds a loaded blocklist."""
