@@ -1,0 +1,313 @@
+"""Single-use codes, refresh rotation and replay, revocation, introspection and scopes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from service.config import Settings
+from service.oauth.clients import Registered
+from tests.conftest import Session
+from tests.test_oauth_support import (
+    REDIRECT,
+    bearer,
+    browser,
+    claims_of,
+    new_client,
+    pkce,
+    query_of,
+    sign_in_and_consent,
+)
+
+TOKEN = "/oauth/token"
+
+
+def auth_of(registered: Registered) -> tuple[str, str]:
+    """HTTP basic credentials of a confidential client."""
+    return registered.client.client_id, registered.secret or ""
+
+
+async def issue_code(
+    client: httpx.AsyncClient, user: Session, registered: Registered, scope: str = "profile email"
+) -> tuple[str, str]:
+    """Run the pages; returns (code, verifier)."""
+    verifier, challenge = pkce()
+    url = "/oauth/authorize?" + str(
+        httpx.QueryParams(
+            response_type="code",
+            client_id=registered.client.client_id,
+            redirect_uri=REDIRECT,
+            scope=scope,
+            code_challenge=challenge,
+            code_challenge_method="S256",
+        )
+    )
+    async with browser(client) as agent:
+        response = await sign_in_and_consent(agent, url, user.username, user.password)
+    return query_of(response)["code"], verifier
+
+
+async def redeem(
+    client: httpx.AsyncClient, registered: Registered, code: str, verifier: str
+) -> httpx.Response:
+    """Spend a code at the token endpoint."""
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT,
+        "code_verifier": verifier,
+    }
+    return await client.post(TOKEN, data=data, auth=auth_of(registered))
+
+
+async def tokens_for(
+    client: httpx.AsyncClient, settings: Settings, user: Session, **options: Any
+) -> tuple[Registered, dict[str, Any]]:
+    """A new client and a token response for user."""
+    registered = await new_client(settings, **options)
+    code, verifier = await issue_code(client, user, registered)
+    response = await redeem(client, registered, code, verifier)
+    assert response.status_code == 200, response.text
+    return registered, response.json()
+
+
+async def refresh(
+    client: httpx.AsyncClient, registered: Registered, refresh_token: str
+) -> httpx.Response:
+    """Spend a refresh token."""
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    return await client.post(TOKEN, data=data, auth=auth_of(registered))
+
+
+async def status_of(client: httpx.AsyncClient, access_token: str) -> int:
+    """Status of the protected sample resource for a token."""
+    return (await client.get("/api/hello", headers=bearer(access_token))).status_code
+
+
+async def test_code_works_once_and_replay_revokes_its_tokens(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered)
+    first = await redeem(client, registered, code, verifier)
+    assert first.status_code == 200
+    tokens = first.json()
+    assert await status_of(client, tokens["access_token"]) == 200
+    second = await redeem(client, registered, code, verifier)
+    assert second.status_code == 400
+    assert second.json()["error"] == "invalid_grant"
+    assert await status_of(client, tokens["access_token"]) == 401
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 400
+
+
+async def test_concurrent_redemptions_issue_at_most_once(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered)
+    responses = await asyncio.gather(
+        *(redeem(client, registered, code, verifier) for _ in range(6))
+    )
+    succeeded = [r for r in responses if r.status_code == 200]
+    assert len(succeeded) == 1
+    assert all(r.json()["error"] == "invalid_grant" for r in responses if r.status_code != 200)
+    # The losers revoked what the winner got.
+    tokens = succeeded[0].json()
+    assert await status_of(client, tokens["access_token"]) == 401
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 400
+
+
+async def test_code_of_another_client_is_refused(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    owner, thief = await new_client(settings), await new_client(settings)
+    code, verifier = await issue_code(client, user, owner)
+    stolen = await redeem(client, thief, code, verifier)
+    assert stolen.json()["error"] == "invalid_grant"
+    assert (await redeem(client, owner, code, verifier)).status_code == 200
+
+
+async def test_refresh_rotates_and_replay_revokes_the_family(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, first = await tokens_for(client, settings, user)
+    second_response = await refresh(client, registered, first["refresh_token"])
+    assert second_response.status_code == 200
+    assert second_response.headers["cache-control"] == "no-store"
+    second = second_response.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    third = (await refresh(client, registered, second["refresh_token"])).json()
+    assert await status_of(client, third["access_token"]) == 200
+
+    replay = await refresh(client, registered, first["refresh_token"])
+    assert replay.status_code == 400
+    assert replay.json()["error"] == "invalid_grant"
+    for token in (first, second, third):
+        assert await status_of(client, token["access_token"]) == 401
+    assert (await refresh(client, registered, third["refresh_token"])).status_code == 400
+
+
+async def test_refresh_token_is_bound_to_its_client(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    other = await new_client(settings)
+    stolen = await refresh(client, other, tokens["refresh_token"])
+    assert stolen.json()["error"] == "invalid_grant"
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 200
+
+
+async def test_refresh_can_narrow_but_not_widen_scope(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered, scope="profile")
+    tokens = (await redeem(client, registered, code, verifier)).json()
+    wider = await client.post(
+        TOKEN,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "scope": "profile email",
+        },
+        auth=auth_of(registered),
+    )
+    assert wider.json()["error"] == "invalid_scope"
+
+
+async def revoke(
+    client: httpx.AsyncClient, registered: Registered, token: str, hint: str | None = None
+) -> httpx.Response:
+    """Call the revocation endpoint."""
+    data = {"token": token} | ({"token_type_hint": hint} if hint else {})
+    return await client.post("/oauth/revoke", data=data, auth=auth_of(registered))
+
+
+async def introspect(
+    client: httpx.AsyncClient, registered: Registered, token: str
+) -> dict[str, Any]:
+    """Call the introspection endpoint."""
+    response = await client.post(
+        "/oauth/introspect", data={"token": token}, auth=auth_of(registered)
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_revoking_an_access_token_takes_effect_at_once(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    active = await introspect(client, registered, tokens["access_token"])
+    assert active["active"] is True
+    assert active["client_id"] == registered.client.client_id
+    assert active["jti"] == claims_of(tokens["access_token"])["jti"]
+    response = await revoke(client, registered, tokens["access_token"], "access_token")
+    assert response.status_code == 200
+    assert await status_of(client, tokens["access_token"]) == 401
+    assert await introspect(client, registered, tokens["access_token"]) == {"active": False}
+    # Only that access token: the refresh token still works.
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 200
+
+
+async def test_revoking_a_refresh_token_kills_the_grant(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    refreshed = await introspect(client, registered, tokens["refresh_token"])
+    assert refreshed["active"] is True
+    assert refreshed["token_type"] == "refresh_token"
+    assert (await revoke(client, registered, tokens["refresh_token"])).status_code == 200
+    assert await status_of(client, tokens["access_token"]) == 401
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 400
+    assert await introspect(client, registered, tokens["refresh_token"]) == {"active": False}
+    assert await introspect(client, registered, tokens["access_token"]) == {"active": False}
+
+
+async def test_spent_refresh_token_is_inactive(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    assert (await refresh(client, registered, tokens["refresh_token"])).status_code == 200
+    assert await introspect(client, registered, tokens["refresh_token"]) == {"active": False}
+
+
+async def test_unknown_tokens(client: httpx.AsyncClient, settings: Settings) -> None:
+    registered = await new_client(settings)
+    for token in ("not-a-token", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30.x"):
+        assert (await revoke(client, registered, token)).status_code == 200
+        assert await introspect(client, registered, token) == {"active": False}
+
+
+async def test_a_client_cannot_revoke_tokens_of_another(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    _owner, tokens = await tokens_for(client, settings, user)
+    other = await new_client(settings)
+    for token in (tokens["access_token"], tokens["refresh_token"]):
+        response = await revoke(client, other, token)
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_grant"
+    assert await status_of(client, tokens["access_token"]) == 200
+
+
+async def test_introspection_requires_client_authentication(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    anonymous = await client.post("/oauth/introspect", data={"token": tokens["access_token"]})
+    assert anonymous.status_code == 401
+    wrong = await client.post(
+        "/oauth/introspect",
+        data={"token": tokens["access_token"]},
+        auth=(registered.client.client_id, "wrong secret"),
+    )
+    assert wrong.status_code == 401
+    public = await new_client(settings, auth_method="none")
+    as_public = await client.post(
+        "/oauth/introspect",
+        data={"token": tokens["access_token"], "client_id": public.client.client_id},
+    )
+    assert as_public.status_code == 401
+
+
+async def test_first_party_tokens_are_not_oauth_tokens(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    assert await introspect(client, registered, user.access) == {"active": False}
+    assert (await revoke(client, registered, user.access)).status_code == 200
+    assert await status_of(client, user.access) == 200
+
+
+async def test_logout_all_also_ends_oauth_grants(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    _registered, tokens = await tokens_for(client, settings, user)
+    response = await client.post("/auth/logout-all", headers=bearer(user.access))
+    assert response.status_code == 204
+    assert await status_of(client, tokens["access_token"]) == 401
+
+
+async def test_scope_is_enforced_for_both_kinds_of_token(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    for path in ("/api/profile", "/api/email"):
+        assert (await client.get(path, headers=bearer(user.access))).status_code == 200
+    registered = await new_client(settings, scope="email")
+    code, verifier = await issue_code(client, user, registered, scope="email")
+    tokens = (await redeem(client, registered, code, verifier)).json()
+    assert tokens["scope"] == "email"
+    response = await client.get("/api/profile", headers=bearer(tokens["access_token"]))
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "application/problem+json"
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="authsvc", error="insufficient_scope"')
+    assert 'scope="profile"' in challenge
+    email = await client.get("/api/email", headers=bearer(tokens["access_token"]))
+    assert email.status_code == 200
+    missing = await client.get("/api/profile")
+    assert missing.status_code == 401
