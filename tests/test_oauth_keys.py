@@ -1,0 +1,298 @@
+"""Metadata, JWKS, key rotation, algorithm confusion, and the clients/keys commands."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import update
+
+from service.config import Settings
+from service.ids import new_id
+from service.oauth import keys
+from service.store.db import Database
+from service.store.models import utcnow
+from service.store.oauth_models import SigningKey
+from tests.conftest import Session, serve_in_process
+from tests.test_oauth_support import bearer, header_of, new_client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def machine_token(http: httpx.AsyncClient, settings: Settings) -> str:
+    """An access token from the client credentials grant."""
+    registered = await new_client(
+        settings, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+    )
+    response = await http.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials"},
+        auth=(registered.client.client_id, registered.secret or ""),
+    )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+async def jwks_of(http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    """The published keys by kid."""
+    response = await http.get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    return {key["kid"]: key for key in response.json()["keys"]}
+
+
+def verify(token: str, jwks: dict[str, dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """Verify a token as a resource server would: by kid, from the JWKS, with PyJWT."""
+    header = header_of(token)
+    key = jwt.PyJWK(jwks[header["kid"]])
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        key,
+        algorithms=[key.algorithm_name],
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+    return claims
+
+
+async def test_metadata_describes_what_is_served(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    response = await client.get("/.well-known/oauth-authorization-server")
+    assert response.status_code == 200
+    meta = response.json()
+    assert meta["issuer"] == settings.jwt_issuer
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert meta["response_types_supported"] == ["code"]
+    assert "password" not in meta["grant_types_supported"]
+    assert "implicit" not in meta["grant_types_supported"]
+    for name in ("token_endpoint", "revocation_endpoint", "introspection_endpoint"):
+        path = httpx.URL(meta[name]).path
+        answer = await client.post(path, data={})
+        assert answer.status_code in {400, 401}, name
+        assert "error" in answer.json()
+    jwks = await client.get(httpx.URL(meta["jwks_uri"]).path)
+    assert jwks.status_code == 200
+    authorize = await client.get(httpx.URL(meta["authorization_endpoint"]).path)
+    assert authorize.status_code in {400, 401}
+
+
+async def test_issued_tokens_verify_with_the_published_key(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    token = await machine_token(client, settings)
+    jwks = await jwks_of(client)
+    key = jwks[header_of(token)["kid"]]
+    assert key["kty"] == "EC" and key["alg"] == "ES256" and key["use"] == "sig"
+    assert "d" not in key
+    claims = verify(token, jwks, settings)
+    meta = (await client.get("/.well-known/oauth-authorization-server")).json()
+    assert claims["iss"] == meta["issuer"]
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m service ...` against the test database."""
+    env = {
+        "SERVICE_ENV": "production",
+        "DATABASE_URL": str(settings.database_url),
+        "REDIS_URL": str(settings.redis_url),
+        "REDIS_PREFIX": settings.redis_prefix,
+        "SECRET_KEY": str(settings.secret_key),
+        "JWT_SECRET": str(settings.jwt_secret),
+        "INSTANCE_DIR": str(settings.instance_dir),
+        "PATH": "/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_key_rotation_keeps_old_tokens_valid(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    old_token = await machine_token(client, settings)
+    old_kid = header_of(old_token)["kid"]
+    rotated = run_cli(settings, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    async with serve_in_process(settings) as fresh:
+        new_token = await machine_token(fresh, settings)
+        new_kid = header_of(new_token)["kid"]
+        assert new_kid != old_kid
+        assert new_kid in rotated.stdout
+        for http in (client, fresh):
+            for token in (old_token, new_token):
+                assert (await http.get("/api/hello", headers=bearer(token))).status_code == 200
+        jwks = await jwks_of(fresh)
+        assert {old_kid, new_kid} <= jwks.keys()
+        verify(old_token, jwks, settings)
+        verify(new_token, jwks, settings)
+
+    retired = run_cli(settings, "keys", "retire", old_kid)
+    assert retired.returncode == 0, retired.stderr
+    listing = json.loads(run_cli(settings, "keys", "list").stdout)
+    assert next(k for k in listing if k["kid"] == old_kid)["retired_at"] is not None
+    async with serve_in_process(settings) as fresh:
+        # Retired, yet published until the tokens it signed have expired.
+        assert old_kid in await jwks_of(fresh)
+        assert (await fresh.get("/api/hello", headers=bearer(old_token))).status_code == 200
+
+
+async def test_keys_retired_longer_than_a_token_lifetime_are_unpublished(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            kid = await keys.create_key(session, secret_key=str(settings.secret_key))
+        async with database.session() as session:
+            long_ago = utcnow() - timedelta(seconds=settings.access_token_ttl + 5)
+            await session.execute(
+                update(SigningKey).where(SigningKey.kid == kid).values(retired_at=long_ago)
+            )
+    finally:
+        await database.dispose()
+    async with serve_in_process(settings) as fresh:
+        assert kid not in await jwks_of(fresh)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """A token with an arbitrary header, HMAC-signed with secret (or unsigned)."""
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    if secret is None:
+        return signing_input + "."
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def plausible_claims(settings: Settings) -> dict[str, Any]:
+    """Claims that would pass every check but the signature."""
+    now = int(time.time())
+    return {
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "sub": "attacker",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "jti": new_id(),
+        "sid": new_id(),
+        "type": "access",
+        "name": "attacker",
+        "scope": "profile email",
+    }
+
+
+async def test_algorithm_confusion_is_refused(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    token = await machine_token(client, settings)
+    kid = header_of(token)["kid"]
+    public_pem = jwt.PyJWK((await jwks_of(client))[kid]).key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = plausible_claims(settings)
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    attempts = {
+        "HS256 keyed with the public key, with kid": forge(
+            {"alg": "HS256", "typ": "JWT", "kid": kid}, claims, public_pem
+        ),
+        "HS256 keyed with the public key, no kid": forge(
+            {"alg": "HS256", "typ": "JWT"}, claims, public_pem
+        ),
+        "alg none with kid": forge({"alg": "none", "kid": kid}, claims, None),
+        "alg none": forge({"alg": "none"}, claims, None),
+        "unknown kid": jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": "nope"}),
+        "right kid, wrong key": jwt.encode(
+            claims, stranger, algorithm="ES256", headers={"kid": kid}
+        ),
+        "ES256 without kid": jwt.encode(claims, stranger, algorithm="ES256"),
+        "HS384 with the first-party secret": jwt.encode(
+            claims, str(settings.jwt_secret), algorithm="HS384"
+        ),
+    }
+    for name, forged in attempts.items():
+        response = await client.get("/api/hello", headers=bearer(forged))
+        assert response.status_code == 401, name
+        assert 'error="invalid_token"' in response.headers["www-authenticate"], name
+    assert (await client.get("/api/hello", headers=bearer(user.access))).status_code == 200
+    assert (await client.get("/api/hello", headers=bearer(token))).status_code == 200
+
+
+async def test_clients_command(client: httpx.AsyncClient, settings: Settings) -> None:
+    created = run_cli(
+        settings,
+        "clients",
+        "create",
+        "--name",
+        "Reporting job",
+        "--grant-type",
+        "client_credentials",
+        "--scope",
+        "email",
+    )
+    assert created.returncode == 0, created.stderr
+    record = json.loads(created.stdout)
+    client_id, secret = record["client_id"], record["client_secret"]
+    assert record["token_endpoint_auth_method"] == "client_secret_basic"
+
+    async def token_status(secret: str) -> int:
+        response = await client.post(
+            "/oauth/token", data={"grant_type": "client_credentials"}, auth=(client_id, secret)
+        )
+        return response.status_code
+
+    assert await token_status(secret) == 200
+    listed = json.loads(run_cli(settings, "clients", "list").stdout)
+    assert client_id in {c["client_id"] for c in listed}
+    assert all("client_secret" not in c for c in listed)
+    shown = run_cli(settings, "clients", "show", client_id)
+    assert json.loads(shown.stdout)["name"] == "Reporting job"
+    assert secret not in shown.stdout
+
+    rotated = json.loads(run_cli(settings, "clients", "rotate-secret", client_id).stdout)
+    assert rotated["client_secret"] != secret
+    assert await token_status(secret) == 401
+    assert await token_status(rotated["client_secret"]) == 200
+
+    assert run_cli(settings, "clients", "delete", client_id).returncode == 0
+    assert run_cli(settings, "clients", "show", client_id).returncode == 1
+    assert await token_status(rotated["client_secret"]) == 401
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--public", "--grant-type", "client_credentials"],
+        ["--redirect-uri", "http://evil.example/cb"],
+        ["--redirect-uri", "https://ok.example/cb#frag"],
+        ["--scope", "admin"],
+        [],  # authorization_code without a redirect URI
+    ],
+)
+def test_clients_command_refuses_unsafe_registrations(settings: Settings, args: list[str]) -> None:
+    result = run_cli(settings, "clients", "create", "--name", "bad", *args)
+    assert result.returncode != 0
+    assert "invalid client" in result.stderr
