@@ -359,3 +359,24 @@ async def test_library_client_reports_errors(client: httpx.AsyncClient, settings
         with pytest.raises(OAuthError) as raised:
             await oc.fetch_token(TOKEN, code="bogus", code_verifier=generate_token(48))
     assert raised.value.error == "invalid_grant"
+
+
+async def test_password_change_ends_the_browser_sign_in(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    url = authorize_url(
+        registered.client.client_id, code_challenge=pkce()[1], code_challenge_method="S256"
+    )
+    async with browser(client) as agent:
+        first = await sign_in_and_consent(agent, url, user.username, user.password)
+        assert "code" in query_of(first)
+        changed = await client.post(
+            "/auth/password",
+            json={"current_password": user.password, "new_password": "a brand new secret"},
+            headers=bearer(user.access),
+        )
+        assert changed.status_code == 204, changed.text
+        again = await agent.get(url)
+    assert again.status_code == 302
+    assert again.headers["location"].startswith("/oauth/login")

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 
 from service.config import Settings
+from service.ids import new_id
 from service.oauth.clients import Registered
+from service.oauth.keys import decrypt_key, key_cipher
+from service.oauth.models import digest
+from service.oauth.tokens import Family, sign_access_token
+from service.store.db import Database
+from service.store.models import utcnow
+from service.store.oauth_keys import list_keys
+from service.store.oauth_models import OAuthCode
 from tests.conftest import Session
 from tests.test_oauth_support import (
     REDIRECT,
@@ -311,3 +322,71 @@ async def test_scope_is_enforced_for_both_kinds_of_token(
     assert email.status_code == 200
     missing = await client.get("/api/profile")
     assert missing.status_code == 401
+
+
+async def test_expired_code_is_refused(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered)
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            await session.execute(
+                update(OAuthCode)
+                .where(OAuthCode.code_hash == digest(code))
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+    finally:
+        await database.dispose()
+    response = await redeem(client, registered, code, verifier)
+    assert response.json()["error"] == "invalid_grant"
+
+
+async def test_expired_access_token_is_inactive(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    registered = await new_client(settings)
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            row = (await list_keys(session))[0]
+    finally:
+        await database.dispose()
+    key = decrypt_key(row, key_cipher(str(settings.secret_key)))
+    now = int(time.time())
+    token, _lifetime = sign_access_token(
+        key=key,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        subject="someone",
+        client_id=registered.client.client_id,
+        scope="profile",
+        name="someone",
+        family=Family(grant_id=new_id(), expires_at=now - 10),
+        ttl=settings.access_token_ttl,
+    )
+    assert await introspect(client, registered, token) == {"active": False}
+    assert await status_of(client, token) == 401
+    assert (await revoke(client, registered, token)).status_code == 200
+
+
+async def test_public_client_revokes_its_own_refresh_token(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings, auth_method="none")
+    code, verifier = await issue_code(client, user, registered)
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT,
+        "code_verifier": verifier,
+        "client_id": registered.client.client_id,
+    }
+    tokens = (await client.post(TOKEN, data=data)).json()
+    response = await client.post(
+        "/oauth/revoke",
+        data={"token": tokens["refresh_token"], "client_id": registered.client.client_id},
+    )
+    assert response.status_code == 200
+    assert await status_of(client, tokens["access_token"]) == 401

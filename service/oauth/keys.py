@@ -50,7 +50,11 @@ class Key:
         return self.retired_at is None or self.retired_at + timedelta(seconds=token_ttl) > now
 
 
-def _fernet(secret_key: str) -> Fernet:
+def key_cipher(secret_key: str) -> Fernet:
+    """The cipher of private keys at rest: Fernet keyed by HKDF(SECRET_KEY).
+
+    Changing SECRET_KEY therefore makes stored keys unreadable: rotate signing keys first.
+    """
     derived = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"authsvc oauth signing keys"
     ).derive(secret_key.encode())
@@ -81,7 +85,7 @@ async def create_key(
         session,
         kid=kid,
         alg=ALG,
-        private_key=_fernet(secret_key).encrypt(pem).decode(),
+        private_key=key_cipher(secret_key).encrypt(pem).decode(),
         public_jwk=jwk,
         activates_at=activates_at or utcnow(),
     )
@@ -97,7 +101,8 @@ async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> None:
         await create_key(session, secret_key=secret_key)
 
 
-def _decrypt(row: SigningKey, fernet: Fernet) -> Key:
+def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
+    """Load a stored key."""
     private = serialization.load_pem_private_key(
         fernet.decrypt(row.private_key.encode()), password=None
     )
@@ -118,7 +123,7 @@ class Keyring:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._fernet = _fernet(store.settings.secret_key or "")
+        self.key_cipher = key_cipher(store.settings.secret_key or "")
         self._token_ttl = store.settings.access_token_ttl
         self._keys: list[Key] = []
         self._loaded_at = 0.0
@@ -129,7 +134,7 @@ class Keyring:
         async with self._store.db.session() as session:
             await ensure_active_key(session, secret_key=self._store.settings.secret_key or "")
             rows = await key_store.list_keys(session)
-        self._keys = [_decrypt(row, self._fernet) for row in rows]
+        self._keys = [decrypt_key(row, self.key_cipher) for row in rows]
         self._loaded_at = time.monotonic()
 
     def _reload_if_older(self, seconds: float) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 import uuid
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from flask import session
@@ -17,6 +19,7 @@ from service.store import users as user_store
 from service.store.users import Account
 
 USER_KEY = "oauth_user"
+SINCE_KEY = "oauth_signed_in_at"
 CSRF_KEY = "csrf"
 AUTHORIZE_PATH = "/oauth/authorize"
 
@@ -30,12 +33,12 @@ PAGE_HEADERS = {
 }
 
 
-def signed_in_user_id() -> uuid.UUID | None:
-    """The user id of the browser session, if someone signed in."""
-    value = session.get(USER_KEY)
+def signed_in() -> tuple[uuid.UUID, datetime] | None:
+    """The user id of the browser session and when they signed in, if someone did."""
     try:
-        return uuid.UUID(value) if value else None
-    except ValueError:
+        user_id = uuid.UUID(session[USER_KEY])
+        return user_id, datetime.fromtimestamp(float(session[SINCE_KEY]), UTC)
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -43,6 +46,7 @@ def sign_in(account: Account) -> None:
     """Start a fresh browser session for account (a new CSRF token, nothing carried over)."""
     session.clear()
     session[USER_KEY] = str(account.id)
+    session[SINCE_KEY] = time.time()
     session[CSRF_KEY] = secrets.token_urlsafe(32)
 
 
@@ -82,10 +86,14 @@ async def authenticate(
     return account if account is not None and verification.ok else None
 
 
-async def find_account(*, store: Store, user_id: uuid.UUID) -> Account | None:
-    """The account of a browser session, or None if it is gone."""
+async def find_account(
+    *, store: Store, user_id: uuid.UUID, signed_in_at: datetime
+) -> Account | None:
+    """The account of a browser session; None if it is gone or changed password since."""
     async with store.db.session() as db:
-        return await user_store.get_account(db, user_id=user_id)
+        return await client_store.find_signed_in_account(
+            db, user_id=user_id, signed_in_at=signed_in_at
+        )
 
 
 async def has_consent(*, store: Store, user_id: uuid.UUID, client_id: str, scope: str) -> bool:

@@ -42,10 +42,11 @@ def _page(template: str, status: int = 200, **context: object) -> Response:
 
 
 def _current_user() -> Account | None:
-    user_id = pages.signed_in_user_id()
-    if user_id is None:
+    found = pages.signed_in()
+    if found is None:
         return None
-    return bridge.run(pages.find_account(store=bridge.store(), user_id=user_id))
+    user_id, since = found
+    return bridge.run(pages.find_account(store=bridge.store(), user_id=user_id, signed_in_at=since))
 
 
 @bp.route("/oauth/authorize", methods=["GET", "POST"])

@@ -1,15 +1,17 @@
-"""OAuth clients and consents."""
+"""OAuth clients, consents, and the accounts behind browser sign-ins."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.store.models import utcnow
+from service.store.models import User, utcnow
 from service.store.oauth_models import OAuthClient, OAuthConsent
+from service.store.users import Account
 
 
 async def create_client(
@@ -83,3 +85,17 @@ async def save_consent(
         return
     current.scope = " ".join(sorted(set(current.scope.split()) | set(scope.split())))
     current.granted_at = utcnow()
+
+
+async def find_signed_in_account(
+    session: AsyncSession, *, user_id: uuid.UUID, signed_in_at: datetime
+) -> Account | None:
+    """The account of a browser sign-in, unless it is gone or its password changed since."""
+    row = (
+        await session.execute(
+            select(User.id, User.username).where(
+                User.id == user_id, User.password_changed_at <= signed_in_at
+            )
+        )
+    ).one_or_none()
+    return None if row is None else Account(id=row.id, username=row.username)
