@@ -53,11 +53,12 @@ def _init_passwords(app: Flask, settings: Settings) -> None:
 
 
 def _register_blueprints(app: Flask, settings: Settings) -> None:
-    from service import auth
+    from service import auth, oauth
     from service.api.views import bp as api_bp
 
     app.register_blueprint(health.bp)
     auth.init_app(app, settings)
+    oauth.init_app(app)
     app.register_blueprint(api_bp)
 
 

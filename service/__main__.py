@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve|migrate|create-user`."""
+"""Command line: `python -m service serve|migrate|create-user|clients|keys`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", help="development mode: embedded defaults"
     )
     create_user.set_defaults(func=_create_user)
+
+    from service.oauth.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 

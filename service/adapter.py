@@ -39,12 +39,14 @@ class AsgiAdapter:
         *,
         max_body_bytes: int,
         threads: int,
+        inline: Callable[[str, str], bool] | None = None,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
     ) -> None:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
         self._threads = threads
+        self._inline = inline
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._pool: ThreadPoolExecutor | None = None
@@ -94,8 +96,11 @@ class AsgiAdapter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
         environ = build_environ(scope, body)
-        loop = asyncio.get_running_loop()
-        status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
+        if self._inline is not None and self._inline(scope["method"], environ["PATH_INFO"]):
+            status, headers, chunks = self._call(environ)
+        else:
+            loop = asyncio.get_running_loop()
+            status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
         await _respond(send, status, headers, chunks)
 
     async def _read_body(self, receive: Receive) -> bytes | None:

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, le=200)
     redis_url: str | None = None
     redis_prefix: str = "authsvc:"
-    redis_timeout: float = Field(default=1.0, gt=0, le=30)
+    redis_timeout: float = Field(default=0.5, gt=0, le=30)
 
     secret_key: str | None = None
     jwt_secret: str | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 from service import close_app, create_app, warm_up
 from service.adapter import AsgiAdapter
 from service.config import ConfigError, Settings
+from service.hotpath import inline_policy
 from service.tls import ensure_dev_certificate
 
 log = logging.getLogger("service")
@@ -25,6 +26,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
         threads=settings.request_threads,
+        inline=inline_policy(flask_app),
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
     )

@@ -20,6 +20,7 @@ import redis
 from service.config import Environment, Settings
 from service.server import build_asgi_app
 from service.store.migrate import upgrade
+from tests.proxy import TcpProxy
 
 INSTALL_HINT = {
     "postgres": "PostgreSQL: set DATABASE_URL, or run a server on 127.0.0.1:5432, or install one "
@@ -211,3 +212,23 @@ async def user(client: httpx.AsyncClient) -> Session:
     """A freshly registered and logged-in user."""
     password = "correct horse battery"
     return await login(client, await register(client, password), password)
+
+
+@pytest.fixture
+async def cut_redis(
+    settings: Settings, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
+    """An app whose Redis sits behind a proxy the test can cut."""
+    upstream = urlsplit(str(settings.redis_url))
+    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
+    proxy.start()
+    proxied = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_prefix=settings.redis_prefix,
+        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
+        redis_timeout=0.3,
+    )
+    async with serve_in_process(proxied) as http:
+        yield http, proxy
+    proxy.close()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -17,7 +15,7 @@ import redis.connection
 from service.config import Settings
 from service.store import Store
 from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBlocklist
-from tests.conftest import Session, delete_prefix, login, make_settings, register, serve_in_process
+from tests.conftest import Session, delete_prefix, login, register
 from tests.proxy import TcpProxy
 
 
@@ -106,26 +104,6 @@ async def test_revocations_survive_losing_redis(
         assert time.monotonic() < deadline, "blocklist was not rebuilt"
         await asyncio.sleep(0.1)
     assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401
-
-
-@pytest.fixture
-async def cut_redis(
-    settings: Settings, tmp_path: Path
-) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
-    """An app whose Redis sits behind a proxy the test can cut."""
-    upstream = urlsplit(str(settings.redis_url))
-    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
-    proxy.start()
-    proxied = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_prefix=settings.redis_prefix,
-        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
-        redis_timeout=0.3,
-    )
-    async with serve_in_process(proxied) as http:
-        yield http, proxy
-    proxy.close()
 
 
 async def test_redis_down_means_503_and_recovery_without_restart(

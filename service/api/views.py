@@ -5,11 +5,32 @@ from __future__ import annotations
 from flask import Blueprint
 from flask_jwt_extended import get_jwt, jwt_required
 
+from service.hotpath import runs_inline
+from service.oauth.scopes import require_scope
+
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
 @bp.get("/hello")
+@runs_inline
 @jwt_required()
 def hello() -> dict[str, str]:
     """Greet the token's user by name, from the token alone."""
     return {"message": f"Hello, {get_jwt()['name']}!"}
+
+
+@bp.get("/profile")
+@jwt_required()
+@require_scope("profile")
+def profile() -> dict[str, str]:
+    """The token's user id and name (scope profile)."""
+    claims = get_jwt()
+    return {"sub": claims["sub"], "username": claims["name"]}
+
+
+@bp.get("/email")
+@jwt_required()
+@require_scope("email")
+def email() -> dict[str, str | None]:
+    """The token's user's email address: accounts have none yet (scope email)."""
+    return {"sub": get_jwt()["sub"], "email": None}

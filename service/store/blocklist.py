@@ -45,6 +45,7 @@ return 1
 
 WRITE_BATCH = 1000
 REBUILD_LOCK_SECONDS = 30
+BREAKER_SECONDS = 0.5
 
 
 class BlocklistUnavailable(RuntimeError):
@@ -153,6 +154,7 @@ class RedisBlocklist:
         self._sync: redis.Redis | None = None
         self._async: aredis.Redis | None = None
         self._check: redis.commands.core.Script | None = None
+        self._down_until = 0.0
         self._pid: int | None = None
         self._init_lock = threading.Lock()
 
@@ -197,10 +199,15 @@ class RedisBlocklist:
             self.bucket_key(ref.sid, ref.sxp),
             self.user_key(ref.sub),
         ]
+        if self._down_until and time.monotonic() < self._down_until:
+            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
+            raise BlocklistUnavailable("blocklist unreachable moments ago")
         try:
             result = self._check(keys=keys, args=[ref.jti, ref.sid, session_started_ms(ref)])
         except RedisError as exc:
+            self._down_until = time.monotonic() + BREAKER_SECONDS
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        self._down_until = 0.0
         return Verdict(int(result))
 
     async def add(self, entries: Iterable[Entry]) -> None:
