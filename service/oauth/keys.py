@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +29,8 @@ ALG = "ES256"
 RELOAD_SECONDS = 60.0
 # An unknown kid triggers a reload, but at most this often, so junk tokens cannot hammer PG.
 MISS_RELOAD_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,23 +123,42 @@ def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
 
 
 class Keyring:
-    """This process's copy of the keys, reloaded every minute or on an unknown kid."""
+    """This process's copy of the keys, reloaded every minute or on an unknown kid.
+
+    Token checks may run on the server's event loop (see service.hotpath), so only the
+    first load and a rate-limited unknown-kid reload wait; the periodic one runs behind.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self.key_cipher = key_cipher(store.settings.secret_key or "")
+        self._cipher = key_cipher(store.settings.secret_key or "")
         self._token_ttl = store.settings.access_token_ttl
         self._keys: list[Key] = []
         self._loaded_at = 0.0
         self._lock = threading.Lock()
+        self._pending: Future[None] | None = None
 
     async def load(self) -> None:
         """Read every key from the database, creating the first one if needed."""
         async with self._store.db.session() as session:
             await ensure_active_key(session, secret_key=self._store.settings.secret_key or "")
             rows = await key_store.list_keys(session)
-        self._keys = [decrypt_key(row, self.key_cipher) for row in rows]
+        self._keys = [decrypt_key(row, self._cipher) for row in rows]
         self._loaded_at = time.monotonic()
+
+    async def _load_logged(self) -> None:
+        try:
+            await self.load()
+        except Exception:
+            log.exception("signing keys not reloaded; keeping the previous copy")
+
+    def _refresh(self) -> None:
+        if not self._keys:
+            self._reload_if_older(0)
+        elif time.monotonic() - self._loaded_at >= RELOAD_SECONDS:
+            with self._lock:
+                if self._pending is None or self._pending.done():
+                    self._pending = self._store.loop.submit(self._load_logged())
 
     def _reload_if_older(self, seconds: float) -> None:
         if time.monotonic() - self._loaded_at < seconds or self._store.loop.in_loop_thread():
@@ -150,17 +173,19 @@ class Keyring:
 
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""
-        self._reload_if_older(RELOAD_SECONDS)
-        now = utcnow()
-        for key in self._keys:
-            if key.signs_at(now):
-                return key
-        self._reload_if_older(0)
-        return next(key for key in self._keys if key.signs_at(utcnow()))
+        self._refresh()
+        for attempt in range(2):
+            now = utcnow()
+            for key in self._keys:
+                if key.signs_at(now):
+                    return key
+            if attempt == 0:
+                self._reload_if_older(0)
+        raise RuntimeError("no signing key is active")
 
     def verification_key(self, kid: str) -> Key | None:
         """The published key with this kid, or None."""
-        self._reload_if_older(RELOAD_SECONDS)
+        self._refresh()
         for attempt in range(2):
             for key in self._published():
                 if key.kid == kid:
@@ -171,5 +196,5 @@ class Keyring:
 
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
         """The JWK set of every key whose tokens may still be alive."""
-        self._reload_if_older(RELOAD_SECONDS)
+        self._refresh()
         return {"keys": [key.public_jwk for key in self._published()]}
