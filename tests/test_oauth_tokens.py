@@ -12,10 +12,12 @@ from sqlalchemy import update
 
 from service.config import Settings
 from service.ids import new_id
-from service.oauth.clients import Registered
+from service.loop import LoopThread
+from service.oauth.clients import Registered, delete_client, purge_expired
 from service.oauth.keys import decrypt_key, key_cipher
 from service.oauth.models import digest
 from service.oauth.tokens import Family, sign_access_token
+from service.store import Store
 from service.store.db import Database
 from service.store.models import utcnow
 from service.store.oauth_keys import list_keys
@@ -390,3 +392,41 @@ async def test_public_client_revokes_its_own_refresh_token(
     )
     assert response.status_code == 200
     assert await status_of(client, tokens["access_token"]) == 401
+
+
+async def test_deleting_a_client_revokes_its_grants(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    assert await status_of(client, tokens["access_token"]) == 200
+    store = Store(settings, LoopThread())
+    try:
+        assert await delete_client(store=store, client_id=registered.client.client_id)
+        assert not await delete_client(store=store, client_id=registered.client.client_id)
+    finally:
+        await store.close()
+    assert await status_of(client, tokens["access_token"]) == 401
+    assert (await refresh(client, registered, tokens["refresh_token"])).json()["error"] in {
+        "invalid_client",
+        "invalid_grant",
+    }
+
+
+async def test_purge_drops_expired_codes(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, _verifier = await issue_code(client, user, registered)
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            await session.execute(
+                update(OAuthCode)
+                .where(OAuthCode.code_hash == digest(code))
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+        assert await purge_expired(database=database) >= 1
+        async with database.session() as session:
+            assert await session.get(OAuthCode, digest(code)) is None
+    finally:
+        await database.dispose()

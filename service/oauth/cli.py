@@ -11,8 +11,10 @@ from datetime import timedelta
 from typing import Any
 
 from service.config import Settings
+from service.loop import LoopThread
 from service.oauth import clients, keys
 from service.oauth.models import Client
+from service.store import Store
 from service.store import oauth_keys as key_store
 from service.store.db import Database
 from service.store.models import utcnow
@@ -34,7 +36,10 @@ def add_commands(commands: Any) -> None:
     _action(sub, "list", "list clients", _list)
     _action(sub, "show", "show one client", _show).add_argument("client_id")
     _action(sub, "rotate-secret", "issue a new secret", _rotate).add_argument("client_id")
-    _action(sub, "delete", "delete a client", _delete).add_argument("client_id")
+    _action(sub, "delete", "delete a client and revoke its grants", _delete).add_argument(
+        "client_id"
+    )
+    _action(sub, "purge-expired", "drop expired codes and grants", _purge)
 
     group = commands.add_parser("keys", help="manage access-token signing keys")
     sub = group.add_subparsers(required=True, metavar="ACTION")
@@ -117,11 +122,21 @@ async def _rotate(args: argparse.Namespace, database: Database, _s: Settings) ->
     return 0
 
 
-async def _delete(args: argparse.Namespace, database: Database, _s: Settings) -> int:
-    if not await clients.delete_client(database=database, client_id=args.client_id):
+async def _delete(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
+    store = Store(settings, LoopThread())
+    try:
+        deleted = await clients.delete_client(store=store, client_id=args.client_id)
+    finally:
+        await store.close()
+    if not deleted:
         print("no such client", file=sys.stderr)
         return 1
-    print(f"deleted {args.client_id}")
+    print(f"deleted {args.client_id}; its grants are revoked")
+    return 0
+
+
+async def _purge(_a: argparse.Namespace, database: Database, _s: Settings) -> int:
+    print(f"purged {await clients.purge_expired(database=database)} expired codes and grants")
     return 0
 
 

@@ -9,7 +9,10 @@ from urllib.parse import urlsplit
 
 from service.oauth.models import Client, digest
 from service.oauth.scopes import SCOPES
+from service.store import Store
 from service.store import oauth as client_store
+from service.store import oauth_grants as grant_store
+from service.store.blocklist import Entry, Kind
 from service.store.db import Database
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
@@ -101,7 +104,24 @@ async def rotate_secret(*, database: Database, client_id: str) -> str | None:
     return secret
 
 
-async def delete_client(*, database: Database, client_id: str) -> bool:
-    """Delete a client and everything issued to it."""
-    async with database.session() as session:
+async def delete_client(*, store: Store, client_id: str) -> bool:
+    """Revoke every grant of a client, then delete it with everything issued to it.
+
+    Client-credentials tokens belong to no stored grant: they lapse within the access-token
+    lifetime, and the client can no longer get new ones.
+    """
+    async with store.db.session() as session:
+        grants = await grant_store.live_grants_of_client(session, client_id=client_id)
+    if grants:
+        await store.revoke(
+            Entry(kind=Kind.SESSION, subject=grant_id, expires_at=int(expires.timestamp()))
+            for grant_id, expires in grants
+        )
+    async with store.db.session() as session:
         return await client_store.delete_client(session, client_id=client_id)
+
+
+async def purge_expired(*, database: Database) -> int:
+    """Drop expired codes and grants; returns how many rows went."""
+    async with database.session() as session:
+        return await grant_store.purge_expired(session)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.models import utcnow
@@ -143,3 +143,25 @@ async def revoke_grant(session: AsyncSession, *, grant_id: str, reason: str) -> 
         .values(revoked_at=now)
     )
     return await session.scalar(select(OAuthGrant.expires_at).where(OAuthGrant.id == grant_id))
+
+
+async def live_grants_of_client(
+    session: AsyncSession, *, client_id: str
+) -> list[tuple[str, datetime]]:
+    """Unrevoked, unexpired grants of a client, with their expiry."""
+    rows = await session.execute(
+        select(OAuthGrant.id, OAuthGrant.expires_at).where(
+            OAuthGrant.client_id == client_id,
+            OAuthGrant.revoked_at.is_(None),
+            OAuthGrant.expires_at > utcnow(),
+        )
+    )
+    return [(row.id, row.expires_at) for row in rows]
+
+
+async def purge_expired(session: AsyncSession) -> int:
+    """Delete expired codes and expired grants (with their refresh tokens); returns rows."""
+    now = utcnow()
+    codes = await session.execute(delete(OAuthCode).where(OAuthCode.expires_at <= now))
+    grants = await session.execute(delete(OAuthGrant).where(OAuthGrant.expires_at <= now))
+    return int(codes.rowcount) + int(grants.rowcount)  # type: ignore[attr-defined]
