@@ -299,10 +299,13 @@ async def test_first_party_tokens_are_not_oauth_tokens(
 async def test_logout_all_also_ends_oauth_grants(
     client: httpx.AsyncClient, settings: Settings, user: Session
 ) -> None:
-    _registered, tokens = await tokens_for(client, settings, user)
+    registered, tokens = await tokens_for(client, settings, user)
     response = await client.post("/auth/logout-all", headers=bearer(user.access))
     assert response.status_code == 204
     assert await status_of(client, tokens["access_token"]) == 401
+    assert await introspect(client, registered, tokens["refresh_token"]) == {"active": False}
+    refused = await refresh(client, registered, tokens["refresh_token"])
+    assert refused.json()["error"] == "invalid_grant"
 
 
 async def test_scope_is_enforced_for_both_kinds_of_token(

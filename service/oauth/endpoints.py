@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from authlib.oauth2.rfc7009 import RevocationEndpoint as _RevocationEndpoint
@@ -26,7 +27,14 @@ def find_token(token: str, hint: str | None) -> AccessToken | RefreshToken | Non
             audience=settings.jwt_audience,
         )
         return None if claims is None else AccessToken(claims, revoked=_revoked(claims))
-    return bridge.run(families.find_refresh_token(store=bridge.store(), token=token))
+    found = bridge.run(families.find_refresh_token(store=bridge.store(), token=token))
+    if found is None or found.revoked:
+        return found
+    try:
+        blocked = families.is_family_blocked(store=bridge.store(), token=found)
+    except BlocklistUnavailable:
+        blocked = True
+    return replace(found, revoked=True) if blocked else found
 
 
 def _revoked(claims: dict[str, Any]) -> bool:
@@ -67,6 +75,7 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
         return find_token(token_string, token_type_hint)
 
     def check_permission(self, token: Any, client: Client, request: Any) -> bool:
+        # Resource servers introspect tokens issued to other clients: that is the point.
         return True
 
     def introspect_token(self, token: AccessToken | RefreshToken) -> dict[str, Any]:

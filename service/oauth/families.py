@@ -12,7 +12,7 @@ from service.oauth.models import AuthorizationCode, RefreshToken, digest
 from service.oauth.tokens import Family
 from service.store import Store
 from service.store import oauth_grants as grant_store
-from service.store.blocklist import Entry, Kind
+from service.store.blocklist import BlocklistUnavailable, Entry, Kind, TokenRef, Verdict
 from service.store.models import utcnow
 from service.store.oauth_models import OAuthCode, OAuthGrant, OAuthRefreshToken
 
@@ -131,3 +131,22 @@ async def revoke_family(*, store: Store, grant_id: str, reason: str) -> None:
 async def revoke_access_token(*, store: Store, jti: str, exp: int) -> None:
     """Revoke one access token by jti until it expires."""
     await store.revoke([Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp)])
+
+
+def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:
+    """Whether the blocklist has ended this refresh token's family (say, by logout-all).
+
+    A plain function: it makes one synchronous Redis call, like the access-token check.
+    """
+    ref = TokenRef(
+        jti=token.grant_id,
+        exp=token.grant_expires,
+        sid=token.grant_id,
+        sxp=token.grant_expires,
+        sub=str(token.user_id) if token.user_id else token.client_id,
+    )
+    verdict = store.blocklist.check(ref)
+    if verdict is Verdict.NOT_LOADED:
+        store.request_rebuild()
+        raise BlocklistUnavailable("blocklist is being rebuilt")
+    return verdict is Verdict.REVOKED

@@ -78,8 +78,12 @@ class FamilyTokens:
             family=family,
             ttl=settings.access_token_ttl,
         )
-        token = {"token_type": "Bearer", "access_token": access, "expires_in": lifetime}
-        token["scope"] = scope
+        token: dict[str, Any] = {
+            "token_type": "Bearer",
+            "access_token": access,
+            "expires_in": lifetime,
+            "scope": scope,
+        }
         if include_refresh_token and user is not None:
             token["refresh_token"] = new_refresh_token()
         # save_token reads the family from the request to store the refresh token.
@@ -136,11 +140,15 @@ class RefreshTokenGrant(FamilyTokens, grants.RefreshTokenGrant):  # type: ignore
 
     def authenticate_refresh_token(self, refresh_token: str) -> RefreshToken | None:
         client: Client = self.request.client
-        return bridge.run(
+        store = bridge.store()
+        token = bridge.run(
             families.rotate_refresh_token(
-                store=bridge.store(), token=refresh_token, client_id=client.client_id
+                store=store, token=refresh_token, client_id=client.client_id
             )
         )
+        if token is None or families.is_family_blocked(store=store, token=token):
+            return None
+        return token
 
     def authenticate_user(self, refresh_token: RefreshToken) -> Account | None:
         return _account(refresh_token.user_id) if refresh_token.user_id else None
