@@ -433,3 +433,18 @@ async def test_purge_drops_expired_codes(
             assert await session.get(OAuthCode, digest(code)) is None
     finally:
         await database.dispose()
+
+
+async def test_concurrent_refreshes_with_one_token_end_the_family(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered, tokens = await tokens_for(client, settings, user)
+    responses = await asyncio.gather(
+        *(refresh(client, registered, tokens["refresh_token"]) for _ in range(4))
+    )
+    assert sum(r.status_code == 200 for r in responses) <= 1
+    for response in responses:
+        if response.status_code == 200:
+            assert await status_of(client, response.json()["access_token"]) == 401
+            again = await refresh(client, registered, response.json()["refresh_token"])
+            assert again.status_code == 400
