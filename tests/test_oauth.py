@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import urlencode
 
@@ -380,3 +381,17 @@ async def test_password_change_ends_the_browser_sign_in(
         again = await agent.get(url)
     assert again.status_code == 302
     assert again.headers["location"].startswith("/oauth/login")
+
+
+async def test_tokens_never_reach_the_logs(
+    client: httpx.AsyncClient, settings: Settings, user: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    registered = await new_client(settings)
+    async with oauth_client(client, registered) as oc:
+        callback, verifier = await authorize(client, user, oc)
+        token = await oc.fetch_token(TOKEN, authorization_response=callback, code_verifier=verifier)
+        await oc.refresh_token(TOKEN, refresh_token=token["refresh_token"])
+    assert caplog.records
+    for secret in (token["access_token"], token["refresh_token"], registered.secret or "-"):
+        assert secret not in caplog.text

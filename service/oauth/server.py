@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
@@ -48,6 +49,8 @@ class Server(AuthorizationServer):  # type: ignore[misc]
 
 def create_server(app: Flask) -> Server:
     """Configure the grants and endpoints the service offers, and nothing else."""
+    # Authlib's debug messages include issued tokens: keep them out of any log.
+    logging.getLogger("authlib").setLevel(logging.INFO)
     app.config.setdefault("OAUTH2_SCOPES_SUPPORTED", list(SCOPES))
     server = Server()
     server.init_app(app)
