@@ -66,8 +66,11 @@ def warm_up(app: Flask) -> None:
     """Open pools and load the blocklist before the first request; never fails start-up."""
     loop: LoopThread = app.extensions["loop"]
     app_store: store.Store = app.extensions["store"]
+    keyring = app.extensions.get("oauth_keyring")
     try:
         loop.run(app_store.warm_up(), timeout=30)
+        if keyring is not None:
+            loop.run(keyring.load(), timeout=30)
     except Exception as exc:
         log.warning("backends not ready at start-up (%s); /readyz will tell", type(exc).__name__)
 

@@ -395,3 +395,30 @@ async def test_tokens_never_reach_the_logs(
     assert caplog.records
     for secret in (token["access_token"], token["refresh_token"], registered.secret or "-"):
         assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/auth/logout"),
+        ("POST", "/auth/logout-all"),
+        ("POST", "/auth/password"),
+        ("GET", "/auth/me"),
+    ],
+)
+async def test_account_endpoints_refuse_oauth_tokens(
+    client: httpx.AsyncClient, settings: Settings, method: str, path: str
+) -> None:
+    registered = await new_client(
+        settings, grant_types=["client_credentials"], scope="email", redirect_uris=[]
+    )
+    async with oauth_client(client, registered, scope="email") as oc:
+        token = await oc.fetch_token(TOKEN, grant_type="client_credentials")
+    response = await client.request(
+        method,
+        path,
+        headers=bearer(token["access_token"]),
+        json={"current_password": "whatever123", "new_password": "whatever456"},
+    )
+    assert response.status_code == 403
+    assert 'error="insufficient_scope"' in response.headers["www-authenticate"]

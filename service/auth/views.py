@@ -8,6 +8,7 @@ from flask_jwt_extended import get_jwt, jwt_required
 from service.auth import accounts, sessions
 from service.auth.passwords import Passwords
 from service.auth.schemas import Credentials, PasswordChange, parse_body
+from service.oauth.scopes import first_party_only
 from service.store import get_store
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -50,6 +51,7 @@ async def refresh() -> tuple[dict[str, object], int, dict[str, str]]:
 
 @bp.post("/logout")
 @jwt_required()
+@first_party_only
 async def logout() -> Response:
     """Revoke this session: the access token and its refresh tokens."""
     await sessions.revoke_session(store=get_store(), sid=get_jwt()["sid"], reason="logout")
@@ -58,6 +60,7 @@ async def logout() -> Response:
 
 @bp.post("/logout-all")
 @jwt_required()
+@first_party_only
 async def logout_all() -> Response:
     """Revoke every token of this user, on every device."""
     await sessions.revoke_all_sessions(
@@ -68,6 +71,7 @@ async def logout_all() -> Response:
 
 @bp.post("/password")
 @jwt_required()
+@first_party_only
 async def change_password() -> Response:
     """Change the password; every session of the user ends."""
     body = parse_body(PasswordChange)
@@ -83,6 +87,7 @@ async def change_password() -> Response:
 
 @bp.get("/me")
 @jwt_required()
+@first_party_only
 async def me() -> dict[str, str]:
     """The account behind the access token."""
     account = await accounts.get_account(store=get_store(), user_id=get_jwt()["sub"])

@@ -36,3 +36,21 @@ def require_scope(*scopes: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def first_party_only(fn: F) -> F:
+    """Refuse (403) OAuth access tokens: account operations belong to the user's own login.
+
+    Stack it under @jwt_required(); a third-party client must not log its user out
+    everywhere or change their password.
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "client_id" in get_jwt():
+            detail = "This endpoint accepts only tokens from the user's own login."
+            challenge = bearer_challenge("insufficient_scope", detail)
+            raise ApiError(403, detail, headers={"WWW-Authenticate": challenge})
+        return current_app.ensure_sync(fn)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

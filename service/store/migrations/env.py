@@ -9,6 +9,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from service.store import oauth_models  # noqa: F401 - registers the OAuth tables
 from service.store.models import Base
 
 target_metadata = Base.metadata
