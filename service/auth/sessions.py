@@ -86,24 +86,24 @@ async def refresh(*, store: Store, claims: dict[str, object]) -> TokenPair:
 
 async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
     """Revoke every token of one session, durably and in the blocklist."""
-    async with store.db.session() as session:
+    async with store.revoking() as (session, revocations):
         expires_at = await session_store.close_session(session, sid=sid, reason=reason)
-    until = (
-        int(expires_at.timestamp())
-        if expires_at
-        else int(time.time()) + store.settings.refresh_token_ttl
-    )
-    await store.revoke([Entry(kind=Kind.SESSION, subject=sid, expires_at=until)])
+        until = (
+            int(expires_at.timestamp())
+            if expires_at
+            else int(time.time()) + store.settings.refresh_token_ttl
+        )
+        revocations.append(Entry(kind=Kind.SESSION, subject=sid, expires_at=until))
 
 
 async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> None:
     """Revoke every token of a user issued up to now, on every device."""
     cutoff_ms = time.time_ns() // 1_000_000
-    async with store.db.session() as session:
+    until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
+    async with store.revoking() as (session, revocations):
         await session_store.close_user_sessions(
             session, user_id=uuid.UUID(user_id), cutoff_ms=cutoff_ms, reason=reason
         )
-    until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
-    await store.revoke(
-        [Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)]
-    )
+        revocations.append(
+            Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)
+        )

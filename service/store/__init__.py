@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 
 from flask import Flask, current_app
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
 from service.loop import LoopThread
@@ -44,9 +46,25 @@ class Store:
 
     async def revoke(self, entries: Iterable[Entry]) -> None:
         """Persist revocations, then put them in force; returns once both are done."""
-        entries = list(entries)
+        async with self.revoking() as (_, pending):
+            pending.extend(entries)
+
+    @asynccontextmanager
+    async def revoking(self) -> AsyncIterator[tuple[AsyncSession, list[Entry]]]:
+        """A transaction whose revocations (appended to the list) commit with it.
+
+        They are recorded in the same commit as the caller's own writes, and put in force
+        in the blocklist once that commit succeeded; the block returns after both.
+        """
+        entries: list[Entry] = []
         async with self.db.session() as session:
+            yield session, entries
             await record(session, entries=entries)
+        await self._put_in_force(entries)
+
+    async def _put_in_force(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
         try:
             await self.blocklist.add(entries)
         except BlocklistUnavailable:

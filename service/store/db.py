@@ -79,11 +79,12 @@ def _create_engine(url: str, pool_size: int) -> AsyncEngine:
         engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    # No pre-ping: it costs a round trip per checkout on every request. A connection that
+    # died with its server fails one request (503, Retry-After) and is then replaced.
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"server_settings": {"application_name": "authsvc"}},
     )

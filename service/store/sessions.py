@@ -51,15 +51,21 @@ async def rotate(
                 LoginSession.expires_at > now,
             )
             .values(refresh_jti=next_jti, rotated_at=now)
-            .returning(LoginSession.user_id, LoginSession.expires_at)
+            .returning(
+                LoginSession.user_id,
+                LoginSession.expires_at,
+                select(User.username)
+                .where(User.id == LoginSession.user_id)
+                .scalar_subquery()
+                .label("username"),
+            )
         )
     ).one_or_none()
-    if row is None:
+    if row is None or row.username is None:
         return None
-    username = await session.scalar(select(User.username).where(User.id == row.user_id))
-    if username is None:
-        return None
-    return SessionInfo(sid=sid, user_id=row.user_id, username=username, expires_at=row.expires_at)
+    return SessionInfo(
+        sid=sid, user_id=row.user_id, username=row.username, expires_at=row.expires_at
+    )
 
 
 async def find_open(session: AsyncSession, *, sid: str) -> LoginSession | None:
