@@ -195,6 +195,7 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input_terminated": True,
     }
     for raw_name, raw_value in scope.get("headers", []):
         name = raw_name.decode("latin-1").upper().replace("-", "_")
@@ -202,8 +203,8 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
         if name == "CONTENT_TYPE":
             environ["CONTENT_TYPE"] = value
             continue
-        if name == "CONTENT_LENGTH":
-            continue
+        if name in {"CONTENT_LENGTH", "TRANSFER_ENCODING"}:
+            continue  # the body is already read whole: its length is CONTENT_LENGTH
         key = f"HTTP_{name}"
         if key in environ:
             separator = "; " if key == "HTTP_COOKIE" else ","

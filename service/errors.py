@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask, Response, json
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from service.store.blocklist import BlocklistUnavailable
@@ -124,6 +124,11 @@ def init_app(app: Flask) -> None:
             "Token revocation cannot be checked right now; retry shortly.",
             headers={"Retry-After": "1"},
         )
+
+    @app.errorhandler(DataError)
+    def _data_error(exc: DataError) -> Response:
+        log.warning("input the database refused: %s", type(exc.orig).__name__)
+        return problem(400, "The request contains a value that cannot be stored.")
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)

@@ -150,3 +150,22 @@ async def test_readyz_reports_both_backends(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["checks"] == {"database": "ok", "blocklist": "ok"}
+
+
+async def test_deeply_nested_json_is_400(client: httpx.AsyncClient) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    response = await client.post(
+        "/auth/login", content=body, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 400)
+
+
+async def test_chunked_bodies_are_read(client: httpx.AsyncClient) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"username": "chunked_user", '
+        yield b'"password": "long enough"}'
+
+    response = await client.post(
+        "/auth/register", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code in {201, 409}, response.text

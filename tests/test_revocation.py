@@ -191,3 +191,23 @@ async def test_durable_record_holds_every_kind(settings: Settings, tmp_path: Pat
     user_entry = active[(Kind.USER, "some-user")]
     assert (user_entry.expires_at, user_entry.cutoff_ms) == (now + 180, now * 1000)
     await store.close()
+
+
+async def test_a_restored_snapshot_is_reloaded_before_use(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    password = "correct horse battery"
+    username = await register(client, password)
+    revoked, kept = await login(client, username, password), await login(client, username, password)
+    assert (await client.post("/auth/logout", headers=revoked.bearer())).status_code == 204
+    # A restart from an older snapshot (or a failover to a lagging replica): the ready
+    # marker survived but names another server process, and the newest entries are gone.
+    claims = claims_of(revoked.access)
+    r = redis_client(settings)
+    r.delete(blocklist_of(settings).bucket_key(str(claims["sid"]), int(claims["sxp"])))
+    r.set(f"{settings.redis_prefix}ready", "run-id-of-a-previous-process")
+    r.close()
+    first = await client.get("/api/hello", headers=revoked.bearer())
+    assert first.status_code in {401, 503}
+    await wait_for_status(client, kept, 200)
+    assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401

@@ -6,7 +6,7 @@ from typing import Annotated, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, StringConstraints
-from werkzeug.exceptions import UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 Username = Annotated[
     str, StringConstraints(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
@@ -40,4 +40,8 @@ def parse_body(model: type[M]) -> M:
     """Parse the JSON request body into model: 415 if not JSON, 400 if malformed or invalid."""
     if not request.is_json:
         raise UnsupportedMediaType("The request body must be application/json.")
-    return model.model_validate(request.get_json())
+    try:
+        data = request.get_json()
+    except RecursionError:
+        raise BadRequest("The JSON body is nested too deeply.") from None
+    return model.model_validate(data)

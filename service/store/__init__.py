@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -27,6 +28,8 @@ from service.store.db import Database
 from service.store.revocations import purge_expired, record, stream_active
 
 REBUILD_INTERVAL = 0.5
+REAPPLY_FIRST_DELAY = 0.05
+REAPPLY_MAX_DELAY = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class Store:
         self._rebuild: Future[bool] | None = None
         self._rebuild_started = 0.0
         self._rebuild_lock = threading.Lock()
-        self.resync_pending = False
+        self._unapplied: list[Entry] = []
+        self._reapply: Future[None] | None = None
 
     async def revoke(self, entries: Iterable[Entry]) -> None:
         """Persist revocations, then put them in force; returns once both are done."""
@@ -68,15 +72,40 @@ class Store:
         try:
             await self.blocklist.add(entries)
         except BlocklistUnavailable:
-            # Recorded but not in force: reload the whole record once Redis answers again.
-            self.resync_pending = True
+            # Recorded but not in force: keep retrying until Redis takes them.
+            with self._rebuild_lock:
+                self._unapplied.extend(entries)
+                if self._reapply is None or self._reapply.done():
+                    self._reapply = self.loop.submit(self._reapply_until_done())
             raise
 
+    async def _reapply_until_done(self) -> None:
+        delay = REAPPLY_FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            with self._rebuild_lock:
+                pending = list(self._unapplied)
+            try:
+                await self.blocklist.add(pending)
+            except BlocklistUnavailable:
+                delay = min(delay * 2, REAPPLY_MAX_DELAY)
+                continue
+            with self._rebuild_lock:
+                del self._unapplied[: len(pending)]
+                if not self._unapplied:
+                    return
+
     def check(self, ref: TokenRef) -> Verdict:
-        """The per-request revocation check; schedules a reload when the blocklist needs one."""
+        """The per-request revocation check; schedules a reload when the blocklist needs one.
+
+        While a revocation this process recorded has not reached Redis yet, answers
+        NOT_LOADED (503): the token asked about might be the one not yet in force.
+        """
         verdict = self.blocklist.check(ref)
-        if verdict is Verdict.NOT_LOADED or self.resync_pending:
+        if verdict is Verdict.NOT_LOADED:
             self.request_rebuild()
+        if self._unapplied:
+            return Verdict.NOT_LOADED
         return verdict
 
     async def rebuild_blocklist(self) -> bool:
@@ -94,17 +123,13 @@ class Store:
             self._rebuild = self.loop.submit(self._rebuild_logged())
 
     async def _rebuild_logged(self) -> bool:
-        self.resync_pending = False
         try:
             done = await self.rebuild_blocklist()
         except Exception:
-            self.resync_pending = True
             log.exception("blocklist rebuild failed; will retry on the next request")
             return False
         if done:
             log.warning("blocklist rebuilt from the durable revocation record")
-        else:
-            self.resync_pending = True  # another process holds the rebuild lock: try again
         return done
 
     async def warm_up(self) -> None:

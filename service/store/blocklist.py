@@ -1,7 +1,9 @@
 """The revocation blocklist: one Redis round trip per check, memory bounded by token expiry.
 
 Layout under the configured prefix:
-  ready                   set once the blocklist holds every durable revocation
+  ready                   the run_id of the Redis process the blocklist was loaded into: a
+                          restart (even from a snapshot) or a failover changes the run_id,
+                          so a blocklist that may have lost entries is reloaded first
   r:<bucket>:<shard>      hash of revoked jti/sid ids whose tokens expire in that time bucket;
                           small hashes stay listpack-encoded, about 40 bytes per id
   u:<user id>             sessions of that user started at or before this millisecond are revoked
@@ -9,6 +11,7 @@ Layout under the configured prefix:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -25,7 +28,7 @@ from redis.exceptions import RedisError
 from service.ids import issued_millis
 
 CHECK_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 1 end
 local cutoff = redis.call('GET', KEYS[4])
@@ -122,6 +125,17 @@ class Blocklist(Protocol):
         ...
 
 
+def parse_run_id(info: object) -> str:
+    """The run_id field of an INFO server reply, raw or parsed."""
+    if isinstance(info, dict):
+        return str(info.get("run_id", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.removeprefix("run_id:").strip()
+    return ""
+
+
 def session_started_ms(ref: TokenRef) -> int:
     """Milliseconds when the token's session began, read from its UUIDv7 sid."""
     try:
@@ -155,6 +169,7 @@ class RedisBlocklist:
         self._async: aredis.Redis | None = None
         self._check: redis.commands.core.Script | None = None
         self._down_until = 0.0
+        self._run_id = ""
         self._pid: int | None = None
         self._init_lock = threading.Lock()
 
@@ -181,13 +196,22 @@ class RedisBlocklist:
                             self._url,
                             max_connections=self._max_connections,
                             timeout=self._timeout,
+                            redis_connect_func=self._on_connect,
                             **options,
                         ),
                     )
                     self._async = aredis.Redis.from_url(self._url, **options)
                     self._check = self._sync.register_script(CHECK_SCRIPT)
                     self._pid = os.getpid()
+                    with contextlib.suppress(RedisError):
+                        self._sync.ping()  # connects, so the first check knows the run_id
         return self._sync, self._async
+
+    def _on_connect(self, connection: redis.connection.AbstractConnection) -> None:
+        """Learn the server's run_id on every new connection: a restart shows up here."""
+        connection.on_connect()  # type: ignore[no-untyped-call]
+        connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]
+        self._run_id = parse_run_id(connection.read_response())
 
     def check(self, ref: TokenRef) -> Verdict:
         """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
@@ -203,7 +227,13 @@ class RedisBlocklist:
             # Recently unreachable: answer 503 at once instead of waiting out a timeout.
             raise BlocklistUnavailable("blocklist unreachable moments ago")
         try:
-            result = self._check(keys=keys, args=[ref.jti, ref.sid, session_started_ms(ref)])
+            started = session_started_ms(ref)
+            run_id = self._run_id
+            result = self._check(keys=keys, args=[ref.jti, ref.sid, started, run_id])
+            if self._run_id != run_id:
+                # The call (re)connected, perhaps to a restarted server: ask again with the
+                # run_id learned on that connection, or a stale snapshot would pass.
+                result = self._check(keys=keys, args=[ref.jti, ref.sid, started, self._run_id])
         except RedisError as exc:
             self._down_until = time.monotonic() + BREAKER_SECONDS
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
@@ -250,7 +280,7 @@ class RedisBlocklist:
                     await self.add(batch)
                     batch = []
             await self.add(batch)
-            await client.set(self._ready_key, int(time.time()))
+            await client.set(self._ready_key, parse_run_id(await client.info("server")))
             if await client.get(self._lock_key) == token.encode():
                 await client.delete(self._lock_key)
             return True
@@ -273,9 +303,11 @@ class RedisBlocklist:
         """Whether Redis answers and holds a loaded blocklist."""
         _, client = self._clients()
         try:
-            return bool(await client.exists(self._ready_key))
+            ready = await client.get(self._ready_key)
+            run_id = parse_run_id(await client.info("server"))
         except RedisError:
             return False
+        return isinstance(ready, bytes) and ready.decode() == run_id
 
     async def close(self) -> None:
         """Close both connection pools of this process."""
