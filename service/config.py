@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     refresh_token_ttl: int = Field(default=30 * 86400, ge=300, le=400 * 86400)
     default_scopes: str = "profile email"
 
-    revocation_shards: int = Field(default=1024, ge=1, le=65536)
+    revocation_check: bool = True
+    revocation_shards: int = Field(default=256, ge=1, le=65536)
     revocation_bucket_seconds: int = Field(default=60, ge=1, le=3600)
+    revocation_session_bucket_seconds: int = Field(default=3600, ge=1, le=86400)
 
     password_time_cost: int = Field(default=2, ge=1)
     password_memory_kib: int = Field(default=19456, ge=7168)
@@ -93,6 +95,8 @@ class Settings(BaseSettings):
     def _require_production_settings(self) -> Settings:
         if self.is_development:
             return self
+        if not self.revocation_check:
+            raise ValueError("REVOCATION_CHECK=false exists for benchmarks: development mode only")
         missing = [
             name
             for name, value in (

@@ -76,3 +76,8 @@ def test_serve_refuses_to_start_in_production_without_config(tmp_path: Path) -> 
         "production mode requires DATABASE_URL, REDIS_URL, SECRET_KEY, JWT_SECRET" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_the_revocation_check_cannot_be_switched_off_in_production() -> None:
+    with pytest.raises(ConfigError, match="REVOCATION_CHECK"):
+        load_settings(**BASE, jwt_secret=STRONG, revocation_check=False)

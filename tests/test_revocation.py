@@ -36,6 +36,7 @@ def blocklist_of(settings: Settings) -> RedisBlocklist:
         prefix=settings.redis_prefix,
         shards=settings.revocation_shards,
         bucket_seconds=settings.revocation_bucket_seconds,
+        session_bucket_seconds=settings.revocation_session_bucket_seconds,
         timeout=1,
         max_connections=2,
     )
@@ -46,13 +47,13 @@ async def test_session_entry_lives_until_the_session_ends(
 ) -> None:
     claims = claims_of(user.access)
     assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 204
-    key = blocklist_of(settings).bucket_key(str(claims["sid"]), int(claims["sxp"]))
+    key = blocklist_of(settings).bucket_key(Kind.SESSION, str(claims["sid"]), int(claims["sxp"]))
     r = redis_client(settings)
     assert r.hexists(key, str(claims["sid"]))
     ttl = r.ttl(key)
     remaining = int(claims["sxp"]) - time.time()
     # Entries share a hash per time bucket: they go at most one bucket after the session.
-    assert remaining - 2 <= ttl <= remaining + settings.revocation_bucket_seconds + 2
+    assert remaining - 2 <= ttl <= remaining + settings.revocation_session_bucket_seconds + 2
     r.close()
 
 
@@ -204,7 +205,9 @@ async def test_a_restored_snapshot_is_reloaded_before_use(
     # marker survived but names another server process, and the newest entries are gone.
     claims = claims_of(revoked.access)
     r = redis_client(settings)
-    r.delete(blocklist_of(settings).bucket_key(str(claims["sid"]), int(claims["sxp"])))
+    r.delete(
+        blocklist_of(settings).bucket_key(Kind.SESSION, str(claims["sid"]), int(claims["sxp"]))
+    )
     r.set(f"{settings.redis_prefix}ready", "run-id-of-a-previous-process")
     r.close()
     first = await client.get("/api/hello", headers=revoked.bearer())

@@ -60,13 +60,15 @@ def _public_pem(private_pem: str) -> str:
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure and bind the JWT manager."""
-    app.config.update(jwt_config(settings))
+    app.config.update(jwt_config(settings), REVOCATION_CHECK=settings.revocation_check)
     jwt.init_app(app)
 
 
 @jwt.token_in_blocklist_loader
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
     """One Redis round trip; fails closed (503) when the answer is unknown."""
+    if not current_app.config["REVOCATION_CHECK"]:
+        return False
     verdict = current_app.extensions["store"].check(TokenRef.from_claims(claims))
     if verdict is Verdict.NOT_LOADED:
         raise BlocklistUnavailable("blocklist is being rebuilt")

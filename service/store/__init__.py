@@ -162,6 +162,7 @@ def _make_blocklist(settings: Settings) -> Blocklist:
         prefix=settings.redis_prefix,
         shards=settings.revocation_shards,
         bucket_seconds=settings.revocation_bucket_seconds,
+        session_bucket_seconds=settings.revocation_session_bucket_seconds,
         timeout=settings.redis_timeout,
         max_connections=settings.request_threads + 8,
     )

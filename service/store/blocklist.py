@@ -4,7 +4,9 @@ Layout under the configured prefix:
   ready                   the run_id of the Redis process the blocklist was loaded into: a
                           restart (even from a snapshot) or a failover changes the run_id,
                           so a blocklist that may have lost entries is reloaded first
-  r:<bucket>:<shard>      hash of revoked jti/sid ids whose tokens expire in that time bucket;
+  r:<bucket>:<shard>      hash of revoked token ids (jti) whose tokens expire in that minute;
+  s:<bucket>:<shard>      hash of revoked session ids (sid) whose sessions end in that hour:
+                          an hour's grace on a 30-day session keeps the hashes dense;
                           small hashes stay listpack-encoded, about 40 bytes per id
   u:<user id>             sessions of that user started at or before this millisecond are revoked
 """
@@ -154,13 +156,17 @@ class RedisBlocklist:
         prefix: str,
         shards: int,
         bucket_seconds: int,
+        session_bucket_seconds: int = 3600,
         timeout: float,
         max_connections: int,
     ) -> None:
         self._url = url
         self._prefix = prefix
         self._shards = shards
-        self._bucket = bucket_seconds
+        self._widths = {
+            Kind.TOKEN: ("r", bucket_seconds),
+            Kind.SESSION: ("s", session_bucket_seconds),
+        }
         self._timeout = timeout
         self._max_connections = max_connections
         self._ready_key = f"{prefix}ready"
@@ -173,10 +179,16 @@ class RedisBlocklist:
         self._pid: int | None = None
         self._init_lock = threading.Lock()
 
-    def bucket_key(self, subject: str, expires_at: int) -> str:
+    def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
+        letter, width = self._widths[kind]
         shard = zlib.crc32(subject.encode()) % self._shards
-        return f"{self._prefix}r:{expires_at // self._bucket}:{shard}"
+        return f"{self._prefix}{letter}:{expires_at // width}:{shard}"
+
+    def bucket_end(self, kind: Kind, expires_at: int) -> int:
+        """When the bucket holding an entry with this expiry may go (epoch s)."""
+        width = self._widths[kind][1]
+        return (expires_at // width + 1) * width + 1
 
     def user_key(self, user_id: str) -> str:
         """The key that holds a user's revocation cutoff."""
@@ -219,8 +231,8 @@ class RedisBlocklist:
         assert self._check is not None
         keys = [
             self._ready_key,
-            self.bucket_key(ref.jti, ref.exp),
-            self.bucket_key(ref.sid, ref.sxp),
+            self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
+            self.bucket_key(Kind.SESSION, ref.sid, ref.sxp),
             self.user_key(ref.sub),
         ]
         if self._down_until and time.monotonic() < self._down_until:
@@ -262,9 +274,9 @@ class RedisBlocklist:
                 entry.expires_at,
             )
             return
-        key = self.bucket_key(entry.subject, entry.expires_at)
+        key = self.bucket_key(entry.kind, entry.subject, entry.expires_at)
         pipe.hset(key, entry.subject, 1)
-        pipe.expireat(key, (entry.expires_at // self._bucket + 1) * self._bucket + 1)
+        pipe.expireat(key, self.bucket_end(entry.kind, entry.expires_at))
 
     async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
         """Copy durable revocations in, then set the ready key; one process at a time."""
