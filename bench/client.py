@@ -1,0 +1,85 @@
+"""A small blocking HTTPS client for set-up and checks (the load comes from wrk and h2load)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+USERNAME = "bench-user"
+PASSWORD = "bench-password-0123"
+LOGIN_BODY = json.dumps({"username": USERNAME, "password": PASSWORD})
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An access token and the refresh token of the same login."""
+
+    access: str
+    refresh: str
+
+
+def tls_context(cert: Path) -> ssl.SSLContext:
+    """Trust exactly the run's self-signed certificate."""
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def connect(port: int, context: ssl.SSLContext) -> http.client.HTTPSConnection:
+    """A new connection to 127.0.0.1:port, handshake done."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    conn.connect()
+    return conn
+
+
+def call(
+    conn: http.client.HTTPSConnection,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    body: str | None = None,
+) -> tuple[int, bytes]:
+    """One request on an open connection; returns (status, body)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def register(port: int, context: ssl.SSLContext) -> None:
+    """Create the benchmark account on our service (201, or 409 if it exists)."""
+    conn = connect(port, context)
+    try:
+        status, body = call(conn, "POST", "/auth/register", body=LOGIN_BODY)
+    finally:
+        conn.close()
+    if status not in (201, 409):
+        raise RuntimeError(f"register failed: {status} {body[:200]!r}")
+
+
+def login(port: int, context: ssl.SSLContext) -> Pair:
+    """Sign in once and return the token pair."""
+    conn = connect(port, context)
+    try:
+        status, body = call(conn, "POST", "/auth/login", body=LOGIN_BODY)
+    finally:
+        conn.close()
+    if status != 200:
+        raise RuntimeError(f"login failed: {status} {body[:200]!r}")
+    data = json.loads(body)
+    return Pair(data["access_token"], data["refresh_token"])
+
+
+def smoke(port: int, context: ssl.SSLContext, pair: Pair) -> None:
+    """The protected GET must answer 200 before anything is measured."""
+    conn = connect(port, context)
+    try:
+        status, body = call(conn, "GET", "/api/hello", token=pair.access)
+    finally:
+        conn.close()
+    if status != 200:
+        raise RuntimeError(f"GET /api/hello answered {status}: {body[:300]!r}")

@@ -1,0 +1,143 @@
+"""HTTP/2 POSTs with a different Bearer token each (h2load sends one fixed header set).
+
+A few TLS connections, a few concurrent streams on each, one request per token; used for
+refresh and logout over HTTP/2. It runs in Python, so it costs more client CPU than h2load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import uvloop
+from drivers import H2_CLIENTS, H2_STREAMS, Result, percentiles
+
+
+@dataclass
+class _Tally:
+    """Shared between connections: tokens left, latencies and statuses seen."""
+
+    tokens: deque[str]
+    latencies: list[float] = field(default_factory=list)
+    non2xx: int = 0
+    errors: int = 0
+
+
+class _Connection:
+    """One HTTP/2 connection whose reader resolves a future per stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Wrap an open TLS stream."""
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.pending: dict[int, asyncio.Future[int]] = {}
+        self.statuses: dict[int, int] = {}
+
+    async def open(self) -> None:
+        """Send the connection preface."""
+        self.h2.initiate_connection()
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write whatever h2 has queued."""
+        self.writer.write(self.h2.data_to_send())
+        await self.writer.drain()
+
+    async def post(self, authority: str, path: str, token: str) -> int:
+        """Send one bodiless POST and wait for its status."""
+        stream = self.h2.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", authority),
+            (":path", path),
+            ("authorization", f"Bearer {token}"),
+            ("content-length", "0"),
+        ]
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.pending[stream] = future
+        self.h2.send_headers(stream, headers, end_stream=True)
+        await self.flush()
+        return await future
+
+    async def read_loop(self) -> None:
+        """Feed received bytes to h2 and settle finished streams."""
+        while data := await self.reader.read(65536):
+            for event in self.h2.receive_data(data):
+                self._handle(event)
+            await self.flush()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("connection closed"))
+
+    def _handle(self, event: h2.events.Event) -> None:
+        """Record statuses, return flow-control credit, settle ended streams."""
+        if isinstance(event, h2.events.ResponseReceived):
+            status = dict(event.headers).get(b":status", b"0")
+            self.statuses[event.stream_id] = int(status)
+        elif isinstance(event, h2.events.DataReceived):
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+            future = self.pending.pop(event.stream_id, None)
+            if future is not None and not future.done():
+                future.set_result(self.statuses.pop(event.stream_id, 0))
+
+
+async def _stream_worker(conn: _Connection, tally: _Tally, authority: str, path: str) -> None:
+    """One stream at a time on conn until the tokens run out."""
+    while tally.tokens:
+        token = tally.tokens.popleft()
+        started = time.perf_counter()
+        try:
+            status = await conn.post(authority, path, token)
+        except (ConnectionError, OSError):
+            tally.errors += 1
+            return
+        tally.latencies.append((time.perf_counter() - started) * 1e3)
+        if not 200 <= status < 300:
+            tally.non2xx += 1
+
+
+async def _client(port: int, path: str, tally: _Tally, context: ssl.SSLContext) -> None:
+    """One TLS connection (ALPN h2) with H2_STREAMS concurrent streams."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+    )
+    alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+    if alpn != "h2":
+        writer.close()
+        raise ConnectionError(f"server chose {alpn!r}, not h2")
+    conn = _Connection(reader, writer)
+    await conn.open()
+    reading = asyncio.create_task(conn.read_loop())
+    authority = f"127.0.0.1:{port}"
+    try:
+        workers = [_stream_worker(conn, tally, authority, path) for _ in range(H2_STREAMS)]
+        await asyncio.gather(*workers)
+    finally:
+        reading.cancel()
+        writer.close()
+
+
+async def _run(port: int, path: str, tokens: list[str], context: ssl.SSLContext) -> Result:
+    """Spend every token over H2_CLIENTS connections; time the whole."""
+    tally = _Tally(deque(tokens))
+    started = time.perf_counter()
+    await asyncio.gather(*(_client(port, path, tally, context) for _ in range(H2_CLIENTS)))
+    seconds = time.perf_counter() - started
+    p50, p99 = percentiles(sorted(tally.latencies))
+    return Result(len(tally.latencies), seconds, p50, p99, tally.non2xx, tally.errors)
+
+
+def post_tokens(port: int, path: str, tokens: list[str], cert: Path, limit: float) -> Result:
+    """POST path once per token over HTTP/2; bounded by limit seconds."""
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(["h2"])
+    return uvloop.run(asyncio.wait_for(_run(port, path, tokens, context), limit))

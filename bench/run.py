@@ -1,0 +1,482 @@
+"""Benchmark of issue 4: our service against two reference stacks, runs interleaved.
+
+    .venv/bin/python bench/run.py [--quick] [--profile]
+
+Starts our service (production settings, Hypercorn, 2 workers, TLS) and the references
+(ref_flask.py under gunicorn gthread, ref_fastapi.py under uvicorn) on 127.0.0.1 with a
+throwaway database and Redis prefix, drives them with wrk (HTTP/1.1) and h2load (HTTP/2),
+prints one report and writes it to bench/results/latest.md (raw numbers: latest.json).
+Stops everything it started, drops its database and deletes its Redis keys, even on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import backends
+import checks
+import client
+import cpu
+import drivers
+import h2post
+import revmem
+import spy
+import stacks
+from client import Pair
+from drivers import Result
+from report import Report, pooled, render
+from stacks import Stack
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+NO_CHECK_SETTING = "revocation_check"  # proposed Settings field: run "ours, no check" if present
+
+GET, LOGIN = "GET /api/hello", "POST /auth/login"
+REFRESH, LOGOUT = "POST /auth/refresh", "POST /auth/logout"
+H1, H2 = "HTTP/1.1", "HTTP/2"
+TOKEN_RUN_LIMIT_S = 60.0
+MIN_LOGIN_RATE = 20.0
+STARTED = time.monotonic()
+NOTES = [
+    "Load generators share the 2 cores with the servers: compare ratios, not absolutes. "
+    "Runs are interleaved (ours, ref a, ref b, ours, ...). 'CPU while measuring' above says "
+    "how much of the machine other processes took meanwhile (the machine may be shared).",
+    "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c4 -m4 for GET and login; "
+    "refresh and logout need a new token per request, which h2load cannot send, so their "
+    "HTTP/2 rows come from bench/h2post.py (Python h2 client, 4 connections x 4 streams).",
+    "ref b (uvicorn) speaks no HTTP/2: n/a. ref a serves HTTP/2 through gunicorn's h2 support.",
+    "Login: ours reads the user from PostgreSQL and writes a session row; the references "
+    "verify one in-memory Argon2id hash (same parameters). Refresh/logout: ours writes "
+    "PostgreSQL (rotation, durable revocation) and Redis; the references one Redis SET.",
+    "Refresh and logout runs use each token once: tokens/run above. Logout reuses the "
+    "sessions of the refresh runs (their access tokens).",
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how much: the full run or --quick."""
+
+    rounds: int
+    get_s: float
+    login_s: float
+    storm_s: float
+    token_cap: int
+    check_n: int
+    mem_n: int
+    mint_limit_s: float
+    profile_s: int
+    warm_up_s: float
+    storm_refs: bool
+
+
+FULL = Plan(
+    rounds=2,
+    get_s=6,
+    login_s=6,
+    storm_s=6,
+    token_cap=400,
+    check_n=1000,
+    mem_n=100_000,
+    mint_limit_s=40,
+    profile_s=10,
+    warm_up_s=2,
+    storm_refs=True,
+)
+QUICK = dataclasses.replace(
+    FULL,
+    rounds=1,
+    get_s=3,
+    login_s=3,
+    storm_s=3,
+    token_cap=100,
+    check_n=200,
+    mem_n=10_000,
+    mint_limit_s=5,
+    profile_s=5,
+    warm_up_s=1,
+    storm_refs=False,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    args = _parser().parse_args(argv)
+    missing = drivers.missing_tools()
+    if missing:
+        packages = " ".join(missing)
+        print(f"missing load generators; install: apt-get update && apt-get install -y {packages}")
+        return 2
+    sys.path.insert(0, str(args.service_src.resolve()))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="authsvc-bench-") as tmp:
+        report = Bench(QUICK if args.quick else FULL, args, Path(tmp)).run()
+    text = render(report)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.md").write_text(text)
+    dump_json(report, RESULTS / "latest.json")
+    log(f"wrote {RESULTS / 'latest.md'}; {time.monotonic() - started:.0f} s in all")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="about a minute: one short round")
+    parser.add_argument("--profile", action="store_true", help="also sample our workers (py-spy)")
+    parser.add_argument(
+        "--service-src", type=Path, default=REPO, help="checkout whose service/ to run"
+    )
+    return parser
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so that stdout holds only the report."""
+    elapsed = time.monotonic() - STARTED
+    print(f"[bench {elapsed:5.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """One run: owns its servers, database and Redis prefix from start to cleanup."""
+
+    def __init__(self, plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
+        """Plan the run; nothing is started yet."""
+        self.plan, self.args, self.workdir = plan, args, workdir
+        self.stacks: list[Stack] = []
+        self.tokens: dict[str, Pair] = {}
+        self.pools: dict[str, list[Pair]] = {}
+        self.slices: dict[tuple[int, str, str], list[Pair]] = {}
+        self.check_pairs: list[Pair] = []
+        now = dt.datetime.now().isoformat(timespec="seconds")
+        mode = "quick" if args.quick else "full"
+        meta = {"mode": mode, "date": now, "cores": os.cpu_count(), "rounds": plan.rounds}
+        self.report = Report(meta=meta, labels={})
+
+    def run(self) -> Report:
+        """Every phase, with cleanup whatever happens."""
+        self.backends = backends.create(self.workdir)
+        self.report.meta["run"] = self.backends.run_id
+        try:
+            self._memory()
+            self._start_stacks()
+            groups = {s.process.pid for s in self.stacks if s.process}
+            before = cpu.snapshot(groups)
+            self._measure()
+            used = cpu.shares(before, cpu.snapshot(groups))
+            self.report.meta["CPU while measuring"] = ", ".join(
+                f"{name} {share:.0%}" for name, share in used.items()
+            )
+        finally:
+            self._cleanup()
+        self.report.notes += self._notes()
+        return self.report
+
+    def _measure(self) -> None:
+        """The measurements, in order."""
+        self._throughput_rounds()
+        self._storm()
+        self._token_rounds()
+        self._logout_check()
+        if self.args.profile:
+            self._profile()
+
+    def _notes(self) -> list[str]:
+        """How to read the report, plus what this run found about the check."""
+        notes = list(NOTES)
+        with_check = self.report.results.get((GET, H1, "flask"))
+        without = self.report.results.get((GET, H1, "flask-nocheck"))
+        if with_check and without:
+            a, b = pooled(with_check).rps, pooled(without).rps
+            notes.append(
+                f"Cost of the Redis revocation check in ref a (HTTP/1.1 GET): {a:,.0f} req/s "
+                f"with, {b:,.0f} without ({1 - a / b:.0%} of throughput)."
+            )
+        if "ours-nocheck" not in self.report.labels:
+            notes.append(
+                "Ours without its revocation check is not measured: the service has no "
+                f"`{NO_CHECK_SETTING.upper()}` setting yet (this run adds that row once it has)."
+            )
+        return notes
+
+    # --- set-up and cleanup ------------------------------------------------------------
+
+    def _start_stacks(self) -> None:
+        """Start every server, wait until ready, and sign in once on each."""
+        self.stacks = [
+            stacks.ours(self.backends, self.args.service_src),
+            stacks.ref_flask(self.backends),
+            stacks.ref_fastapi(self.backends),
+            stacks.ref_flask(self.backends, check=False),
+        ]
+        if _service_has(NO_CHECK_SETTING):
+            extra = {NO_CHECK_SETTING.upper(): "false"}
+            nocheck = stacks.ours(self.backends, self.args.service_src, extra)
+            nocheck.name, nocheck.label, nocheck.check = "ours-nocheck", "ours, no check", False
+            self.stacks.append(nocheck)
+        _migrate(self.stacks[0])
+        self.context = client.tls_context(self.backends.cert)
+        for stack in self.stacks:
+            stacks.start(stack, self.workdir)
+        for stack in self.stacks:
+            stacks.wait_ready(stack, self.context)
+            self.report.labels[stack.name] = stack.label
+            if not stack.check:
+                self.report.partial.add(stack.name)
+        self._prepare_accounts()
+        log("servers ready: " + ", ".join(f"{s.name}:{s.port}" for s in self.stacks))
+
+    def _prepare_accounts(self) -> None:
+        """Create our user, get a token pair per stack, smoke-test, warm up."""
+        client.register(self.stacks[0].port, self.context)
+        for stack in self.stacks:
+            pair = client.login(stack.port, self.context)
+            client.smoke(stack.port, self.context, pair)
+            self.tokens[stack.name] = pair
+            self.pools[stack.name] = []
+            self._get_h1(stack, self.plan.warm_up_s)  # warm-up: both workers, pools, caches
+
+    def _cleanup(self) -> None:
+        """Stop every server and remove the run's database and keys."""
+        for stack in self.stacks:
+            try:
+                stacks.stop(stack)
+            except Exception as exc:  # keep stopping the others
+                log(f"could not stop {stack.name}: {exc}")
+        deleted = backends.drop(self.backends)
+        log(f"stopped {len(self.stacks)} servers, dropped the database, deleted {deleted} keys")
+
+    # --- protected GET and login -------------------------------------------------------
+
+    @property
+    def main_stacks(self) -> list[Stack]:
+        """The stacks that serve the whole API (with their revocation check)."""
+        return [s for s in self.stacks if s.check]
+
+    def _memory(self) -> None:
+        """Redis bytes per revocation, before any server runs."""
+        n = self.plan.mem_n
+        log(f"revocation memory over {n:,} revocations")
+        prefix = self.backends.redis_prefix("mem")
+        self.report.memory = {
+            "ours, expiries within 15 min": revmem.measure_layout(prefix + "burst:", n, 900),
+            "ours, expiries over 1 day": revmem.measure_layout(prefix + "day:", n, 86400),
+            "refs: one key per token": revmem.measure_key_per_token(prefix + "keys:", n),
+            "expiry": revmem.measure_expiry(prefix + "expiry:", n),
+        }
+
+    def _throughput_rounds(self) -> None:
+        """Protected GET and login, every stack in turn, each round."""
+        for round_no in range(self.plan.rounds):
+            log(f"round {round_no + 1}/{self.plan.rounds}: protected GET and login")
+            for stack in self.stacks:
+                self.report.add(GET, H1, stack.name, self._get_h1(stack, self.plan.get_s))
+            for stack in (s for s in self.stacks if s.h2):
+                self.report.add(GET, H2, stack.name, self._get_h2(stack))
+            for stack in self.main_stacks:
+                self.report.add(LOGIN, H1, stack.name, self._login_h1(stack, self.plan.login_s))
+            for stack in (s for s in self.main_stacks if s.h2):
+                self.report.add(LOGIN, H2, stack.name, self._login_h2(stack))
+
+    def _get_h1(self, stack: Stack, seconds: float) -> Result:
+        """Protected GET over HTTP/1.1 (wrk)."""
+        token = self.tokens[stack.name].access
+        return drivers.wrk(f"{stack.url}/api/hello", "get.lua", [token], seconds)
+
+    def _get_h2(self, stack: Stack) -> Result:
+        """Protected GET over HTTP/2 (h2load)."""
+        header = f"authorization: Bearer {self.tokens[stack.name].access}"
+        return drivers.h2load(f"{stack.url}/api/hello", self.plan.get_s, [header])
+
+    def _login_h1(self, stack: Stack, seconds: float) -> Result:
+        """wrk login that also keeps every token pair handed out (for refresh and logout)."""
+        out = self._mint_prefix(stack)
+        args = [client.LOGIN_BODY, str(out)]
+        result = drivers.wrk(f"{stack.url}/auth/login", "login.lua", args, seconds)
+        self._collect(stack.name, out)
+        return result
+
+    def _login_h2(self, stack: Stack) -> Result:
+        """Login over HTTP/2 (h2load; its tokens are not kept)."""
+        headers = ["content-type: application/json"]
+        url = f"{stack.url}/auth/login"
+        return drivers.h2load(url, self.plan.login_s, headers, client.LOGIN_BODY)
+
+    def _mint_prefix(self, stack: Stack) -> Path:
+        """A fresh file prefix for the token pairs of one login run."""
+        return self.workdir / f"mint-{stack.name}-{time.monotonic_ns()}-"
+
+    def _collect(self, name: str, out: Path) -> None:
+        """Read the token pairs a login run wrote (one file per wrk thread)."""
+        for path in sorted(out.parent.glob(out.name + "*.txt")):
+            for line in path.read_text().splitlines():
+                access, _, refresh = line.partition("\t")
+                if refresh:
+                    self.pools[name].append(Pair(access, refresh))
+            path.unlink()
+
+    def _storm(self) -> None:
+        """Protected GET p99 alone, then while logins hammer the same server."""
+        log("protected GET alone vs during a login storm")
+        for stack in self.main_stacks if self.plan.storm_refs else self.main_stacks[:1]:
+            alone = self._get_h1(stack, self.plan.storm_s)
+            out = self._mint_prefix(stack)
+            url, args = f"{stack.url}/auth/login", [client.LOGIN_BODY, str(out)]
+            storm = drivers.wrk_start(url, "login.lua", args, self.plan.storm_s + 1)
+            time.sleep(0.5)
+            during = self._get_h1(stack, self.plan.storm_s)
+            login = drivers.wrk_finish(storm, self.plan.storm_s + 30)
+            self._collect(stack.name, out)
+            self.report.storm[stack.name] = {"alone": alone, "during": during, "login": login}
+
+    # --- refresh and logout: one fresh token per request ---------------------------------
+
+    def _token_rounds(self) -> None:
+        """Refresh, then logout, one fresh token per request."""
+        self._top_up_ours()
+        self._slice_pools()
+        for op, path in ((REFRESH, "/auth/refresh"), (LOGOUT, "/auth/logout")):
+            log(f"{op}: one fresh token per request")
+            for round_no in range(self.plan.rounds):
+                for protocol in (H1, H2):
+                    for stack in self.main_stacks:
+                        self._token_run(op, path, round_no, protocol, stack)
+
+    def _token_run(self, op: str, path: str, round_no: int, protocol: str, stack: Stack) -> None:
+        """One refresh or logout run over one slice of sessions."""
+        pairs = self.slices.get((round_no, protocol, stack.name))
+        if not pairs:
+            return
+        tokens = [p.refresh if op == REFRESH else p.access for p in pairs]
+        if protocol == H1:
+            result = drivers.wrk_tokens(f"{stack.url}{path}", tokens, TOKEN_RUN_LIMIT_S)
+        else:
+            cert = self.backends.cert
+            result = h2post.post_tokens(stack.port, path, tokens, cert, TOKEN_RUN_LIMIT_S)
+        self.report.add(op, protocol, stack.name, result)
+
+    def _runs_per_stack(self, stack: Stack) -> int:
+        """Refresh (or logout) runs a stack takes part in."""
+        return self.plan.rounds * (2 if stack.h2 else 1)
+
+    def _top_up_ours(self) -> None:
+        """Mint more sessions on our service if the pool is short of the plan."""
+        ours = self.main_stacks[0]
+        wanted = self.plan.check_n + self._runs_per_stack(ours) * self.plan.token_cap
+        missing = wanted - len(self.pools[ours.name])
+        if missing <= 0:
+            return
+        rate = max(MIN_LOGIN_RATE, _login_rate(self.report, ours.name))
+        seconds = min(self.plan.mint_limit_s, missing / rate + 1)
+        log(f"minting up to {missing} more sessions on ours ({seconds:.0f} s)")
+        self._login_h1(ours, seconds)
+
+    def _slice_pools(self) -> None:
+        """Share each pool: ours' logout check first, then equal slices for the runs.
+
+        Refresh runs spend the refresh tokens; logout runs reuse the same sessions.
+        """
+        for stack in self.main_stacks:
+            pool = self.pools[stack.name]
+            offset = min(self.plan.check_n, len(pool)) if stack.name == "ours" else 0
+            if offset:
+                self.check_pairs = pool[:offset]
+            n = min(self.plan.token_cap, (len(pool) - offset) // self._runs_per_stack(stack))
+            for round_no in range(self.plan.rounds):
+                for protocol in (H1, H2) if stack.h2 else (H1,):
+                    self.slices[(round_no, protocol, stack.name)] = pool[offset : offset + n]
+                    offset += n
+            self.report.meta[f"tokens/run {stack.name}"] = n
+
+    # --- correctness and profile -------------------------------------------------------
+
+    def _logout_check(self) -> None:
+        """Logout, then GET with the same token on a new connection."""
+        ours = self.main_stacks[0]
+        pairs = self.check_pairs
+        log(f"logout, then GET on a new connection: {len(pairs)} times")
+        self.report.logout_check = checks.accepted_after_logout(ours.port, self.context, pairs)
+
+    def _profile(self) -> None:
+        """Sample our workers (wall, then GIL) under protected-GET load."""
+        executable = spy.py_spy()
+        if executable is None:
+            self.report.notes.append("py-spy not found: .venv/bin/pip install py-spy")
+            return
+        ours, seconds = self.main_stacks[0], self.plan.profile_s
+        pids = stacks.worker_pids(ours)
+        log(f"py-spy on workers {pids}, 2 x {seconds} s under protected-GET load")
+        url, token = f"{ours.url}/api/hello", self.tokens[ours.name].access
+        load = drivers.wrk_start(url, "get.lua", [token], 2 * seconds + 3)
+        time.sleep(1)
+        RESULTS.mkdir(exist_ok=True)
+        for old in RESULTS.glob("py-spy-*.txt"):
+            old.unlink()
+        wall = spy.summarize(spy.record(executable, pids, seconds, RESULTS))
+        gil = spy.summarize(spy.record(executable, pids, seconds, RESULTS, gil=True))
+        result = drivers.wrk_finish(load, 2 * seconds + 30)
+        what = f"HTTP/1.1 wrk, {result.rps:,.0f} req/s while sampled, {len(pids)} workers"
+        self.report.profile = {"what": what, "wall": wall, "gil": gil}
+
+
+def _service_has(setting: str) -> bool:
+    """Whether the service's Settings has a field."""
+    from service.config import Settings
+
+    return setting in Settings.model_fields
+
+
+def _migrate(stack: Stack) -> None:
+    """Apply the service's migrations to the run's database."""
+    command = [sys.executable, "-m", "service", "migrate"]
+    done = subprocess.run(
+        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def _login_rate(report: Report, name: str) -> float:
+    """Logins per second seen so far on one stack (HTTP/1.1)."""
+    runs = report.results.get((LOGIN, H1, name), [])
+    seconds = sum(r.duration_s for r in runs)
+    return sum(r.requests for r in runs) / seconds if seconds else 0.0
+
+
+def _json_default(value: object) -> object:
+    """JSON for dataclasses (results) and anything else as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def dump_json(report: Report, path: Path) -> None:
+    """Raw numbers of the run beside the Markdown."""
+    data = {
+        "meta": report.meta,
+        "results": {" | ".join(key): runs for key, runs in report.results.items()},
+        "storm": report.storm,
+        "memory": report.memory,
+        "logout_check": report.logout_check,
+        "profile": report.profile,
+    }
+    path.write_text(json.dumps(data, indent=1, default=_json_default))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
