@@ -173,6 +173,72 @@ async def test_authorization_without_s256_pkce_is_refused(
     assert "code" not in error
 
 
+@pytest.mark.parametrize(
+    ("registered_scope", "asked"),
+    [
+        ("profile email", " "),  # blank after normalisation
+        ("profile email", ""),  # no scope parameter at all
+        ("profile", "email"),  # only scopes the client is not registered for
+    ],
+)
+async def test_authorization_granting_no_scope_is_refused(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    user: Session,
+    registered_scope: str,
+    asked: str,
+) -> None:
+    registered = await new_client(settings, scope=registered_scope)
+    client_id = registered.client.client_id
+    async with browser(client) as agent:
+        # A remembered consent must not turn an empty request into a silent approval.
+        approved = authorize_url(client_id, code_challenge=pkce()[1], code_challenge_method="S256")
+        assert "code" in query_of(
+            await sign_in_and_consent(agent, approved, user.username, user.password)
+        )
+        empty = authorize_url(
+            client_id, scope=asked, code_challenge=pkce()[1], code_challenge_method="S256"
+        )
+        response = await agent.get(empty)
+    error = query_of(response)
+    assert error["error"] == "invalid_scope"
+    assert error["state"] == "xyz"
+    assert "code" not in error
+
+
+async def test_consent_covers_exactly_the_scopes_granted(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    client_id = registered.client.client_id
+    async with browser(client) as agent:
+        narrow = authorize_url(client_id, code_challenge=pkce()[1], code_challenge_method="S256")
+        assert "code" in query_of(
+            await sign_in_and_consent(agent, narrow, user.username, user.password)
+        )
+        verifier, challenge = pkce()
+        wider = authorize_url(
+            client_id,
+            scope="profile email admin-ish",
+            code_challenge=challenge,
+            code_challenge_method="S256",
+        )
+        refused = await agent.get(wider)
+        assert query_of(refused)["error"] == "invalid_scope"
+        wider = authorize_url(
+            client_id, scope="profile email", code_challenge=challenge, code_challenge_method="S256"
+        )
+        page = await agent.get(wider)
+        assert page.status_code == 200  # email was never approved: ask again
+        assert "<li>email</li>" in page.text
+        approved = await agent.post(
+            wider, data={"csrf_token": csrf_of(page), "decision": "approve"}
+        )
+    code = query_of(approved)["code"]
+    response = await client.post(TOKEN, **redeem(registered, code, code_verifier=verifier))
+    assert response.json()["scope"] == "profile email"
+
+
 async def code_for(
     client: httpx.AsyncClient, user: Session, client_id: str, challenge: str, **params: str
 ) -> str:

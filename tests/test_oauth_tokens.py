@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from sqlalchemy import update
 
 from service.config import Settings
@@ -22,7 +26,8 @@ from service.store.db import Database
 from service.store.models import utcnow
 from service.store.oauth_keys import list_keys
 from service.store.oauth_models import OAuthCode
-from tests.conftest import Session
+from tests.conftest import Session, login, make_settings, register, serve_in_process
+from tests.proxy import TcpProxy
 from tests.test_oauth_support import (
     REDIRECT,
     bearer,
@@ -188,6 +193,108 @@ async def test_refresh_can_narrow_but_not_widen_scope(
         auth=auth_of(registered),
     )
     assert wider.json()["error"] == "invalid_scope"
+
+
+async def test_stored_empty_scope_is_never_widened(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered, scope="profile")
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            # A code stored with no scope (as an empty request once produced).
+            await session.execute(
+                update(OAuthCode).where(OAuthCode.code_hash == digest(code)).values(scope="")
+            )
+    finally:
+        await database.dispose()
+    tokens = (await redeem(client, registered, code, verifier)).json()
+    assert claims_of(tokens["access_token"])["scope"] == ""
+    assert (
+        await client.get("/api/profile", headers=bearer(tokens["access_token"]))
+    ).status_code == 403
+    renewed = (await refresh(client, registered, tokens["refresh_token"])).json()
+    assert claims_of(renewed["access_token"])["scope"] == ""
+    blank = await client.post(
+        TOKEN,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": renewed["refresh_token"],
+            "scope": " ",
+        },
+        auth=auth_of(registered),
+    )
+    assert blank.json()["error"] == "invalid_scope"
+
+
+async def test_refused_refresh_leaves_the_token_usable(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    code, verifier = await issue_code(client, user, registered, scope="profile")
+    tokens = (await redeem(client, registered, code, verifier)).json()
+    for scope in ("profile email", " "):
+        refused = await client.post(
+            TOKEN,
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "scope": scope,
+            },
+            auth=auth_of(registered),
+        )
+        assert refused.json()["error"] == "invalid_scope", scope
+    # Not spent, so not a replay: the grant lives on.
+    retried = await refresh(client, registered, tokens["refresh_token"])
+    assert retried.status_code == 200, retried.text
+    assert await status_of(client, tokens["access_token"]) == 200
+    assert await status_of(client, retried.json()["access_token"]) == 200
+
+
+@pytest.fixture
+async def flaky_redis(
+    settings: Settings, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
+    """An app sharing the test keys and databases, whose Redis sits behind a cuttable proxy."""
+    upstream = urlsplit(str(settings.redis_url))
+    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
+    proxy.start()
+    proxied = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_prefix=settings.redis_prefix,
+        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
+        redis_timeout=0.3,
+        secret_key=settings.secret_key,
+        jwt_secret=settings.jwt_secret,
+    )
+    async with serve_in_process(proxied) as http:
+        yield http, proxy
+    proxy.close()
+
+
+async def test_refresh_during_a_redis_outage_can_be_retried(
+    flaky_redis: tuple[httpx.AsyncClient, TcpProxy], settings: Settings
+) -> None:
+    http, proxy = flaky_redis
+    password = "correct horse battery"
+    user = await login(http, await register(http, password), password)
+    registered, tokens = await tokens_for(http, settings, user)
+    proxy.stop()
+    try:
+        failed = await refresh(http, registered, tokens["refresh_token"])
+        assert failed.status_code == 503, failed.text
+    finally:
+        proxy.start()
+    retried = failed
+    for _ in range(50):
+        retried = await refresh(http, registered, tokens["refresh_token"])
+        if retried.status_code != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert retried.status_code == 200, retried.text
+    assert await status_of(http, retried.json()["access_token"]) == 200
 
 
 async def revoke(

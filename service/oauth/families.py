@@ -71,34 +71,75 @@ async def redeem_code(*, store: Store, code: str, client_id: str) -> Authorizati
     return AuthorizationCode.from_row(spent.row, grant.expires_at)
 
 
-async def rotate_refresh_token(*, store: Store, token: str, client_id: str) -> RefreshToken | None:
-    """Spend a refresh token; a replayed one revokes its whole family."""
+async def find_usable_refresh_token(
+    *, store: Store, token: str, client_id: str
+) -> RefreshToken | None:
+    """A live refresh token of this client, left unspent; a spent one revokes its family."""
     async with store.db.session() as session:
-        spent = await grant_store.redeem_refresh_token(
+        found = await grant_store.find_live_refresh_token(
             session, token_hash=digest(token), client_id=client_id
         )
         grant = (
-            await grant_store.get_grant(session, grant_id=spent.row.grant_id) if spent.row else None
+            await grant_store.get_grant(session, grant_id=found.row.grant_id) if found.row else None
+        )
+    if found.replayed_grant:
+        await _revoke_replayed(store=store, grant_id=found.replayed_grant)
+    if found.row is None or grant is None:
+        return None
+    return RefreshToken.from_row(found.row, grant_expires=grant.expires_at, grant_revoked=False)
+
+
+async def rotate_refresh_token(
+    *,
+    store: Store,
+    presented: str,
+    successor: str,
+    family: Family,
+    client_id: str,
+    user_id: uuid.UUID,
+    scope: str,
+) -> bool:
+    """Spend presented and store successor in one transaction.
+
+    False when presented was spent in the meantime (a concurrent use): that is a replay,
+    and the family is revoked.
+    """
+    row = _refresh_row(
+        token=successor, family=family, client_id=client_id, user_id=user_id, scope=scope
+    )
+    async with store.db.session() as session:
+        spent = await grant_store.replace_refresh_token(
+            session, token_hash=digest(presented), client_id=client_id, successor=row
         )
     if spent.replayed_grant:
-        log.warning("refresh token replayed; its grant is revoked")
-        await revoke_family(store=store, grant_id=spent.replayed_grant, reason="refresh-reuse")
-    if spent.row is None or grant is None:
-        return None
-    return RefreshToken.from_row(spent.row, grant_expires=grant.expires_at, grant_revoked=False)
+        await _revoke_replayed(store=store, grant_id=spent.replayed_grant)
+    return spent.row is not None
 
 
-async def save_refresh_token(
-    *, store: Store, token: str, family: Family, client_id: str, user_id: uuid.UUID, scope: str
-) -> None:
-    """Store a new refresh token of a family; it lives as long as the family."""
-    row = OAuthRefreshToken(
+async def _revoke_replayed(*, store: Store, grant_id: str) -> None:
+    log.warning("refresh token replayed; its grant is revoked")
+    await revoke_family(store=store, grant_id=grant_id, reason="refresh-reuse")
+
+
+def _refresh_row(
+    *, token: str, family: Family, client_id: str, user_id: uuid.UUID, scope: str
+) -> OAuthRefreshToken:
+    return OAuthRefreshToken(
         token_hash=digest(token),
         grant_id=family.grant_id,
         client_id=client_id,
         user_id=user_id,
         scope=scope,
         expires_at=datetime.fromtimestamp(family.expires_at, UTC),
+    )
+
+
+async def save_refresh_token(
+    *, store: Store, token: str, family: Family, client_id: str, user_id: uuid.UUID, scope: str
+) -> None:
+    """Store the first refresh token of a family; it lives as long as the family."""
+    row = _refresh_row(
+        token=token, family=family, client_id=client_id, user_id=user_id, scope=scope
     )
     async with store.db.session() as session:
         await grant_store.save_refresh_token(session, token=row)

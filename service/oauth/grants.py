@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, InvalidScopeError
+from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc7636 import CodeChallenge
 
 from service.ids import new_id
@@ -56,6 +57,10 @@ class FamilyTokens:
         """The family the tokens of this request belong to."""
         raise NotImplementedError
 
+    def granted_scope(self, scope: str | None) -> str:
+        """The scope the tokens carry: what was granted, never more than the client may have."""
+        return str(self.request.client.get_allowed_scope(scope))
+
     def generate_token(
         self,
         user: Account | None = None,
@@ -66,7 +71,7 @@ class FamilyTokens:
     ) -> dict[str, Any]:
         settings, client = bridge.settings(), self.request.client
         family = self.family()
-        scope = client.get_allowed_scope(scope)
+        scope = self.granted_scope(scope)
         access, lifetime = sign_access_token(
             key=bridge.keyring().signing_key(),
             issuer=settings.jwt_issuer,
@@ -100,6 +105,12 @@ class AuthorizationCodeGrant(FamilyTokens, grants.AuthorizationCodeGrant):  # ty
         code: AuthorizationCode = self.request.authorization_code
         return Family(grant_id=code.grant_id, expires_at=code.grant_expires)
 
+    def validate_requested_scope(self) -> None:
+        """Refuse a request that would be granted no scope: empty never means everything."""
+        super().validate_requested_scope()
+        if not self.request.client.get_allowed_scope(self.request.payload.scope):
+            raise InvalidScopeError("Ask for at least one scope this client is registered for.")
+
     def save_authorization_code(self, code: str, request: Any) -> None:
         client: Client = request.client
         data = request.payload.data
@@ -110,7 +121,7 @@ class AuthorizationCodeGrant(FamilyTokens, grants.AuthorizationCodeGrant):  # ty
                 client_id=client.client_id,
                 user_id=request.user.id,
                 redirect_uri=request.payload.redirect_uri or "",
-                scope=client.get_allowed_scope(request.payload.scope),
+                scope=request.scope,
                 code_challenge=data["code_challenge"],
                 code_challenge_method=data["code_challenge_method"],
             )
@@ -129,7 +140,11 @@ class AuthorizationCodeGrant(FamilyTokens, grants.AuthorizationCodeGrant):  # ty
 
 
 class RefreshTokenGrant(FamilyTokens, grants.RefreshTokenGrant):  # type: ignore[misc]
-    """Refresh grant: every use spends the token and issues a new one in the same family."""
+    """Refresh grant: every use spends the token and issues a new one in the same family.
+
+    The presented token is only looked up while the request is validated; it is spent in
+    the transaction that stores its successor, so a refused request leaves it usable.
+    """
 
     TOKEN_ENDPOINT_AUTH_METHODS = [*SECRET_AUTH, "none"]
     INCLUDE_NEW_REFRESH_TOKEN = True
@@ -142,7 +157,7 @@ class RefreshTokenGrant(FamilyTokens, grants.RefreshTokenGrant):  # type: ignore
         client: Client = self.request.client
         store = bridge.store()
         token = bridge.run(
-            families.rotate_refresh_token(
+            families.find_usable_refresh_token(
                 store=store, token=refresh_token, client_id=client.client_id
             )
         )
@@ -150,11 +165,36 @@ class RefreshTokenGrant(FamilyTokens, grants.RefreshTokenGrant):  # type: ignore
             return None
         return token
 
+    def _validate_token_scope(self, token: RefreshToken) -> None:
+        requested = self.request.payload.scope
+        if requested is None:
+            return
+        wanted = set(scope_to_list(requested) or ())
+        if not wanted or not wanted <= set(scope_to_list(token.get_scope()) or ()):
+            raise InvalidScopeError()
+
     def authenticate_user(self, refresh_token: RefreshToken) -> Account | None:
         return _account(refresh_token.user_id) if refresh_token.user_id else None
 
+    def save_token(self, token: dict[str, Any]) -> None:
+        """Spend the presented token and store its successor in one transaction."""
+        request = self.request
+        rotated = bridge.run(
+            families.rotate_refresh_token(
+                store=bridge.store(),
+                presented=request.form["refresh_token"],
+                successor=token["refresh_token"],
+                family=request.family,
+                client_id=request.client.client_id,
+                user_id=request.user.id,
+                scope=token["scope"],
+            )
+        )
+        if not rotated:
+            raise InvalidGrantError()
+
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
-        """Nothing to do: the token was spent when it was authenticated."""
+        """Nothing to do: the token was spent when its successor was saved."""
 
 
 class ClientCredentialsGrant(FamilyTokens, grants.ClientCredentialsGrant):  # type: ignore[misc]
@@ -165,3 +205,15 @@ class ClientCredentialsGrant(FamilyTokens, grants.ClientCredentialsGrant):  # ty
     def family(self) -> Family:
         expires = int(time.time()) + bridge.settings().access_token_ttl
         return Family(grant_id=new_id(), expires_at=expires)
+
+    def validate_requested_scope(self) -> None:
+        """An explicit scope must name something the client is registered for."""
+        super().validate_requested_scope()
+        requested = self.request.payload.scope
+        if requested is not None and not self.request.client.get_allowed_scope(requested):
+            raise InvalidScopeError("Ask for at least one scope this client is registered for.")
+
+    def granted_scope(self, scope: str | None) -> str:
+        """No scope parameter: the client acts for itself with every scope it is registered for."""
+        client: Client = self.request.client
+        return client.scope if scope is None else str(client.get_allowed_scope(scope))

@@ -62,10 +62,10 @@ class Client(ClientMixin):  # type: ignore[misc]
         return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
 
     def get_allowed_scope(self, scope: str | None) -> str:
-        if not scope:
-            return self.scope
-        allowed = set(scope_to_list(self.scope))
-        return " ".join(s for s in scope_to_list(scope) if s in allowed)
+        """The requested scopes this client is registered for; asking for none grants none."""
+        allowed = set(scope_to_list(self.scope) or ())
+        requested = dict.fromkeys(scope_to_list(scope) or ())
+        return " ".join(s for s in requested if s in allowed)
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         return redirect_uri in self.redirect_uris

@@ -97,10 +97,13 @@ async def find_account(
 
 
 async def has_consent(*, store: Store, user_id: uuid.UUID, client_id: str, scope: str) -> bool:
-    """Whether the user already approved every requested scope for this client."""
+    """Whether the user already approved every requested scope (at least one) for this client."""
+    wanted = set(scope.split())
+    if not wanted:
+        return False
     async with store.db.session() as db:
         granted = await client_store.get_consent(db, user_id=user_id, client_id=client_id)
-    return granted is not None and set(scope.split()) <= set(granted.split())
+    return granted is not None and wanted <= set(granted.split())
 
 
 async def remember_consent(*, store: Store, user_id: uuid.UUID, client_id: str, scope: str) -> None:

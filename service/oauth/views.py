@@ -60,7 +60,8 @@ def authorize() -> ResponseReturnValue:
     if user is None:
         return redirect(url_for("oauth.login", next=request.full_path))
     client = grant.client
-    scope = client.get_allowed_scope(grant.request.payload.scope)
+    # Exactly what the code will carry: the consent shown and recorded covers no more, no less.
+    scope: str = grant.request.scope
     consent = {"store": bridge.store(), "user_id": user.id, "client_id": client.client_id}
     if request.method == "POST":
         pages.check_csrf(request.form.get("csrf_token"))

@@ -1,7 +1,8 @@
 """OAuth grants (token families), authorization codes and refresh tokens.
 
 Codes and refresh tokens are spent with one conditional UPDATE ... RETURNING, so two
-concurrent redemptions cannot both succeed; the loser learns it was a replay.
+concurrent redemptions cannot both succeed; the loser learns it was a replay. A refresh
+token is spent in the same transaction that stores its successor.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.models import utcnow
@@ -82,37 +83,67 @@ async def save_refresh_token(session: AsyncSession, *, token: OAuthRefreshToken)
     session.add(token)
 
 
-async def redeem_refresh_token(
-    session: AsyncSession, *, token_hash: str, client_id: str
-) -> Redemption[OAuthRefreshToken]:
-    """Spend a live refresh token of this client; a spent one reports its grant as replayed."""
-    now = utcnow()
+def _live_refresh_token(token_hash: str, client_id: str, now: datetime) -> ColumnElement[bool]:
     live_grants = select(OAuthGrant.id).where(
         OAuthGrant.revoked_at.is_(None), OAuthGrant.expires_at > now
     )
-    row = await session.scalar(
-        update(OAuthRefreshToken)
-        .where(
-            OAuthRefreshToken.token_hash == token_hash,
-            OAuthRefreshToken.client_id == client_id,
-            OAuthRefreshToken.used_at.is_(None),
-            OAuthRefreshToken.revoked_at.is_(None),
-            OAuthRefreshToken.expires_at > now,
-            OAuthRefreshToken.grant_id.in_(live_grants),
-        )
-        .values(used_at=now)
-        .returning(OAuthRefreshToken)
+    return and_(
+        OAuthRefreshToken.token_hash == token_hash,
+        OAuthRefreshToken.client_id == client_id,
+        OAuthRefreshToken.used_at.is_(None),
+        OAuthRefreshToken.revoked_at.is_(None),
+        OAuthRefreshToken.expires_at > now,
+        OAuthRefreshToken.grant_id.in_(live_grants),
     )
-    if row is not None:
-        return Redemption(row=row)
-    spent = await session.scalar(
+
+
+async def _spent_refresh_grant(
+    session: AsyncSession, *, token_hash: str, client_id: str
+) -> str | None:
+    return await session.scalar(
         select(OAuthRefreshToken.grant_id).where(
             OAuthRefreshToken.token_hash == token_hash,
             OAuthRefreshToken.client_id == client_id,
             OAuthRefreshToken.used_at.is_not(None),
         )
     )
+
+
+async def find_live_refresh_token(
+    session: AsyncSession, *, token_hash: str, client_id: str
+) -> Redemption[OAuthRefreshToken]:
+    """Look up a live refresh token of this client without spending it.
+
+    A spent one reports its grant as replayed.
+    """
+    row = await session.scalar(
+        select(OAuthRefreshToken).where(_live_refresh_token(token_hash, client_id, utcnow()))
+    )
+    if row is not None:
+        return Redemption(row=row)
+    spent = await _spent_refresh_grant(session, token_hash=token_hash, client_id=client_id)
     return Redemption(replayed_grant=spent)
+
+
+async def replace_refresh_token(
+    session: AsyncSession, *, token_hash: str, client_id: str, successor: OAuthRefreshToken
+) -> Redemption[OAuthRefreshToken]:
+    """Spend a live refresh token and add its successor (in the caller's transaction).
+
+    Nothing is added when the token is no longer live; a spent one reports its grant.
+    """
+    now = utcnow()
+    row = await session.scalar(
+        update(OAuthRefreshToken)
+        .where(_live_refresh_token(token_hash, client_id, now))
+        .values(used_at=now)
+        .returning(OAuthRefreshToken)
+    )
+    if row is None:
+        spent = await _spent_refresh_grant(session, token_hash=token_hash, client_id=client_id)
+        return Redemption(replayed_grant=spent)
+    session.add(successor)
+    return Redemption(row=row)
 
 
 async def find_refresh_token(
