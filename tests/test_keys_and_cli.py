@@ -1,0 +1,121 @@
+"""Asymmetric first-party keys from files, and the account command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from service.config import Settings
+from tests.conftest import login, make_settings, serve_in_process
+from tests.servers import ROOT
+
+
+def write_key(directory: Path, algorithm: str) -> Path:
+    """A PEM private key for algorithm, written to directory."""
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    path = directory / f"{algorithm}.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_asymmetric_first_party_tokens(
+    settings: Settings, tmp_path: Path, algorithm: str
+) -> None:
+    own = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+        jwt_algorithm=algorithm,
+        jwt_secret=None,
+        jwt_private_key_file=write_key(tmp_path, algorithm),
+    )
+    async with serve_in_process(own) as http:
+        username = f"asym_{algorithm.lower()}_{os.getpid()}"
+        password = "correct horse battery"
+        response = await http.post(
+            "/auth/register", json={"username": username, "password": password}
+        )
+        assert response.status_code in {201, 409}
+        session = await login(http, username, password)
+        assert jwt.get_unverified_header(session.access)["alg"] == algorithm
+        assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
+        # The public key used as an HMAC secret must not verify anything.
+        public_pem = Path(own.jwt_private_key_file or "").read_bytes()
+        claims = jwt.decode(session.access, options={"verify_signature": False})
+        forged = jwt.encode(claims, public_pem[:64].hex(), algorithm="HS256")
+        assert (await http.get("/api/hello", headers=session.bearer(forged))).status_code == 401
+        assert (await http.post("/auth/logout", headers=session.bearer())).status_code == 204
+        assert (await http.get("/api/hello", headers=session.bearer())).status_code == 401
+
+
+def test_create_user_command(settings: Settings) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SERVICE_ENV": "production",
+        "DATABASE_URL": str(settings.database_url),
+        "REDIS_URL": str(settings.redis_url),
+        "SECRET_KEY": str(settings.secret_key),
+        "JWT_SECRET": str(settings.jwt_secret),
+        "PASSWORD_MEMORY_KIB": "7168",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "create-user",
+        f"cli_{os.getpid()}",
+        "--password-stdin",
+    ]
+    created = subprocess.run(
+        command,
+        input="a fine password\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    assert "created cli_" in created.stdout
+    again = subprocess.run(
+        command,
+        input="a fine password\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 1
+    assert "is taken" in again.stderr
+    short = subprocess.run(
+        [*command[:-2], "cli_short_pw", "--password-stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert short.returncode == 1
+    assert "Traceback" not in short.stderr
