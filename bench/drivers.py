@@ -17,7 +17,7 @@ from pathlib import Path
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 WRK_THREADS = 2
 CONNECTIONS = 16
-H2_CLIENTS = 4
+H2_CLIENTS = 16  # as many connections as wrk: workers share connections, not streams
 H2_STREAMS = 4
 SLACK = 30
 TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "timeout": "coreutils"}

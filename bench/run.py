@@ -41,7 +41,7 @@ from stacks import Stack
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
-NO_CHECK_SETTING = "revocation_check"  # proposed Settings field: run "ours, no check" if present
+NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
 GET, LOGIN = "GET /api/hello", "POST /auth/login"
 REFRESH, LOGOUT = "POST /auth/refresh", "POST /auth/logout"
@@ -53,9 +53,10 @@ NOTES = [
     "Load generators share the 2 cores with the servers: compare ratios, not absolutes. "
     "Runs are interleaved (ours, ref a, ref b, ours, ...). 'CPU while measuring' above says "
     "how much of the machine other processes took meanwhile (the machine may be shared).",
-    "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c4 -m4 for GET and login; "
-    "refresh and logout need a new token per request, which h2load cannot send, so their "
-    "HTTP/2 rows come from bench/h2post.py (Python h2 client, 4 connections x 4 streams).",
+    "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c16 -m4 for GET and login (as "
+    "many connections as wrk: a connection stays on one worker); refresh and logout need a "
+    "new token per request, which h2load cannot send, so their HTTP/2 rows come from "
+    "bench/h2post.py (Python h2 client, 16 connections x 4 streams).",
     "ref b (uvicorn) speaks no HTTP/2: n/a. ref a serves HTTP/2 through gunicorn's h2 support.",
     "Login: ours reads the user from PostgreSQL and writes a session row; the references "
     "verify one in-memory Argon2id hash (same parameters). Refresh/logout: ours writes "
@@ -225,7 +226,8 @@ class Bench:
             stacks.ref_flask(self.backends, check=False),
         ]
         if _service_has(NO_CHECK_SETTING):
-            extra = {NO_CHECK_SETTING.upper(): "false"}
+            # The service refuses to skip the check in production: the same settings otherwise.
+            extra = {NO_CHECK_SETTING.upper(): "false", "SERVICE_ENV": "development"}
             nocheck = stacks.ours(self.backends, self.args.service_src, extra)
             nocheck.name, nocheck.label, nocheck.check = "ours-nocheck", "ours, no check", False
             self.stacks.append(nocheck)
