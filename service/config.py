@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     password_memory_kib: int = Field(default=19456, ge=7168)
     password_parallelism: int = Field(default=1, ge=1)
     password_hash_threads: int = Field(default=1, ge=1, le=64)
+    password_hash_nice: int = Field(default=10, ge=0, le=19)
     password_queue_limit: int = Field(default=64, ge=1)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

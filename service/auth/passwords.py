@@ -8,6 +8,8 @@ every core from token checks; past the queue limit, logins are shed with a 503.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import threading
 from collections.abc import Callable
@@ -43,6 +45,7 @@ class Passwords:
             type=Type.ID,
         )
         self._threads = settings.password_hash_threads
+        self._nice = settings.password_hash_nice
         self._limit = settings.password_queue_limit
         self._pool: ThreadPoolExecutor | None = None
         self._pending = 0
@@ -55,7 +58,10 @@ class Passwords:
                 raise ServiceUnavailable("Too many sign-ins in progress; retry shortly.", 2)
             self._pending += 1
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="argon2")
+                self._pool = ThreadPoolExecutor(
+                    self._threads, thread_name_prefix="argon2", initializer=_lower_priority,
+                    initargs=(self._nice,),
+                )
             pool = self._pool
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
@@ -93,3 +99,13 @@ class Passwords:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _lower_priority(nice: int) -> None:
+    """Run this hashing thread at a lower CPU priority than the request path.
+
+    Linux schedules threads separately, so a login storm then takes the cores that token
+    checks leave idle instead of delaying them.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
