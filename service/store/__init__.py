@@ -19,12 +19,12 @@ from service.store.blocklist import (
     Blocklist,
     BlocklistUnavailable,
     Entry,
-    MemoryBlocklist,
     RedisBlocklist,
     TokenRef,
     Verdict,
 )
 from service.store.db import Database
+from service.store.memory_blocklist import MemoryBlocklist
 from service.store.revocations import purge_expired, record, stream_active
 
 REBUILD_INTERVAL = 0.5

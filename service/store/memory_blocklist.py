@@ -1,0 +1,64 @@
+"""In-process blocklist for development without Redis: one worker process only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterable, Iterable
+
+from service.store.blocklist import Entry, Kind, TokenRef, Verdict, session_started_ms
+
+
+class MemoryBlocklist:
+    """In-process blocklist for development without Redis: one worker process only."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._cutoffs: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """Look the token up in memory."""
+        if not self._loaded:
+            return Verdict.NOT_LOADED
+        now = int(time.time())
+        with self._lock:
+            for subject in (ref.jti, ref.sid):
+                if self._ids.get(subject, 0) >= now:
+                    return Verdict.REVOKED
+            cutoff, until = self._cutoffs.get(ref.sub, (0, 0))
+        if until >= now and cutoff >= session_started_ms(ref):
+            return Verdict.REVOKED
+        return Verdict.VALID
+
+    async def add(self, entries: Iterable[Entry]) -> None:
+        """Record revocations and drop the ones that have expired."""
+        now = int(time.time())
+        with self._lock:
+            for entry in entries:
+                if entry.kind is Kind.USER:
+                    assert entry.cutoff_ms is not None
+                    cutoff, until = self._cutoffs.get(entry.subject, (0, 0))
+                    self._cutoffs[entry.subject] = (
+                        max(cutoff, entry.cutoff_ms),
+                        max(until, entry.expires_at),
+                    )
+                else:
+                    self._ids[entry.subject] = max(
+                        self._ids.get(entry.subject, 0), entry.expires_at
+                    )
+            self._ids = {key: exp for key, exp in self._ids.items() if exp >= now}
+
+    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
+        """Load durable revocations (at start-up)."""
+        await self.add([entry async for entry in entries])
+        self._loaded = True
+        return True
+
+    async def ping(self) -> bool:
+        """Reachable by definition; ready once loaded."""
+        return self._loaded
+
+    async def close(self) -> None:
+        """Nothing to release."""
