@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import subprocess
 import sys
+import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flask import Flask
 from sqlalchemy import update
 
+from service import create_app, server
 from service.config import Settings
 from service.ids import new_id
 from service.oauth import keys
+from service.store import oauth_keys as key_store
 from service.store.db import Database
 from service.store.models import utcnow
 from service.store.oauth_models import SigningKey
@@ -138,6 +144,8 @@ async def test_key_rotation_keeps_old_tokens_valid(
         new_kid = header_of(new_token)["kid"]
         assert new_kid != old_kid
         assert new_kid in rotated.stdout
+        # A worker that has not reread the keys yet learns the new one in the background.
+        assert await accepted_soon(client, new_token)
         for http in (client, fresh):
             for token in (old_token, new_token):
                 assert (await http.get("/api/hello", headers=bearer(token))).status_code == 200
@@ -149,7 +157,12 @@ async def test_key_rotation_keeps_old_tokens_valid(
     retired = run_cli(settings, "keys", "retire", old_kid)
     assert retired.returncode == 0, retired.stderr
     listing = json.loads(run_cli(settings, "keys", "list").stdout)
-    assert next(k for k in listing if k["kid"] == old_kid)["retired_at"] is not None
+    retired_at = datetime.fromisoformat(
+        next(k for k in listing if k["kid"] == old_kid)["retired_at"]
+    )
+    # Due once every worker has reread the keys, so none signs with it past that moment.
+    assert retired_at >= utcnow() + timedelta(seconds=keys.RELOAD_SECONDS)
+    assert sum(k["retired_at"] is None for k in listing) == len(listing) - 1
     async with serve_in_process(settings) as fresh:
         # Retired, yet published until the tokens it signed have expired.
         assert old_kid in await jwks_of(fresh)
@@ -164,7 +177,8 @@ async def test_keys_retired_longer_than_a_token_lifetime_are_unpublished(
         async with database.session() as session:
             kid = await keys.create_key(session, secret_key=str(settings.secret_key))
         async with database.session() as session:
-            long_ago = utcnow() - timedelta(seconds=settings.access_token_ttl + 5)
+            lifetime = settings.access_token_ttl + keys.RELOAD_SECONDS
+            long_ago = utcnow() - timedelta(seconds=lifetime + 5)
             await session.execute(
                 update(SigningKey).where(SigningKey.kid == kid).values(retired_at=long_ago)
             )
@@ -172,6 +186,176 @@ async def test_keys_retired_longer_than_a_token_lifetime_are_unpublished(
         await database.dispose()
     async with serve_in_process(settings) as fresh:
         assert kid not in await jwks_of(fresh)
+
+
+async def accepted_soon(http: httpx.AsyncClient, token: str) -> bool:
+    """Whether the protected path accepts token within a few seconds."""
+    for _ in range(40):
+        if (await http.get("/api/hello", headers=bearer(token))).status_code == 200:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_worker_stops_signing_with_a_retired_key_and_its_tokens_stay_valid(
+    settings: Settings,
+) -> None:
+    registered = await new_client(
+        settings, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+    )
+    auth = (registered.client.client_id, registered.secret or "")
+
+    async def issue(http: httpx.AsyncClient) -> str:
+        response = await http.post(
+            "/oauth/token", data={"grant_type": "client_credentials"}, auth=auth
+        )
+        token: str = response.json()["access_token"]
+        return token
+
+    database = Database(settings)
+    async with serve_in_process(settings) as worker:
+        old_kid = header_of(await issue(worker))["kid"]
+        try:
+            async with database.session() as session:
+                new_kid = await keys.create_key(session, secret_key=str(settings.secret_key))
+            async with database.session() as session:
+                # The worst case: retired at once, while the worker's copy predates it.
+                assert await key_store.retire_key(session, kid=old_kid)
+        finally:
+            await database.dispose()
+        # Within a few seconds a stale copy may still sign with it...
+        late = await issue(worker)
+        await asyncio.sleep(keys.SIGNER_RELOAD_SECONDS)
+        # ...but no longer: the signer rereads its copy before signing.
+        assert header_of(await issue(worker))["kid"] == new_kid
+    async with serve_in_process(settings) as other:
+        # Whatever the stale copy signed stays valid for its whole lifetime elsewhere.
+        assert old_kid in await jwks_of(other)
+        assert (await other.get("/api/hello", headers=bearer(late))).status_code == 200
+
+
+async def test_a_scheduled_retirement_hands_over_on_time_from_the_cached_copy(
+    settings: Settings,
+) -> None:
+    registered = await new_client(
+        settings, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+    )
+    auth = (registered.client.client_id, registered.secret or "")
+    async with serve_in_process(settings) as worker:
+        response = await worker.post(
+            "/oauth/token", data={"grant_type": "client_credentials"}, auth=auth
+        )
+        old_kid = header_of(response.json()["access_token"])["kid"]
+    handover = utcnow() + timedelta(seconds=2)
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            new_kid = await keys.create_key(
+                session, secret_key=str(settings.secret_key), activates_at=handover
+            )
+            assert await key_store.retire_key(session, kid=old_kid, at=handover)
+    finally:
+        await database.dispose()
+    async with serve_in_process(settings) as worker:
+        assert new_kid in await jwks_of(worker)  # published before it signs
+
+        async def signer() -> str:
+            response = await worker.post(
+                "/oauth/token", data={"grant_type": "client_credentials"}, auth=auth
+            )
+            kid: str = header_of(response.json()["access_token"])["kid"]
+            return kid
+
+        assert await signer() == old_kid
+        await asyncio.sleep(max(0.0, (handover - utcnow()).total_seconds()) + 0.1)
+        # Well within the reread interval: the cached copy alone says the old key is done.
+        assert await signer() == new_kid
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    """Wait until condition holds, failing after seconds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def junk_token(kid: str) -> str:
+    """A token naming a key nobody has."""
+    return forge({"alg": "ES256", "kid": kid}, {}, None) + "AAAA"
+
+
+@pytest.fixture
+def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
+    """The Flask apps that serve_in_process builds from now on."""
+    apps: list[Flask] = []
+
+    def create(settings: Settings | None = None) -> Flask:
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    monkeypatch.setattr(server, "create_app", create)
+    return apps
+
+
+async def test_unknown_kid_is_refused_at_once_while_the_keys_reload_behind(
+    settings: Settings, captured_app: list[Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_in_process(settings) as http:
+        keyring = captured_app[0].extensions["oauth_keyring"]
+        known = await machine_token(http, settings)
+        release, calls = threading.Event(), []
+
+        async def stuck_database() -> None:
+            calls.append(time.monotonic())
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            raise OSError("database unreachable")
+
+        monkeypatch.setattr(keyring, "load", stuck_database)
+        try:
+            started = time.monotonic()
+            refused, health = await asyncio.gather(
+                http.get("/api/hello", headers=bearer(junk_token("nobody-1"))),
+                http.get("/healthz"),
+            )
+            assert refused.status_code == 401
+            assert health.status_code == 200
+            assert time.monotonic() - started < 1.0
+            await wait_for(lambda: bool(calls))  # the reload runs behind, on the app's loop
+            again = await http.get("/api/hello", headers=bearer(junk_token("nobody-2")))
+            assert again.status_code == 401
+            assert time.monotonic() - started < 2.0
+            assert len(calls) == 1  # one reload at a time, however many junk tokens
+            assert (await http.get("/api/hello", headers=bearer(known))).status_code == 200
+        finally:
+            release.set()
+            await asyncio.sleep(0.1)  # let the reload end before the app shuts down
+
+
+async def test_failed_reloads_are_rate_limited(
+    settings: Settings, captured_app: list[Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_in_process(settings) as http:
+        keyring = captured_app[0].extensions["oauth_keyring"]
+        calls: list[float] = []
+
+        async def failing_database() -> None:
+            calls.append(time.monotonic())
+            raise OSError("database unreachable")
+
+        monkeypatch.setattr(keyring, "load", failing_database)
+        started = time.monotonic()
+        for attempt in range(20):
+            response = await http.get("/api/hello", headers=bearer(junk_token(f"junk-{attempt}")))
+            assert response.status_code == 401
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - started < keys.MISS_RELOAD_SECONDS
+        assert len(calls) == 1  # the failed attempt counts: no retry before the interval
+        await asyncio.sleep(keys.MISS_RELOAD_SECONDS)
+        await http.get("/api/hello", headers=bearer(junk_token("junk-after")))
+        await wait_for(lambda: len(calls) == 2)
 
 
 def _b64(data: bytes) -> str:

@@ -45,7 +45,14 @@ def add_commands(commands: Any) -> None:
     sub = group.add_subparsers(required=True, metavar="ACTION")
     _action(sub, "list", "list signing keys", _keys_list)
     rotate = _action(sub, "rotate", "add a new signing key", _keys_rotate)
-    rotate.add_argument("--activate-in", type=int, default=0, metavar="SECONDS")
+    rotate.add_argument(
+        "--activate-in",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help=f"publish first, sign later; {keys.RETIRE_DELAY_SECONDS:.0f}+ lets every worker "
+        "know the key before any token it signs reaches them",
+    )
     _action(sub, "retire", "stop signing with a key", _keys_retire).add_argument("kid")
 
 
@@ -169,10 +176,15 @@ async def _keys_rotate(args: argparse.Namespace, database: Database, settings: S
 
 
 async def _keys_retire(args: argparse.Namespace, database: Database, _s: Settings) -> int:
+    # Ahead of time: every worker rereads the keys first, so none signs past the moment.
+    at = utcnow() + timedelta(seconds=keys.RETIRE_DELAY_SECONDS)
     async with database.session() as session:
-        retired = await key_store.retire_key(session, kid=args.kid)
+        retired = await key_store.retire_key(session, kid=args.kid, at=at)
     if not retired:
         print("no such active key", file=sys.stderr)
         return 1
-    print(f"retired {args.kid}; it stays published until its tokens have expired")
+    print(
+        f"retired {args.kid}: it signs nothing from {at.isoformat()} on, "
+        "and stays published until its tokens have expired"
+    )
     return 0

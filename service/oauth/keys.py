@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -26,9 +28,16 @@ from service.store.models import utcnow
 from service.store.oauth_models import SigningKey
 
 ALG = "ES256"
+# Every worker rereads the keys at least this often (in the background, never waiting).
 RELOAD_SECONDS = 60.0
-# An unknown kid triggers a reload, but at most this often, so junk tokens cannot hammer PG.
+# Reload attempts (an unknown kid, a failing database) start at most this often.
 MISS_RELOAD_SECONDS = 1.0
+# A signer rereads a copy older than this before signing, so that it sees retirements.
+SIGNER_RELOAD_SECONDS = 5.0
+# `keys retire` takes effect this far ahead: every worker has reread the keys by then.
+RETIRE_DELAY_SECONDS = RELOAD_SECONDS + 10.0
+# How long a request thread without a usable key waits for a reload.
+RELOAD_WAIT_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +55,17 @@ class Key:
     retired_at: datetime | None
 
     def signs_at(self, now: datetime) -> bool:
-        """Whether this key may sign at now."""
-        return self.activates_at <= now and self.retired_at is None
+        """Whether this key may sign at now (a retirement may be scheduled ahead)."""
+        return self.activates_at <= now and (self.retired_at is None or now < self.retired_at)
 
     def published_at(self, now: datetime, token_ttl: int) -> bool:
-        """Whether tokens it signed may still be alive at now."""
-        return self.retired_at is None or self.retired_at + timedelta(seconds=token_ttl) > now
+        """Whether tokens it signed may still be alive at now.
+
+        A worker whose copy predates the retirement may sign for one more reload interval.
+        """
+        if self.retired_at is None:
+            return True
+        return self.retired_at + timedelta(seconds=RELOAD_SECONDS + token_ttl) > now
 
 
 def key_cipher(secret_key: str) -> Fernet:
@@ -97,12 +111,17 @@ async def create_key(
 
 
 async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> None:
-    """Create a first key when none can sign (a fresh install, or every key retired)."""
+    """Create a key when none will sign on (a fresh install, or every key retired or retiring).
+
+    A replacement for keys retiring ahead of time starts signing when they stop: it is
+    published by every worker in the meantime.
+    """
     if await key_store.has_active_key(session):
         return
     await key_store.lock_key_creation(session)
     if not await key_store.has_active_key(session):
-        await create_key(session, secret_key=secret_key)
+        takes_over = await key_store.last_retirement_due(session)
+        await create_key(session, secret_key=secret_key, activates_at=takes_over)
 
 
 def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
@@ -123,10 +142,10 @@ def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
 
 
 class Keyring:
-    """This process's copy of the keys, reloaded every minute or on an unknown kid.
+    """This process's copy of the keys, loaded at worker start and reread in the background.
 
-    Token checks may run on the server's event loop (see service.hotpath), so only the
-    first load and a rate-limited unknown-kid reload wait; the periodic one runs behind.
+    Token checks may run on the server's event loop (see service.hotpath): they never wait
+    for the database. An unknown kid only schedules a reload, and its token is refused.
     """
 
     def __init__(self, store: Store) -> None:
@@ -134,7 +153,8 @@ class Keyring:
         self._cipher = key_cipher(store.settings.secret_key or "")
         self._token_ttl = store.settings.access_token_ttl
         self._keys: list[Key] = []
-        self._loaded_at = 0.0
+        self._loaded_at = -math.inf
+        self._attempted_at = -math.inf
         self._lock = threading.Lock()
         self._pending: Future[None] | None = None
 
@@ -152,49 +172,60 @@ class Keyring:
         except Exception:
             log.exception("signing keys not reloaded; keeping the previous copy")
 
-    def _refresh(self) -> None:
-        if not self._keys:
-            self._reload_if_older(0)
-        elif time.monotonic() - self._loaded_at >= RELOAD_SECONDS:
-            with self._lock:
-                if self._pending is None or self._pending.done():
-                    self._pending = self._store.loop.submit(self._load_logged())
-
-    def _reload_if_older(self, seconds: float) -> None:
-        if time.monotonic() - self._loaded_at < seconds or self._store.loop.in_loop_thread():
-            return
+    def _schedule_reload(self) -> Future[None] | None:
+        """Start a background reload unless one runs or one was attempted just now."""
         with self._lock:
-            if time.monotonic() - self._loaded_at >= seconds:
-                self._store.loop.run(self.load(), timeout=10)
+            running = self._pending is not None and not self._pending.done()
+            now = time.monotonic()
+            if not running and now - self._attempted_at >= MISS_RELOAD_SECONDS:
+                self._attempted_at = now
+                self._pending = self._store.loop.submit(self._load_logged())
+            return self._pending
+
+    def _refresh(self, max_age: float = RELOAD_SECONDS) -> None:
+        if time.monotonic() - self._loaded_at >= max_age:
+            self._schedule_reload()
+
+    def _await_reload(self) -> None:
+        """Wait for a reload, from a request thread only (the loop's own thread never waits)."""
+        pending = self._schedule_reload()
+        if pending is None or self._store.loop.in_loop_thread():
+            return
+        with contextlib.suppress(Exception):
+            pending.result(timeout=RELOAD_WAIT_SECONDS)
 
     def _published(self) -> list[Key]:
         now = utcnow()
         return [key for key in self._keys if key.published_at(now, self._token_ttl)]
 
+    def _signer(self) -> Key | None:
+        now = utcnow()
+        return next((key for key in self._keys if key.signs_at(now)), None)
+
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""
-        self._refresh()
-        for attempt in range(2):
-            now = utcnow()
-            for key in self._keys:
-                if key.signs_at(now):
-                    return key
-            if attempt == 0:
-                self._reload_if_older(0)
-        raise RuntimeError("no signing key is active")
+        stale = time.monotonic() - self._loaded_at >= SIGNER_RELOAD_SECONDS
+        if stale or self._signer() is None:
+            # Signing runs in the token endpoint's request thread, never on the loop: it may
+            # wait for a reread, so that a retirement is seen in time (and a first key made).
+            self._await_reload()
+        key = self._signer()
+        if key is None:
+            raise RuntimeError("no signing key is active")
+        return key
 
     def verification_key(self, kid: str) -> Key | None:
-        """The published key with this kid, or None."""
+        """The published key with this kid, or None (and a reload scheduled) at once."""
         self._refresh()
-        for attempt in range(2):
-            for key in self._published():
-                if key.kid == kid:
-                    return key
-            if attempt == 0:
-                self._reload_if_older(MISS_RELOAD_SECONDS)
+        for key in self._published():
+            if key.kid == kid:
+                return key
+        self._schedule_reload()
         return None
 
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
         """The JWK set of every key whose tokens may still be alive."""
         self._refresh()
+        if not self._keys:
+            self._await_reload()
         return {"keys": [key.public_jwk for key in self._published()]}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.models import utcnow
@@ -32,14 +32,24 @@ async def lock_key_creation(session: AsyncSession) -> None:
 
 
 async def has_active_key(session: AsyncSession) -> bool:
-    """Whether some key may sign now."""
-    now = utcnow()
+    """Whether some key not retiring signs now, or takes over when the signing ones retire."""
+    horizon = await last_retirement_due(session) or utcnow()
     found = await session.scalar(
         select(SigningKey.kid)
-        .where(SigningKey.activates_at <= now, SigningKey.retired_at.is_(None))
+        .where(SigningKey.activates_at <= horizon, SigningKey.retired_at.is_(None))
         .limit(1)
     )
     return found is not None
+
+
+async def last_retirement_due(session: AsyncSession) -> datetime | None:
+    """When the last key that signs now is due to retire, if each of them is."""
+    now = utcnow()
+    return await session.scalar(
+        select(func.max(SigningKey.retired_at)).where(
+            SigningKey.activates_at <= now, SigningKey.retired_at > now
+        )
+    )
 
 
 async def add_key(
@@ -63,11 +73,11 @@ async def add_key(
     )
 
 
-async def retire_key(session: AsyncSession, *, kid: str) -> bool:
-    """Stop signing with a key; it stays published until its tokens expire."""
+async def retire_key(session: AsyncSession, *, kid: str, at: datetime | None = None) -> bool:
+    """Stop signing with a key at `at` (default now); it stays published until its tokens expire."""
     result = await session.execute(
         update(SigningKey)
         .where(SigningKey.kid == kid, SigningKey.retired_at.is_(None))
-        .values(retired_at=utcnow())
+        .values(retired_at=at or utcnow())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
