@@ -449,6 +449,27 @@ async def test_password_change_ends_the_browser_sign_in(
     assert again.headers["location"].startswith("/oauth/login")
 
 
+async def test_logout_all_ends_the_browser_sign_in(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    client_id = registered.client.client_id
+    async with browser(client) as agent:
+        first = authorize_url(client_id, code_challenge=pkce()[1], code_challenge_method="S256")
+        assert "code" in query_of(
+            await sign_in_and_consent(agent, first, user.username, user.password)
+        )
+        ended = await client.post("/auth/logout-all", headers=bearer(user.access))
+        assert ended.status_code == 204, ended.text
+        again = authorize_url(client_id, code_challenge=pkce()[1], code_challenge_method="S256")
+        refused = await agent.get(again)
+        assert refused.status_code == 302
+        assert refused.headers["location"].startswith("/oauth/login")
+        # Signing in again works, and the remembered consent still applies.
+        after = await sign_in_and_consent(agent, again, user.username, user.password)
+    assert "code" in query_of(after)
+
+
 async def test_tokens_never_reach_the_logs(
     client: httpx.AsyncClient, settings: Settings, user: Session, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -104,6 +104,12 @@ async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> Non
         await session_store.close_user_sessions(
             session, user_id=uuid.UUID(user_id), cutoff_ms=cutoff_ms, reason=reason
         )
+        # Browser sign-ins up to the end of the cutoff millisecond end as well.
+        await user_store.end_sessions_before(
+            session,
+            user_id=uuid.UUID(user_id),
+            cutoff=datetime.fromtimestamp((cutoff_ms + 1) / 1000, UTC),
+        )
         revocations.append(
             Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)
         )

@@ -59,6 +59,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Logout-all and password changes end browser sign-ins made before this moment.
+    sessions_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class LoginSession(Base):

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.models import User, utcnow
@@ -24,6 +24,7 @@ async def create_client(
     grant_types: list[str],
     scope: str,
     auth_method: str,
+    resource_server: bool = False,
 ) -> OAuthClient:
     """Insert a client."""
     client = OAuthClient(
@@ -34,6 +35,7 @@ async def create_client(
         grant_types=grant_types,
         scope=scope,
         auth_method=auth_method,
+        resource_server=resource_server,
     )
     session.add(client)
     await session.flush()
@@ -90,11 +92,17 @@ async def save_consent(
 async def find_signed_in_account(
     session: AsyncSession, *, user_id: uuid.UUID, signed_in_at: datetime
 ) -> Account | None:
-    """The account of a browser sign-in, unless it is gone or its password changed since."""
+    """The account of a browser sign-in, unless it is gone or was signed out everywhere since.
+
+    Logout-all and password changes move sessions_valid_after; password_changed_at also
+    covers changes recorded before that column existed.
+    """
     row = (
         await session.execute(
             select(User.id, User.username).where(
-                User.id == user_id, User.password_changed_at <= signed_in_at
+                User.id == user_id,
+                User.password_changed_at <= signed_in_at,
+                or_(User.sessions_valid_after.is_(None), User.sessions_valid_after <= signed_in_at),
             )
         )
     ).one_or_none()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -65,6 +66,15 @@ async def get_account(session: AsyncSession, *, user_id: uuid.UUID) -> Account |
         await session.execute(select(User.id, User.username).where(User.id == user_id))
     ).one_or_none()
     return None if row is None else Account(id=row.id, username=row.username)
+
+
+async def end_sessions_before(
+    session: AsyncSession, *, user_id: uuid.UUID, cutoff: datetime
+) -> None:
+    """Make every sign-in of the user before cutoff invalid (browser sign-ins included)."""
+    await session.execute(
+        update(User).where(User.id == user_id).values(sessions_valid_after=cutoff)
+    )
 
 
 async def set_password_hash(
