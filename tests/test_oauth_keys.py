@@ -461,6 +461,28 @@ async def test_clients_command(client: httpx.AsyncClient, settings: Settings) ->
     assert await token_status(secret) == 401
     assert await token_status(rotated["client_secret"]) == 200
 
+    assert json.loads(shown.stdout)["resource_server"] is False
+
+    api = run_cli(
+        settings,
+        "clients",
+        "create",
+        "--name",
+        "Orders API",
+        "--grant-type",
+        "client_credentials",
+        "--resource-server",
+    )
+    assert api.returncode == 0, api.stderr
+    api_record = json.loads(api.stdout)
+    assert api_record["resource_server"] is True
+    introspected = await client.post(
+        "/oauth/introspect",
+        data={"token": (await machine_token(client, settings))},
+        auth=(api_record["client_id"], api_record["client_secret"]),
+    )
+    assert introspected.json()["active"] is True
+
     assert run_cli(settings, "clients", "delete", client_id).returncode == 0
     assert run_cli(settings, "clients", "show", client_id).returncode == 1
     assert await token_status(rotated["client_secret"]) == 401
@@ -474,6 +496,7 @@ async def test_clients_command(client: httpx.AsyncClient, settings: Settings) ->
         ["--redirect-uri", "https://ok.example/cb#frag"],
         ["--scope", "admin"],
         [],  # authorization_code without a redirect URI
+        ["--public", "--redirect-uri", "https://ok.example/cb", "--resource-server"],
     ],
 )
 def test_clients_command_refuses_unsafe_registrations(settings: Settings, args: list[str]) -> None:

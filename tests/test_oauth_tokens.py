@@ -394,6 +394,23 @@ async def test_introspection_requires_client_authentication(
     assert as_public.status_code == 401
 
 
+async def test_a_client_introspects_only_its_own_tokens(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    owner, tokens = await tokens_for(client, settings, user)
+    other = await new_client(settings)
+    api = await new_client(
+        settings, grant_types=["client_credentials"], redirect_uris=[], resource_server=True
+    )
+    assert not other.client.resource_server and api.client.resource_server
+    for kind in ("access_token", "refresh_token"):
+        assert await introspect(client, other, tokens[kind]) == {"active": False}, kind
+        seen_by_api = await introspect(client, api, tokens[kind])
+        assert seen_by_api["active"] is True, kind
+        assert seen_by_api["client_id"] == owner.client.client_id
+        assert (await introspect(client, owner, tokens[kind]))["active"] is True, kind
+
+
 async def test_first_party_tokens_are_not_oauth_tokens(
     client: httpx.AsyncClient, settings: Settings, user: Session
 ) -> None:

@@ -33,6 +33,11 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--scope", default="profile email")
     create.add_argument("--public", action="store_true", help="no secret (auth method none)")
     create.add_argument("--auth-method", choices=clients.AUTH_METHODS, default=None)
+    create.add_argument(
+        "--resource-server",
+        action="store_true",
+        help="may introspect tokens issued to other clients (an API, not an app)",
+    )
     _action(sub, "list", "list clients", _list)
     _action(sub, "show", "show one client", _show).add_argument("client_id")
     _action(sub, "rotate-secret", "issue a new secret", _rotate).add_argument("client_id")
@@ -79,6 +84,7 @@ def _describe(client: Client) -> dict[str, object]:
         "grant_types": list(client.grant_types),
         "scope": client.scope,
         "token_endpoint_auth_method": client.auth_method,
+        "resource_server": client.resource_server,
     }
 
 
@@ -96,6 +102,7 @@ async def _create(args: argparse.Namespace, database: Database, _s: Settings) ->
             grant_types=args.grants or ["authorization_code", "refresh_token"],
             scope=args.scope,
             auth_method=method,
+            resource_server=args.resource_server,
         )
     except clients.InvalidClient as exc:
         print(f"invalid client: {exc}", file=sys.stderr)

@@ -33,7 +33,12 @@ class Registered:
 
 
 def _check(
-    *, redirect_uris: Sequence[str], grant_types: Sequence[str], scope: str, auth_method: str
+    *,
+    redirect_uris: Sequence[str],
+    grant_types: Sequence[str],
+    scope: str,
+    auth_method: str,
+    resource_server: bool,
 ) -> None:
     if auth_method not in AUTH_METHODS:
         raise InvalidClient(f"auth method must be one of {', '.join(AUTH_METHODS)}")
@@ -43,6 +48,8 @@ def _check(
         raise InvalidClient(f"unknown scopes: {', '.join(sorted(unknown))}")
     if auth_method == "none" and "client_credentials" in grant_types:
         raise InvalidClient("a public client cannot use client_credentials")
+    if auth_method == "none" and resource_server:
+        raise InvalidClient("a resource server must authenticate: it cannot be public")
     if "authorization_code" in grant_types and not redirect_uris:
         raise InvalidClient("authorization_code needs at least one redirect URI")
     for uri in redirect_uris:
@@ -60,10 +67,18 @@ async def register_client(
     grant_types: Sequence[str] = ("authorization_code", "refresh_token"),
     scope: str = " ".join(SCOPES),
     auth_method: str = "client_secret_basic",
+    resource_server: bool = False,
 ) -> Registered:
-    """Create a client; confidential clients get a 256-bit secret."""
+    """Create a client; confidential clients get a 256-bit secret.
+
+    A resource server may introspect every token; other clients only their own.
+    """
     _check(
-        redirect_uris=redirect_uris, grant_types=grant_types, scope=scope, auth_method=auth_method
+        redirect_uris=redirect_uris,
+        grant_types=grant_types,
+        scope=scope,
+        auth_method=auth_method,
+        resource_server=resource_server,
     )
     secret = None if auth_method == "none" else secrets.token_urlsafe(32)
     async with database.session() as session:
@@ -76,6 +91,7 @@ async def register_client(
             grant_types=list(dict.fromkeys(grant_types)),
             scope=" ".join(dict.fromkeys(scope.split())),
             auth_method=auth_method,
+            resource_server=resource_server,
         )
     return Registered(client=Client.from_row(row), secret=secret)
 

@@ -67,7 +67,7 @@ class RevocationEndpoint(_RevocationEndpoint):  # type: ignore[misc]
 
 
 class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
-    """Answer for any token to an authenticated confidential client (a resource server)."""
+    """Answer a confidential client about its own tokens, a resource server about any."""
 
     CLIENT_AUTH_METHODS = SECRET_AUTH
 
@@ -75,8 +75,8 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
         return find_token(token_string, token_type_hint)
 
     def check_permission(self, token: Any, client: Client, request: Any) -> bool:
-        # Resource servers introspect tokens issued to other clients: that is the point.
-        return True
+        # Another client's token is reported inactive: no token metadata leaks to it.
+        return client.resource_server or bool(token.check_client(client))
 
     def introspect_token(self, token: AccessToken | RefreshToken) -> dict[str, Any]:
         return {"active": True, **token.introspection()}

@@ -36,6 +36,7 @@ class Client(ClientMixin):  # type: ignore[misc]
     grant_types: tuple[str, ...]
     scope: str
     auth_method: str
+    resource_server: bool = False
 
     @classmethod
     def from_row(cls, row: OAuthClient) -> Client:
@@ -48,6 +49,7 @@ class Client(ClientMixin):  # type: ignore[misc]
             grant_types=tuple(row.grant_types),
             scope=row.scope,
             auth_method=row.auth_method,
+            resource_server=bool(row.resource_server),
         )
 
     @property

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.store.models import Base, UTCDateTime, utcnow
@@ -26,6 +26,8 @@ class OAuthClient(Base):
     auth_method: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A resource server may introspect tokens issued to other clients.
+    resource_server: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class OAuthGrant(Base):
