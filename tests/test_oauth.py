@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import urlencode
@@ -468,6 +469,71 @@ async def test_logout_all_ends_the_browser_sign_in(
         # Signing in again works, and the remembered consent still applies.
         after = await sign_in_and_consent(agent, again, user.username, user.password)
     assert "code" in query_of(after)
+
+
+async def test_hostile_sign_in_forms_get_answers_not_errors(
+    client: httpx.AsyncClient, user: Session
+) -> None:
+    async with browser(client) as agent:
+        page = await agent.get("/oauth/login")
+        csrf = csrf_of(page)
+        for username in ("a\x00b", "x" * 5000, "line\r\nbreak"):
+            form = {"csrf_token": csrf, "username": username, "password": "whatever"}
+            refused = await agent.post("/oauth/login", data=form)
+            assert refused.status_code == 401, username[:10]
+        for token in ("é", "\x00", csrf + "é"):
+            form = {"csrf_token": token, "username": user.username, "password": user.password}
+            assert (await agent.post("/oauth/login", data=form)).status_code == 400
+        hostile_next = "/oauth/authorize?x=1\r\nSet-Cookie: planted=1"
+        signed_in = await agent.post(
+            "/oauth/login",
+            data={
+                "csrf_token": csrf,
+                "username": user.username,
+                "password": user.password,
+                "next": hostile_next,
+            },
+        )
+    assert signed_in.status_code == 303
+    assert signed_in.headers["location"] == "/oauth/authorize"
+    assert "planted" not in signed_in.headers.get("set-cookie", "")
+
+
+async def test_concurrent_approvals_merge_into_one_consent(
+    client: httpx.AsyncClient, settings: Settings, user: Session
+) -> None:
+    registered = await new_client(settings)
+    client_id = registered.client.client_id
+    async with browser(client) as agent:
+        url = authorize_url(client_id, code_challenge=pkce()[1], code_challenge_method="S256")
+        login = await agent.get(url)
+        page = await agent.get(login.headers["location"])
+        await agent.post(
+            "/oauth/login",
+            data={
+                "csrf_token": csrf_of(page),
+                "username": user.username,
+                "password": user.password,
+            },
+        )
+        consent = await agent.get(url)
+        form = {"csrf_token": csrf_of(consent), "decision": "approve"}
+        clicks = await asyncio.gather(*(agent.post(url, data=form) for _ in range(8)))
+        assert all("code" in query_of(click) for click in clicks)
+        wider = authorize_url(
+            client_id, scope="email", code_challenge=pkce()[1], code_challenge_method="S256"
+        )
+        asked = await agent.get(wider)
+        assert asked.status_code == 200
+        await agent.post(wider, data={"csrf_token": csrf_of(asked), "decision": "approve"})
+        both = authorize_url(
+            client_id,
+            scope="email profile",
+            code_challenge=pkce()[1],
+            code_challenge_method="S256",
+        )
+        remembered = await agent.get(both)
+    assert "code" in query_of(remembered)  # both approvals are on record
 
 
 async def test_tokens_never_reach_the_logs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -409,6 +410,37 @@ async def test_a_client_introspects_only_its_own_tokens(
         assert seen_by_api["active"] is True, kind
         assert seen_by_api["client_id"] == owner.client.client_id
         assert (await introspect(client, owner, tokens[kind]))["active"] is True, kind
+
+
+def basic(raw: bytes) -> dict[str, str]:
+    """An Authorization header carrying raw bytes as Basic credentials."""
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "form", "headers"),
+    [
+        ("GET", "/oauth/authorize?response_type=code&client_id=%00x", None, {}),
+        ("GET", "/oauth/authorize?response_type=code&client_id=" + "x" * 5000, None, {}),
+        ("POST", TOKEN, {"grant_type": "client_credentials", "client_id": "a\x00"}, {}),
+        ("POST", TOKEN, {"grant_type": "client_credentials"}, basic(b"\xff\xfe:\xff")),
+        ("POST", TOKEN, {"grant_type": "client_credentials"}, basic(b"a\x00:b")),
+        ("POST", "/oauth/revoke", {"token": "x", "client_id": "\x00"}, {}),
+        ("POST", "/oauth/revoke", {"token": "x"}, basic(b"\xc3(:\xc3(")),
+        ("POST", "/oauth/introspect", {"token": "a.b.c"}, basic(b"a\x00:b")),
+        ("POST", "/oauth/introspect", {"token": "a.b.c"}, basic(b"\xff:\xff")),
+    ],
+)
+async def test_hostile_client_credentials_are_invalid_client(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    form: dict[str, str] | None,
+    headers: dict[str, str],
+) -> None:
+    response = await client.request(method, path, data=form, headers=headers)
+    assert response.status_code in {400, 401}, response.text
+    assert response.json()["error"] == "invalid_client"
 
 
 async def test_first_party_tokens_are_not_oauth_tokens(

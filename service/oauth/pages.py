@@ -7,7 +7,7 @@ import secrets
 import time
 import uuid
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import session
 
@@ -22,6 +22,7 @@ USER_KEY = "oauth_user"
 SINCE_KEY = "oauth_signed_in_at"
 CSRF_KEY = "csrf"
 AUTHORIZE_PATH = "/oauth/authorize"
+MAX_USERNAME = 256
 
 # Pages must not be framed (clickjacking on Approve) nor load anything from elsewhere.
 PAGE_HEADERS = {
@@ -61,26 +62,42 @@ def csrf_token() -> str:
 def check_csrf(submitted: str | None) -> None:
     """Refuse a form post whose CSRF token does not match the session's."""
     expected = session.get(CSRF_KEY)
-    if not expected or not submitted or not hmac.compare_digest(str(expected), submitted):
+    # Bytes: compare_digest refuses non-ASCII str, and a hostile form may send any.
+    if (
+        not expected
+        or not submitted
+        or not hmac.compare_digest(
+            str(expected).encode(), submitted.encode("utf-8", "surrogateescape")
+        )
+    ):
         raise ApiError(400, "The form has expired or was not sent by this site; reload it.")
 
 
 def safe_next(value: str | None) -> str:
-    """Only ever send the browser back to our own authorization endpoint."""
-    if not value:
+    """Only ever send the browser back to our own authorization endpoint.
+
+    The result is rebuilt from the parsed value, and control characters (a CR/LF would
+    split the Location header) make it fall back to the bare endpoint.
+    """
+    if not value or not value.isprintable():
         return AUTHORIZE_PATH
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or parts.path != AUTHORIZE_PATH:
         return AUTHORIZE_PATH
-    return value
+    return urlunsplit(("", "", AUTHORIZE_PATH, parts.query, ""))
 
 
 async def authenticate(
     *, store: Store, passwords: Passwords, username: str, password: str
 ) -> Account | None:
-    """Check a username and password; unknown users cost the same time as wrong passwords."""
-    async with store.db.session() as db:
-        found = await user_store.find_credentials(db, username=username)
+    """Check a username and password; unknown users cost the same time as wrong passwords.
+
+    A username no account can have (NUL, control characters, too long) is not looked up.
+    """
+    found = None
+    if username.isprintable() and len(username) <= MAX_USERNAME:
+        async with store.db.session() as db:
+            found = await user_store.find_credentials(db, username=username)
     account, password_hash = found if found else (None, None)
     verification = await passwords.verify(password_hash, password)
     return account if account is not None and verification.ok else None

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749.errors import InvalidClientError
 from flask import Flask
 
 from service.oauth import bridge, families
@@ -20,11 +21,33 @@ from service.oauth.models import Client
 from service.oauth.scopes import SCOPES
 from service.store import oauth as client_store
 
+MAX_IDENTIFIER = 128
+
+
+def plausible_identifier(value: object) -> bool:
+    """Whether value may name a client or user: short, printable, never NUL or CR/LF.
+
+    Hostile values are refused before any lookup (PostgreSQL rejects NUL in text).
+    """
+    return isinstance(value, str) and 0 < len(value) <= MAX_IDENTIFIER and value.isprintable()
+
 
 class Server(AuthorizationServer):  # type: ignore[misc]
     """Authorization server whose hooks reach the async store through the app's loop."""
 
+    def authenticate_client(self, request: Any, methods: list[str], endpoint: str = "token") -> Any:
+        try:
+            return super().authenticate_client(request, methods, endpoint)
+        except UnicodeError as exc:
+            # Basic credentials that are not UTF-8 name no client.
+            raise InvalidClientError(
+                description="The client credentials cannot be read.", status_code=401
+            ) from exc
+
     def query_client(self, client_id: str) -> Client | None:
+        if not plausible_identifier(client_id):
+            return None
+
         async def lookup() -> Client | None:
             async with bridge.store().db.session() as session:
                 row = await client_store.get_client(session, client_id=client_id)

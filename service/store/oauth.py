@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import ColumnElement, case, delete, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.models import User, utcnow
@@ -80,13 +83,38 @@ async def get_consent(session: AsyncSession, *, user_id: uuid.UUID, client_id: s
 async def save_consent(
     session: AsyncSession, *, user_id: uuid.UUID, client_id: str, scope: str
 ) -> None:
-    """Record (or widen) a user's approval of a client's scopes."""
-    current = await session.get(OAuthConsent, (user_id, client_id))
-    if current is None:
-        session.add(OAuthConsent(user_id=user_id, client_id=client_id, scope=scope))
-        return
-    current.scope = " ".join(sorted(set(current.scope.split()) | set(scope.split())))
-    current.granted_at = utcnow()
+    """Record (or widen) a user's approval of a client's scopes, in one statement.
+
+    One upsert, so that concurrent approvals merge instead of colliding on the key.
+    """
+    approved = list(dict.fromkeys(scope.split()))
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(OAuthConsent).values(
+        user_id=user_id, client_id=client_id, scope=" ".join(approved), granted_at=utcnow()
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[OAuthConsent.user_id, OAuthConsent.client_id],
+            set_={
+                "scope": _widened(OAuthConsent.scope, approved),
+                "granted_at": statement.excluded.granted_at,
+            },
+        )
+    )
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _widened(current: Any, scopes: list[str]) -> ColumnElement[str]:
+    """SQL for current with every scope it lacks appended (space-separated)."""
+    padded = literal(" ") + current + literal(" ")
+    merged = current
+    for scope in scopes:
+        pattern = f"% {_escape_like(scope)} %"
+        merged = merged + case((padded.like(pattern, escape="\\"), ""), else_=" " + scope)
+    return func.trim(merged)
 
 
 async def find_signed_in_account(
