@@ -59,7 +59,9 @@ class Passwords:
             self._pending += 1
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
-                    self._threads, thread_name_prefix="argon2", initializer=_lower_priority,
+                    self._threads,
+                    thread_name_prefix="argon2",
+                    initializer=_lower_priority,
                     initargs=(self._nice,),
                 )
             pool = self._pool
