@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from service.config import Settings
+from service.tls import ensure_dev_certificate
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -102,3 +105,22 @@ def start_server(
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+def server_env(settings: Settings, tmp: Path) -> dict[str, str]:
+    """Environment that makes `python -m service serve` use the test backends."""
+    cert, key = ensure_dev_certificate(tmp)
+    return {
+        "SERVICE_ENV": "production",
+        "DATABASE_URL": str(settings.database_url),
+        "REDIS_URL": str(settings.redis_url),
+        "REDIS_PREFIX": settings.redis_prefix,
+        "JWT_SECRET": str(settings.jwt_secret),
+        "SECRET_KEY": str(settings.secret_key),
+        "TLS_CERT_FILE": str(cert),
+        "TLS_KEY_FILE": str(key),
+        "INSTANCE_DIR": str(tmp),
+        "EXPOSE_WORKER_ID": "true",
+        "PASSWORD_MEMORY_KIB": str(settings.password_memory_kib),
+        "PASSWORD_TIME_COST": str(settings.password_time_cost),
+    }

@@ -7,7 +7,6 @@ import socket
 import ssl
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -16,29 +15,9 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.tls import ensure_dev_certificate
-from tests.servers import RunningServer, start_server
+from tests.servers import RunningServer, server_env, start_server
 
 PASSWORD = "correct horse battery"
-
-
-def server_env(settings: Settings, tmp: Path) -> dict[str, str]:
-    """Environment that makes `python -m service serve` use the test backends."""
-    cert, key = ensure_dev_certificate(tmp)
-    return {
-        "SERVICE_ENV": "production",
-        "DATABASE_URL": str(settings.database_url),
-        "REDIS_URL": str(settings.redis_url),
-        "REDIS_PREFIX": settings.redis_prefix,
-        "JWT_SECRET": str(settings.jwt_secret),
-        "SECRET_KEY": str(settings.secret_key),
-        "TLS_CERT_FILE": str(cert),
-        "TLS_KEY_FILE": str(key),
-        "INSTANCE_DIR": str(tmp),
-        "EXPOSE_WORKER_ID": "true",
-        "PASSWORD_MEMORY_KIB": str(settings.password_memory_kib),
-        "PASSWORD_TIME_COST": str(settings.password_time_cost),
-    }
 
 
 @pytest.fixture(scope="module")
