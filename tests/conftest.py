@@ -228,6 +228,8 @@ async def cut_redis(
         redis_prefix=settings.redis_prefix,
         redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
         redis_timeout=0.3,
+        secret_key=settings.secret_key,  # the stored OAuth signing keys are sealed with it
+        jwt_secret=settings.jwt_secret,
     )
     async with serve_in_process(proxied) as http:
         yield http, proxy

@@ -17,8 +17,7 @@ import pytest
 
 from service.config import Settings
 from service.oauth.clients import Registered
-from service.tls import ensure_dev_certificate
-from tests.servers import RunningServer, start_server
+from tests.servers import RunningServer, server_env, start_server
 from tests.test_oauth_support import new_client, pkce
 
 CHROMIUM = "/usr/bin/chromium"
@@ -82,20 +81,7 @@ class Callback:
 @pytest.fixture
 def server(settings: Settings, tmp_path: Path) -> Iterator[RunningServer]:
     """`python -m service serve` on a free port, over TLS, on the test databases."""
-    cert, key = ensure_dev_certificate(tmp_path / "tls")
-    env = {
-        "SERVICE_ENV": "production",
-        "DATABASE_URL": str(settings.database_url),
-        "REDIS_URL": str(settings.redis_url),
-        "REDIS_PREFIX": settings.redis_prefix,
-        "SECRET_KEY": str(settings.secret_key),
-        "JWT_SECRET": str(settings.jwt_secret),
-        "INSTANCE_DIR": str(tmp_path / "instance"),
-        "TLS_CERT_FILE": str(cert),
-        "TLS_KEY_FILE": str(key),
-        "PASSWORD_MEMORY_KIB": "7168",
-        "PASSWORD_TIME_COST": "1",
-    }
+    env = server_env(settings, tmp_path)
     running = start_server(env, log_dir=tmp_path)
     try:
         yield running

@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -27,7 +24,7 @@ from service.store.db import Database
 from service.store.models import utcnow
 from service.store.oauth_keys import list_keys
 from service.store.oauth_models import OAuthCode
-from tests.conftest import Session, login, make_settings, register, serve_in_process
+from tests.conftest import Session, login, register
 from tests.proxy import TcpProxy
 from tests.test_oauth_support import (
     REDIRECT,
@@ -253,32 +250,10 @@ async def test_refused_refresh_leaves_the_token_usable(
     assert await status_of(client, retried.json()["access_token"]) == 200
 
 
-@pytest.fixture
-async def flaky_redis(
-    settings: Settings, tmp_path: Path
-) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
-    """An app sharing the test keys and databases, whose Redis sits behind a cuttable proxy."""
-    upstream = urlsplit(str(settings.redis_url))
-    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
-    proxy.start()
-    proxied = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_prefix=settings.redis_prefix,
-        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
-        redis_timeout=0.3,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
-    )
-    async with serve_in_process(proxied) as http:
-        yield http, proxy
-    proxy.close()
-
-
 async def test_refresh_during_a_redis_outage_can_be_retried(
-    flaky_redis: tuple[httpx.AsyncClient, TcpProxy], settings: Settings
+    cut_redis: tuple[httpx.AsyncClient, TcpProxy], settings: Settings
 ) -> None:
-    http, proxy = flaky_redis
+    http, proxy = cut_redis
     password = "correct horse battery"
     user = await login(http, await register(http, password), password)
     registered, tokens = await tokens_for(http, settings, user)
