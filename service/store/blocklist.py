@@ -13,7 +13,7 @@ Layout under the configured prefix:
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
 
@@ -47,6 +47,8 @@ elseif redis.call('EXPIRETIME', KEYS[1]) < tonumber(ARGV[2]) then
 end
 return 1
 """
+
+CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
 WRITE_BATCH = 1000
 REBUILD_LOCK_SECONDS = 30
@@ -171,9 +173,10 @@ class RedisBlocklist:
         self._max_connections = max_connections
         self._ready_key = f"{prefix}ready"
         self._lock_key = f"{prefix}rebuild-lock"
-        self._sync: redis.Redis | None = None
+        self._connections: list[redis.connection.AbstractConnection] = []
         self._async: aredis.Redis | None = None
-        self._check: redis.commands.core.Script | None = None
+        self._factory: redis.ConnectionPool | None = None
+        self._local = threading.local()
         self._down_until = 0.0
         self._run_id = ""
         self._pid: int | None = None
@@ -194,30 +197,52 @@ class RedisBlocklist:
         """The key that holds a user's revocation cutoff."""
         return f"{self._prefix}u:{user_id}"
 
-    def _clients(self) -> tuple[redis.Redis, aredis.Redis]:
-        if self._sync is None or self._async is None or self._pid != os.getpid():
+    def _clients(self) -> aredis.Redis:
+        """This process's asyncio client (writes, rebuilds) and check-connection factory."""
+        if self._async is None or self._pid != os.getpid():
             with self._init_lock:
-                if self._sync is None or self._async is None or self._pid != os.getpid():
+                if self._async is None or self._pid != os.getpid():
                     options: dict[str, Any] = {
                         "socket_timeout": self._timeout,
                         "socket_connect_timeout": self._timeout,
                         "health_check_interval": 30,
                     }
-                    self._sync = redis.Redis(
-                        connection_pool=redis.BlockingConnectionPool.from_url(
-                            self._url,
-                            max_connections=self._max_connections,
-                            timeout=self._timeout,
-                            redis_connect_func=self._on_connect,
-                            **options,
-                        ),
-                    )
                     self._async = aredis.Redis.from_url(self._url, **options)
-                    self._check = self._sync.register_script(CHECK_SCRIPT)
+                    self._factory = redis.ConnectionPool.from_url(
+                        self._url, redis_connect_func=self._on_connect, **options
+                    )
+                    self._connections = []
                     self._pid = os.getpid()
-                    with contextlib.suppress(RedisError):
-                        self._sync.ping()  # connects, so the first check knows the run_id
-        return self._sync, self._async
+        return self._async
+
+    def _connection(self) -> redis.connection.AbstractConnection:
+        """This thread's own connection for checks: no pool queue on the hot path."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            self._clients()
+            assert self._factory is not None
+            local.connection = self._factory.make_connection()
+            local.pid = os.getpid()
+            self._connections.append(local.connection)
+        connection: redis.connection.AbstractConnection = local.connection
+        return connection
+
+    def _evalsha(self, keys: list[str], args: list[str | int]) -> Any:
+        """EVALSHA of the check script on this thread's connection, loading it if needed."""
+        connection = self._connection()
+        command = ("EVALSHA", CHECK_SHA, len(keys), *keys, *args)
+        try:
+            try:
+                connection.send_command(*command)  # type: ignore[no-untyped-call]
+                return connection.read_response()
+            except NoScriptError:
+                connection.send_command("SCRIPT", "LOAD", CHECK_SCRIPT)  # type: ignore[no-untyped-call]
+                connection.read_response()
+                connection.send_command(*command)  # type: ignore[no-untyped-call]
+                return connection.read_response()
+        except RedisError:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
 
     def _on_connect(self, connection: redis.connection.AbstractConnection) -> None:
         """Learn the server's run_id on every new connection: a restart shows up here."""
@@ -227,8 +252,6 @@ class RedisBlocklist:
 
     def check(self, ref: TokenRef) -> Verdict:
         """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
-        self._clients()
-        assert self._check is not None
         keys = [
             self._ready_key,
             self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
@@ -241,11 +264,11 @@ class RedisBlocklist:
         try:
             started = session_started_ms(ref)
             run_id = self._run_id
-            result = self._check(keys=keys, args=[ref.jti, ref.sid, started, run_id])
+            result = self._evalsha(keys, [ref.jti, ref.sid, started, run_id])
             if self._run_id != run_id:
                 # The call (re)connected, perhaps to a restarted server: ask again with the
                 # run_id learned on that connection, or a stale snapshot would pass.
-                result = self._check(keys=keys, args=[ref.jti, ref.sid, started, self._run_id])
+                result = self._evalsha(keys, [ref.jti, ref.sid, started, self._run_id])
         except RedisError as exc:
             self._down_until = time.monotonic() + BREAKER_SECONDS
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
@@ -254,7 +277,7 @@ class RedisBlocklist:
 
     async def add(self, entries: Iterable[Entry]) -> None:
         """Write revocations in one pipeline."""
-        _, client = self._clients()
+        client = self._clients()
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for entry in entries:
@@ -280,7 +303,7 @@ class RedisBlocklist:
 
     async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
         """Copy durable revocations in, then set the ready key; one process at a time."""
-        _, client = self._clients()
+        client = self._clients()
         token = os.urandom(8).hex()
         try:
             if not await client.set(self._lock_key, token, nx=True, ex=REBUILD_LOCK_SECONDS):
@@ -301,7 +324,7 @@ class RedisBlocklist:
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is not allowed."""
-        _, client = self._clients()
+        client = self._clients()
         try:
             policy = await client.config_get("maxmemory-policy")
         except RedisError:
@@ -313,7 +336,7 @@ class RedisBlocklist:
 
     async def ping(self) -> bool:
         """Whether Redis answers and holds a loaded blocklist."""
-        _, client = self._clients()
+        client = self._clients()
         try:
             ready = await client.get(self._ready_key)
             run_id = parse_run_id(await client.info("server"))
@@ -326,6 +349,7 @@ class RedisBlocklist:
         if self._pid == os.getpid():
             if self._async is not None:
                 await self._async.aclose()
-            if self._sync is not None:
-                self._sync.close()
-        self._sync = self._async = None
+            for connection in self._connections:
+                connection.disconnect()  # type: ignore[no-untyped-call]
+        self._connections = []
+        self._async = None
