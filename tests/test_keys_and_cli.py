@@ -67,7 +67,10 @@ async def test_asymmetric_first_party_tokens(
         assert (await http.get("/api/hello", headers=session.bearer())).status_code == 401
 
 
-def test_create_user_command(settings: Settings) -> None:
+def create_user(
+    settings: Settings, username: str, password: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m service create-user USERNAME --password-stdin` on the test database."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -78,44 +81,25 @@ def test_create_user_command(settings: Settings) -> None:
         "JWT_SECRET": str(settings.jwt_secret),
         "PASSWORD_MEMORY_KIB": "7168",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "create-user",
-        f"cli_{os.getpid()}",
-        "--password-stdin",
-    ]
-    created = subprocess.run(
-        command,
-        input="a fine password\n",
+    return subprocess.run(
+        [sys.executable, "-m", "service", "create-user", username, "--password-stdin"],
+        input=f"{password}\n",
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
         check=False,
     )
+
+
+def test_create_user_command(settings: Settings) -> None:
+    username = f"cli_{os.getpid()}"
+    created = create_user(settings, username, "a fine password")
     assert created.returncode == 0, created.stderr
-    assert "created cli_" in created.stdout
-    again = subprocess.run(
-        command,
-        input="a fine password\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    assert f"created {username}" in created.stdout
+    again = create_user(settings, username, "a fine password")
     assert again.returncode == 1
     assert "is taken" in again.stderr
-    short = subprocess.run(
-        [*command[:-2], "cli_short_pw", "--password-stdin"],
-        input="short\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    short = create_user(settings, "cli_short_pw", "short")
     assert short.returncode == 1
     assert "Traceback" not in short.stderr

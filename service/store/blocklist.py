@@ -207,7 +207,9 @@ class RedisBlocklist:
                         "socket_connect_timeout": self._timeout,
                         "health_check_interval": 30,
                     }
-                    self._async = aredis.Redis.from_url(self._url, **options)
+                    self._async = aredis.Redis.from_url(
+                        self._url, max_connections=self._max_connections, **options
+                    )
                     self._factory = redis.ConnectionPool.from_url(
                         self._url, redis_connect_func=self._on_connect, **options
                     )
