@@ -68,6 +68,7 @@ def warm_up(app: Flask) -> None:
     app_store: store.Store = app.extensions["store"]
     keyring = app.extensions.get("oauth_keyring")
     try:
+        app_store.start_maintenance()
         loop.run(app_store.warm_up(), timeout=30)
         if keyring is not None:
             loop.run(keyring.load(), timeout=30)

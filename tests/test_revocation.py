@@ -214,3 +214,20 @@ async def test_a_restored_snapshot_is_reloaded_before_use(
     assert first.status_code in {401, 503}
     await wait_for_status(client, kept, 200)
     assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401
+
+
+async def test_expired_durable_revocations_are_purged(settings: Settings) -> None:
+    from service.loop import LoopThread
+    from service.store.revocations import stream_active
+
+    store = Store(settings, LoopThread())
+    now = int(time.time())
+    await store.revoke(
+        [Entry(Kind.TOKEN, "e" * 32, now + 1), Entry(Kind.TOKEN, "f" * 32, now + 600)]
+    )
+    await asyncio.sleep(1.5)
+    assert await store.purge() >= 1
+    async with store.db.session() as session:
+        left = {e.subject async for e in stream_active(session)}
+    assert "f" * 32 in left and "e" * 32 not in left
+    await store.close()

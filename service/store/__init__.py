@@ -30,6 +30,7 @@ from service.store.revocations import purge_expired, record, stream_active
 REBUILD_INTERVAL = 0.5
 REAPPLY_FIRST_DELAY = 0.05
 REAPPLY_MAX_DELAY = 1.0
+PURGE_INTERVAL = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Store:
         self._rebuild_lock = threading.Lock()
         self._unapplied: list[Entry] = []
         self._reapply: Future[None] | None = None
+        self._maintenance: Future[None] | None = None
 
     async def revoke(self, entries: Iterable[Entry]) -> None:
         """Persist revocations, then put them in force; returns once both are done."""
@@ -148,8 +150,25 @@ class Store:
         async with self.db.session() as session:
             return await purge_expired(session)
 
+    def start_maintenance(self) -> None:
+        """Purge expired durable revocations every PURGE_INTERVAL seconds, in the background."""
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = self.loop.submit(self._purge_forever())
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            try:
+                purged = await self.purge()
+            except Exception as exc:  # the next round tries again
+                log.warning("purging expired revocations failed: %s", type(exc).__name__)
+            else:
+                log.info("purged %d expired revocations", purged)
+
     async def close(self) -> None:
         """Release this process's connections."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
         await self.blocklist.close()
         await self.db.dispose()
 

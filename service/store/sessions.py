@@ -68,17 +68,6 @@ async def rotate(
     )
 
 
-async def find_open(session: AsyncSession, *, sid: str) -> LoginSession | None:
-    """Return the session if it exists and is neither revoked nor expired."""
-    return await session.scalar(
-        select(LoginSession).where(
-            LoginSession.id == sid,
-            LoginSession.revoked_at.is_(None),
-            LoginSession.expires_at > utcnow(),
-        )
-    )
-
-
 async def close_session(session: AsyncSession, *, sid: str, reason: str) -> datetime | None:
     """Mark one session revoked; returns its expiry, or None if it was unknown."""
     expires_at: datetime | None = await session.scalar(
