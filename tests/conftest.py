@@ -207,6 +207,13 @@ async def login(http: httpx.AsyncClient, username: str, password: str) -> Sessio
     return Session(username, password, response.json())
 
 
+async def two_sessions(http: httpx.AsyncClient) -> tuple[Session, Session]:
+    """One new user logged in twice: two sessions (say, two devices)."""
+    password = "correct horse battery"
+    username = await register(http, password)
+    return await login(http, username, password), await login(http, username, password)
+
+
 @pytest.fixture
 async def user(client: httpx.AsyncClient) -> Session:
     """A freshly registered and logged-in user."""

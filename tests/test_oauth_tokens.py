@@ -90,10 +90,15 @@ async def tokens_for(
 
 
 async def refresh(
-    client: httpx.AsyncClient, registered: Registered, refresh_token: str
+    client: httpx.AsyncClient,
+    registered: Registered,
+    refresh_token: str,
+    scope: str | None = None,
 ) -> httpx.Response:
-    """Spend a refresh token."""
+    """Spend a refresh token (asking for scope, if given)."""
     data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    if scope is not None:
+        data["scope"] = scope
     return await client.post(TOKEN, data=data, auth=auth_of(registered))
 
 
@@ -181,15 +186,7 @@ async def test_refresh_can_narrow_but_not_widen_scope(
     registered = await new_client(settings)
     code, verifier = await issue_code(client, user, registered, scope="profile")
     tokens = (await redeem(client, registered, code, verifier)).json()
-    wider = await client.post(
-        TOKEN,
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": tokens["refresh_token"],
-            "scope": "profile email",
-        },
-        auth=auth_of(registered),
-    )
+    wider = await refresh(client, registered, tokens["refresh_token"], scope="profile email")
     assert wider.json()["error"] == "invalid_scope"
 
 
@@ -214,15 +211,7 @@ async def test_stored_empty_scope_is_never_widened(
     ).status_code == 403
     renewed = (await refresh(client, registered, tokens["refresh_token"])).json()
     assert claims_of(renewed["access_token"])["scope"] == ""
-    blank = await client.post(
-        TOKEN,
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": renewed["refresh_token"],
-            "scope": " ",
-        },
-        auth=auth_of(registered),
-    )
+    blank = await refresh(client, registered, renewed["refresh_token"], scope=" ")
     assert blank.json()["error"] == "invalid_scope"
 
 
@@ -233,15 +222,7 @@ async def test_refused_refresh_leaves_the_token_usable(
     code, verifier = await issue_code(client, user, registered, scope="profile")
     tokens = (await redeem(client, registered, code, verifier)).json()
     for scope in ("profile email", " "):
-        refused = await client.post(
-            TOKEN,
-            data={
-                "grant_type": "refresh_token",
-                "refresh_token": tokens["refresh_token"],
-                "scope": scope,
-            },
-            auth=auth_of(registered),
-        )
+        refused = await refresh(client, registered, tokens["refresh_token"], scope=scope)
         assert refused.json()["error"] == "invalid_scope", scope
     # Not spent, so not a replay: the grant lives on.
     retried = await refresh(client, registered, tokens["refresh_token"])

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from service.config import Settings
-from tests.conftest import login, make_settings, register, serve_in_process
+from tests.conftest import make_settings, serve_in_process, two_sessions
 from tests.servers import free_port
 
 
@@ -93,9 +93,7 @@ async def test_revocations_survive_a_crash_restored_from_an_old_snapshot(
         redis_prefix="restart:",
     )
     async with serve_in_process(own) as http:
-        password = "correct horse battery"
-        username = await register(http, password)
-        revoked, kept = await login(http, username, password), await login(http, username, password)
+        revoked, kept = await two_sessions(http)
         redis.Redis.from_url(snapshotting_redis.url).save()  # the last periodic snapshot
         assert (await http.post("/auth/logout", headers=revoked.bearer())).status_code == 204
         snapshotting_redis.crash()

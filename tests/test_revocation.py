@@ -15,7 +15,7 @@ import redis.connection
 from service.config import Settings
 from service.store import Store
 from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBlocklist
-from tests.conftest import Session, delete_prefix, login, register
+from tests.conftest import Session, delete_prefix, two_sessions
 from tests.proxy import TcpProxy
 
 
@@ -90,9 +90,7 @@ async def test_token_entries_expire_and_free_their_memory(settings: Settings) ->
 async def test_revocations_survive_losing_redis(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    password = "correct horse battery"
-    username = await register(client, password)
-    revoked, kept = await login(client, username, password), await login(client, username, password)
+    revoked, kept = await two_sessions(client)
     assert (await client.post("/auth/logout", headers=revoked.bearer())).status_code == 204
     delete_prefix(str(settings.redis_url), settings.redis_prefix)  # Redis restarted empty
     first = await client.get("/api/hello", headers=kept.bearer())
@@ -111,9 +109,7 @@ async def test_redis_down_means_503_and_recovery_without_restart(
     cut_redis: tuple[httpx.AsyncClient, TcpProxy],
 ) -> None:
     http, proxy = cut_redis
-    password = "correct horse battery"
-    username = await register(http, password)
-    kept, leaving = await login(http, username, password), await login(http, username, password)
+    kept, leaving = await two_sessions(http)
     assert (await http.get("/api/hello", headers=kept.bearer())).status_code == 200
     proxy.stop()
     down = await http.get("/api/hello", headers=kept.bearer())
@@ -197,9 +193,7 @@ async def test_durable_record_holds_every_kind(settings: Settings, tmp_path: Pat
 async def test_a_restored_snapshot_is_reloaded_before_use(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    password = "correct horse battery"
-    username = await register(client, password)
-    revoked, kept = await login(client, username, password), await login(client, username, password)
+    revoked, kept = await two_sessions(client)
     assert (await client.post("/auth/logout", headers=revoked.bearer())).status_code == 204
     # A restart from an older snapshot (or a failover to a lagging replica): the ready
     # marker survived but names another server process, and the newest entries are gone.
