@@ -85,16 +85,7 @@ def measure_layout(prefix: str, count: int, spread_s: int) -> dict[str, float]:
     bucket = _settings_default("revocation_bucket_seconds")
     first = int(time.time()) + 3600
     asyncio.run(_add_all(_blocklist(prefix, bucket), _entries(count, first, spread_s)))
-    after = _used_memory(client)
-    keys, key_bytes = _key_bytes(client, prefix)
-    delete_keys(prefix)
-    client.close()
-    return {
-        "count": count,
-        "keys": keys,
-        "used_memory_per_entry": (after - before) / count,
-        "memory_usage_per_entry": key_bytes / count,
-    }
+    return _tally(client, prefix, count, before)
 
 
 def measure_expiry(prefix: str, count: int) -> dict[str, float]:
@@ -140,6 +131,11 @@ def measure_key_per_token(prefix: str, count: int) -> dict[str, float]:
         if i % BATCH == BATCH - 1:
             pipe.execute()
     pipe.execute()
+    return _tally(client, prefix, count, before)
+
+
+def _tally(client: redis.Redis, prefix: str, count: int, before: int) -> dict[str, float]:
+    """Bytes per entry under prefix since before; then delete the keys and close client."""
     after = _used_memory(client)
     keys, key_bytes = _key_bytes(client, prefix)
     delete_keys(prefix)
