@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from service import close_app, create_app, warm_up
 from service.adapter import AsgiAdapter
+from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
 from service.tls import ensure_dev_certificate
+from service.workers import run_workers
 
 log = logging.getLogger("service")
 
@@ -27,6 +30,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         max_body_bytes=settings.max_body_bytes,
         threads=settings.request_threads,
         inline=inline_policy(flask_app),
+        prepare_inline=revocation_prefetch(flask_app),
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
     )
@@ -84,8 +88,10 @@ def announce(settings: Settings) -> None:
         )
 
 
-def serve(config: object) -> int:
-    """Run Hypercorn until it is told to stop."""
+def serve(config: Any) -> int:
+    """Run Hypercorn until it is told to stop: one process, or workers with own sockets."""
     from hypercorn.run import run
 
-    return int(run(config) or 0)  # type: ignore[arg-type]
+    if config.workers > 1:
+        return run_workers(config)
+    return int(run(config) or 0)
