@@ -10,6 +10,7 @@ from flask import Flask
 
 from service import errors, health, store
 from service.config import Settings, load_settings
+from service.cookies import LazyCookieSessions
 from service.loop import LoopThread
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 class ServiceFlask(Flask):
     """Flask whose async views run on the process's long-lived loop, not a loop per call."""
+
+    session_interface = LazyCookieSessions()
 
     def async_to_sync(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         """Run coroutine views on this app's loop thread."""
