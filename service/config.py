@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     refresh_token_ttl: int = Field(default=30 * 86400, ge=300, le=400 * 86400)
     default_scopes: str = "profile email"
 
+    verified_token_memo: int = Field(default=8192, ge=0, le=1_000_000)
     revocation_check: bool = True
     revocation_shards: int = Field(default=256, ge=1, le=65536)
     revocation_bucket_seconds: int = Field(default=60, ge=1, le=3600)

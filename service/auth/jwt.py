@@ -5,16 +5,44 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, Response, current_app
+from flask import Flask, Response, current_app, request
 from flask_jwt_extended import JWTManager
 from flask_jwt_extended.config import config as jwt_settings
-from jwt import InvalidTokenError
+from jwt import InvalidTokenError, get_unverified_header
 
+from service.auth.prefetch import prefetched
+from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
 from service.errors import problem, unauthorized
 from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
 
-jwt = JWTManager()
+
+class MemoizingJWTManager(JWTManager):
+    """Flask-JWT-Extended's manager, verifying each token's signature once (see verified.py).
+
+    Flask-JWT-Extended parses a token four times per request; on a hit only the expiry
+    and the key are checked again.
+    """
+
+    def _decode_jwt_from_config(
+        self, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False
+    ) -> dict[str, Any]:
+        memo: VerifiedTokens | None = current_app.extensions.get("verified_tokens")
+        if memo is None or csrf_value is not None or allow_expired:
+            return dict(super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired))
+        claims = memo.lookup(encoded_token, self._decode_key_callback)
+        if claims is not None:
+            return claims
+        claims = dict(super()._decode_jwt_from_config(encoded_token))
+        expires_at = claims.get("exp")
+        if isinstance(expires_at, int | float):
+            header = get_unverified_header(encoded_token)
+            key = self._decode_key_callback(header, claims)
+            memo.remember(encoded_token, Verified(header, dict(claims), key, float(expires_at)))
+        return claims
+
+
+jwt = MemoizingJWTManager()
 
 
 def jwt_config(settings: Settings) -> dict[str, Any]:
@@ -61,15 +89,19 @@ def _public_pem(private_pem: str) -> str:
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure and bind the JWT manager."""
     app.config.update(jwt_config(settings), REVOCATION_CHECK=settings.revocation_check)
+    app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
     jwt.init_app(app)
 
 
 @jwt.token_in_blocklist_loader
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
-    """One Redis round trip; fails closed (503) when the answer is unknown."""
+    """One Redis round trip (or its answer awaited just before); fails closed (503)."""
     if not current_app.config["REVOCATION_CHECK"]:
         return False
-    verdict = current_app.extensions["store"].check(TokenRef.from_claims(claims))
+    ref = TokenRef.from_claims(claims)
+    verdict = prefetched(request.environ, ref)
+    if verdict is None:
+        verdict = current_app.extensions["store"].check(ref)
     if verdict is Verdict.NOT_LOADED:
         raise BlocklistUnavailable("blocklist is being rebuilt")
     return verdict is Verdict.REVOKED
