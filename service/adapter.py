@@ -11,7 +11,7 @@ import contextlib
 import io
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +40,7 @@ class AsgiAdapter:
         max_body_bytes: int,
         threads: int,
         inline: Callable[[str, str], bool] | None = None,
+        prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
     ) -> None:
@@ -47,6 +48,7 @@ class AsgiAdapter:
         self._max_body = max_body_bytes
         self._threads = threads
         self._inline = inline
+        self._prepare_inline = prepare_inline
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._pool: ThreadPoolExecutor | None = None
@@ -97,6 +99,8 @@ class AsgiAdapter:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
         environ = build_environ(scope, body)
         if self._inline is not None and self._inline(scope["method"], environ["PATH_INFO"]):
+            if self._prepare_inline is not None:
+                await self._prepare_inline(environ)
             status, headers, chunks = self._call(environ)
         else:
             loop = asyncio.get_running_loop()

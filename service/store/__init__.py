@@ -103,7 +103,13 @@ class Store:
         While a revocation this process recorded has not reached Redis yet, answers
         NOT_LOADED (503): the token asked about might be the one not yet in force.
         """
-        verdict = self.blocklist.check(ref)
+        return self._settle(self.blocklist.check(ref))
+
+    async def check_async(self, ref: TokenRef) -> Verdict:
+        """The same check, awaited on the server's event loop."""
+        return self._settle(await self.blocklist.check_async(ref))
+
+    def _settle(self, verdict: Verdict) -> Verdict:
         if verdict is Verdict.NOT_LOADED:
             self.request_rebuild()
         if self._unapplied:

@@ -28,6 +28,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
+from service.store.check_pipeline import CheckPipeline
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
@@ -112,6 +113,10 @@ class Blocklist(Protocol):
         """Answer for one token; raises BlocklistUnavailable when it cannot."""
         ...
 
+    async def check_async(self, ref: TokenRef) -> Verdict:
+        """The same answer, awaited on the server's event loop."""
+        ...
+
     async def add(self, entries: Iterable[Entry]) -> None:
         """Store revocations; returns only once they are in force."""
         ...
@@ -181,6 +186,7 @@ class RedisBlocklist:
         self._run_id = ""
         self._pid: int | None = None
         self._init_lock = threading.Lock()
+        self._pipeline: CheckPipeline | None = None
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -252,30 +258,58 @@ class RedisBlocklist:
         connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]
         self._run_id = parse_run_id(connection.read_response())
 
-    def check(self, ref: TokenRef) -> Verdict:
-        """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
+    def _check_call(self, ref: TokenRef) -> tuple[list[str], list[str | int]]:
+        """Keys and arguments of the check script for one token, but the run_id."""
+        if self._down_until and time.monotonic() < self._down_until:
+            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
+            raise BlocklistUnavailable("blocklist unreachable moments ago")
         keys = [
             self._ready_key,
             self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
             self.bucket_key(Kind.SESSION, ref.sid, ref.sxp),
             self.user_key(ref.sub),
         ]
-        if self._down_until and time.monotonic() < self._down_until:
-            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
-            raise BlocklistUnavailable("blocklist unreachable moments ago")
+        return keys, [ref.jti, ref.sid, session_started_ms(ref)]
+
+    def _verdict(self, result: Any) -> Verdict:
+        self._down_until = 0.0
+        return Verdict(int(result))
+
+    def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
+        self._down_until = time.monotonic() + BREAKER_SECONDS
+        return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
+        keys, args = self._check_call(ref)
         try:
-            started = session_started_ms(ref)
             run_id = self._run_id
-            result = self._evalsha(keys, [ref.jti, ref.sid, started, run_id])
+            result = self._evalsha(keys, [*args, run_id])
             if self._run_id != run_id:
                 # The call (re)connected, perhaps to a restarted server: ask again with the
                 # run_id learned on that connection, or a stale snapshot would pass.
-                result = self._evalsha(keys, [ref.jti, ref.sid, started, self._run_id])
+                result = self._evalsha(keys, [*args, self._run_id])
         except RedisError as exc:
-            self._down_until = time.monotonic() + BREAKER_SECONDS
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
-        self._down_until = 0.0
-        return Verdict(int(result))
+            raise self._unreachable(exc) from exc
+        return self._verdict(result)
+
+    async def check_async(self, ref: TokenRef) -> Verdict:
+        """The same check through this loop's pipeline: concurrent checks share a write."""
+        keys, args = self._check_call(ref)
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.usable:
+            pipeline = self._pipeline = CheckPipeline(
+                self._url, timeout=self._timeout, script=CHECK_SCRIPT, read_run_id=parse_run_id
+            )
+
+        def command(run_id: str) -> tuple[Any, ...]:
+            return ("EVALSHA", CHECK_SHA, len(keys), *keys, *args, run_id)
+
+        try:
+            result = await pipeline.call(command)
+        except RedisError as exc:
+            raise self._unreachable(exc) from exc
+        return self._verdict(result)
 
     async def add(self, entries: Iterable[Entry]) -> None:
         """Write revocations in one pipeline."""
@@ -347,7 +381,10 @@ class RedisBlocklist:
         return isinstance(ready, bytes) and ready.decode() == run_id
 
     async def close(self) -> None:
-        """Close both connection pools of this process."""
+        """Close both connection pools of this process, and the check pipeline."""
+        if self._pipeline is not None:
+            await self._pipeline.close()
+            self._pipeline = None
         if self._pid == os.getpid():
             if self._async is not None:
                 await self._async.aclose()
