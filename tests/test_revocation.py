@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
 import pytest
 import redis
-import redis.asyncio.connection
 import redis.connection
 
 from service.config import Settings
-from service.store import Store
+from service.store import Store, check_pipeline
 from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBlocklist
 from tests.conftest import Session, delete_prefix, two_sessions
 from tests.proxy import TcpProxy
@@ -184,20 +184,18 @@ def count_redis_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes
     """Record every command write of both Redis clients from now on."""
     sent: list[tuple[str, bytes]] = []
     blocking = redis.connection.AbstractConnection.send_packed_command
-    awaited = redis.asyncio.connection.AbstractConnection.send_packed_command
+    flush = check_pipeline._flush
 
     def counting(self: object, command: object, check_health: bool = True) -> None:
         sent.append(("sync", b"".join(command) if isinstance(command, list) else command))
         blocking(self, command, check_health)  # type: ignore[arg-type]
 
-    async def counting_async(self: object, command: object, check_health: bool = True) -> None:
-        sent.append(("async", b"".join(command) if isinstance(command, list) else command))
-        await awaited(self, command, check_health)  # type: ignore[arg-type]
+    def counting_flush(protocol: Any) -> None:
+        sent.append(("async", b"".join(protocol.outbox)))
+        flush(protocol)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
-    monkeypatch.setattr(
-        redis.asyncio.connection.AbstractConnection, "send_packed_command", counting_async
-    )
+    monkeypatch.setattr(check_pipeline, "_flush", counting_flush)
     return sent
 
 

@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
-from service.store.check_pipeline import CheckPipeline
+from service.store.check_pipeline import CheckPipeline, command, encode
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
@@ -52,6 +52,7 @@ return 1
 CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
 WRITE_BATCH = 1000
+ENCODED_CHECKS = 8192
 REBUILD_LOCK_SECONDS = 30
 BREAKER_SECONDS = 0.5
 
@@ -187,6 +188,7 @@ class RedisBlocklist:
         self._pid: int | None = None
         self._init_lock = threading.Lock()
         self._pipeline: CheckPipeline | None = None
+        self._encoded: dict[TokenRef, bytes] = {}
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -260,9 +262,6 @@ class RedisBlocklist:
 
     def _check_call(self, ref: TokenRef) -> tuple[list[str], list[str | int]]:
         """Keys and arguments of the check script for one token, but the run_id."""
-        if self._down_until and time.monotonic() < self._down_until:
-            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
-            raise BlocklistUnavailable("blocklist unreachable moments ago")
         keys = [
             self._ready_key,
             self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
@@ -270,6 +269,22 @@ class RedisBlocklist:
             self.user_key(ref.sub),
         ]
         return keys, [ref.jti, ref.sid, session_started_ms(ref)]
+
+    def _encoded_check(self, ref: TokenRef) -> bytes:
+        """The check command of one token, RESP-encoded but the run_id; kept per token."""
+        encoded = self._encoded.get(ref)
+        if encoded is None:
+            keys, args = self._check_call(ref)
+            encoded = encode("EVALSHA", CHECK_SHA, len(keys), *keys, *args)
+            if len(self._encoded) >= ENCODED_CHECKS:
+                self._encoded.clear()
+            self._encoded[ref] = encoded
+        return encoded
+
+    def _refuse_if_down(self) -> None:
+        if self._down_until and time.monotonic() < self._down_until:
+            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
+            raise BlocklistUnavailable("blocklist unreachable moments ago")
 
     def _verdict(self, result: Any) -> Verdict:
         self._down_until = 0.0
@@ -281,6 +296,7 @@ class RedisBlocklist:
 
     def check(self, ref: TokenRef) -> Verdict:
         """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
+        self._refuse_if_down()
         keys, args = self._check_call(ref)
         try:
             run_id = self._run_id
@@ -295,18 +311,16 @@ class RedisBlocklist:
 
     async def check_async(self, ref: TokenRef) -> Verdict:
         """The same check through this loop's pipeline: concurrent checks share a write."""
-        keys, args = self._check_call(ref)
+        self._refuse_if_down()
+        encoded = self._encoded_check(ref)
         pipeline = self._pipeline
         if pipeline is None or not pipeline.usable:
             pipeline = self._pipeline = CheckPipeline(
-                self._url, timeout=self._timeout, script=CHECK_SCRIPT, read_run_id=parse_run_id
+                self._url, timeout=self._timeout, script=CHECK_SCRIPT
             )
-
-        def command(run_id: str) -> tuple[Any, ...]:
-            return ("EVALSHA", CHECK_SHA, len(keys), *keys, *args, run_id)
-
         try:
-            result = await pipeline.call(command)
+            # The run_id is the one learned on the pipeline's own connection.
+            result = await pipeline.call(lambda run_id: command(11, encoded + encode(run_id)))
         except RedisError as exc:
             raise self._unreachable(exc) from exc
         return self._verdict(result)

@@ -1,115 +1,174 @@
-"""Revocation checks from the server's event loop, pipelined: one write per batch.
+"""Revocation checks from the server's event loop, pipelined on one raw connection.
 
-Checks that arrive while a batch is on the wire are sent together as the next batch, so
-under load one Redis round trip answers many requests and the loop never blocks on Redis.
+Commands queued during one loop iteration leave in one write, replies are parsed by
+hiredis and matched in order: under load one round trip answers many requests, and the
+loop never blocks on Redis. Commands arrive pre-encoded (the check of a given token never
+changes but for the server's run_id), which skips redis-py's per-call encoding (~15 us).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
 
-import redis.asyncio as aredis
-from redis.exceptions import NoScriptError, RedisError
+import hiredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-Command = tuple[Any, ...]
-CommandFactory = Callable[[str], Command]
-Pending = tuple[CommandFactory, "asyncio.Future[Any]"]
+
+def encode(*args: str | int | bytes) -> bytes:
+    """RESP encoding of one command's arguments, without the array header."""
+    parts = []
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def command(count: int, encoded: bytes) -> bytes:
+    """A whole RESP command from its argument count and encoded arguments."""
+    return b"*%d\r\n%s" % (count, encoded)
+
+
+class _Replies(asyncio.Protocol):
+    """Feeds hiredis and resolves the waiting futures in order."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.outbox: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(RedisConnectionError(f"connection lost: {exc!r}"))
 
 
 class CheckPipeline:
-    """One connection, owned by the loop that creates this; commands get the run_id last."""
+    """One connection, owned by the loop that creates this pipeline."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float,
-        script: str,
-        read_run_id: Callable[[object], str],
-    ) -> None:
-        self._pool = aredis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+    def __init__(self, url: str, *, timeout: float, script: str) -> None:
+        self._options: dict[str, Any] = dict(parse_url(url))
         self._timeout = timeout
         self._script = script
-        self._read_run_id = read_run_id
-        self._queue: list[Pending] = []
-        self._sender: asyncio.Task[None] | None = None
-        self._connection: Any = None
-        self._run_id = ""
         self._loop = asyncio.get_running_loop()
         self._pid = os.getpid()
+        self._protocol: _Replies | None = None
+        self._connecting: asyncio.Future[_Replies] | None = None
+        self.run_id = b""
 
     @property
     def usable(self) -> bool:
         """Whether this pipeline belongs to the running loop of this process."""
         return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
 
-    async def call(self, command: CommandFactory) -> Any:
-        """Queue one command (given the server's run_id, it returns the args) and await it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.ensure_future(self._send_batches())
-        return await future
+    async def call(self, build: Callable[[bytes], bytes]) -> Any:
+        """Send build(run_id), a whole command, and await its reply; error replies raise."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                protocol = await self._connected()
+                reply = await self._send(protocol, build(self.run_id))
+                if isinstance(reply, NoScriptError) or _is_noscript(reply):
+                    await self._send(protocol, self._load_script())
+                    reply = await self._send(protocol, build(self.run_id))
+        except TimeoutError as exc:
+            self._drop()
+            raise RedisTimeoutError("check timed out") from exc
+        except OSError as exc:
+            self._drop()
+            raise RedisConnectionError(str(exc)) from exc
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
-    async def _send_batches(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._send(batch)
-            except (RedisError, OSError, TimeoutError) as exc:
-                await self._drop_connection()
-                _fail(batch, exc)
-            except BaseException as exc:
-                await self._drop_connection()
-                _fail(batch, RedisError(f"check pipeline failed: {exc!r}"))
-                raise
+    def _send(self, protocol: _Replies, data: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._loop.create_future()
+        protocol.waiting.append(future)
+        if not protocol.outbox:
+            self._loop.call_soon(_flush, protocol)
+        protocol.outbox.append(data)
+        return future
 
-    async def _send(self, batch: Sequence[Pending]) -> None:
-        connection = await self._connected()
-        commands = [make(self._run_id) for make, _ in batch]
-        await connection.send_packed_command(connection.pack_commands(commands), False)
-        retry: list[Pending] = []
-        for pending in batch:
-            future = pending[1]
-            try:
-                reply = await connection.read_response(timeout=math.inf)
-            except NoScriptError:
-                retry.append(pending)
-                continue
-            except RedisError as exc:  # an error reply: the connection is still in step
-                if not future.done():
-                    future.set_exception(exc)
-                continue
-            if not future.done():
-                future.set_result(reply)
-        if retry:
-            await connection.send_command("SCRIPT", "LOAD", self._script, check_health=False)
-            await connection.read_response(timeout=math.inf)
-            self._queue[:0] = retry
+    async def _connected(self) -> _Replies:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
 
-    async def _connected(self) -> Any:
-        if self._connection is None:
-            connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            await connection.connect()
-            await connection.send_command("INFO", "server", check_health=False)
-            self._run_id = self._read_run_id(await connection.read_response(timeout=math.inf))
-            await connection.send_command("SCRIPT", "LOAD", self._script, check_health=False)
-            await connection.read_response(timeout=math.inf)
-            self._connection = connection
-        return self._connection
+    async def _connect(self) -> _Replies:
+        options = self._options
+        connection_class = options.get("connection_class")
+        if connection_class is UnixDomainSocketConnection:
+            _, protocol = await self._loop.create_unix_connection(_Replies, options["path"])
+        else:
+            tls = _tls_context(options) if connection_class is SSLConnection else None
+            _, protocol = await self._loop.create_connection(
+                _Replies, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
+            )
+        try:
+            for request in self._handshake():
+                reply = await self._send(protocol, request)
+                if isinstance(reply, ResponseError):
+                    raise reply
+                if request.startswith(b"*2\r\n$4\r\nINFO"):
+                    self.run_id = _run_id(reply)
+        except BaseException:
+            if protocol.transport is not None:
+                protocol.transport.close()
+            raise
+        self._protocol = protocol
+        return protocol
 
-    async def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.disconnect(nowait=True)
+    def _handshake(self) -> list[bytes]:
+        options = self._options
+        requests = []
+        if options.get("password"):
+            if options.get("username"):
+                requests.append(
+                    command(3, encode("AUTH", options["username"], options["password"]))
+                )
+            else:
+                requests.append(command(2, encode("AUTH", options["password"])))
+        if options.get("db"):
+            requests.append(command(2, encode("SELECT", options["db"])))
+        requests.append(command(2, encode("INFO", "server")))
+        requests.append(self._load_script())
+        return requests
+
+    def _load_script(self) -> bytes:
+        return command(3, encode("SCRIPT", "LOAD", self._script))
+
+    def _drop(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+            protocol.connection_lost(None)
 
     async def close(self) -> None:
         """Close the connection, from whichever loop calls (it is owned by its own)."""
@@ -117,14 +176,32 @@ class CheckPipeline:
         if loop.is_closed() or self._pid != os.getpid():
             return
         if loop is asyncio.get_running_loop():
-            await self._drop_connection()
+            self._drop()
         elif loop.is_running():
-            done = asyncio.run_coroutine_threadsafe(self._drop_connection(), loop)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.wrap_future(done), self._timeout)
+            loop.call_soon_threadsafe(self._drop)
 
 
-def _fail(batch: Sequence[Pending], exc: BaseException) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(exc)
+def _flush(protocol: _Replies) -> None:
+    """Write everything queued during this loop iteration at once."""
+    data, protocol.outbox = b"".join(protocol.outbox), []
+    if protocol.transport is not None and not protocol.closed:
+        protocol.transport.write(data)
+
+
+def _is_noscript(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+
+
+def _run_id(info: bytes) -> bytes:
+    for line in info.splitlines():
+        if line.startswith(b"run_id:"):
+            return line.removeprefix(b"run_id:").strip()
+    raise RedisError("INFO server has no run_id")
+
+
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if str(options.get("ssl_cert_reqs", "required")).lower() in {"none", "cert_none"}:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
