@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Flask, Response, current_app, request
-from flask_jwt_extended import JWTManager
+from flask_jwt_extended import JWTManager, view_decorators
 from flask_jwt_extended.config import config as jwt_settings
 from jwt import InvalidTokenError, get_unverified_header
 
@@ -41,6 +41,16 @@ class MemoizingJWTManager(JWTManager):
             memo.remember(encoded_token, Verified(header, dict(claims), key, float(expires_at)))
         return claims
 
+
+def memoized_header(encoded_token: str) -> dict[str, Any]:
+    """The header of a token the memo holds, else parsed as Flask-JWT-Extended does."""
+    memo: VerifiedTokens | None = current_app.extensions.get("verified_tokens")
+    header = memo.header(encoded_token) if memo is not None else None
+    return header if header is not None else get_unverified_header(encoded_token)
+
+
+# Flask-JWT-Extended parses the header once more right after decoding the token.
+view_decorators.get_unverified_jwt_headers = memoized_header  # type: ignore[attr-defined]
 
 jwt = MemoizingJWTManager()
 

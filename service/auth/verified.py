@@ -55,6 +55,11 @@ class VerifiedTokens:
         entry = self._entries.get(token)
         return None if entry is None else entry.claims
 
+    def header(self, token: str) -> dict[str, Any] | None:
+        """A copy of the header recorded for a token (it was verified along with it)."""
+        entry = self._entries.get(token)
+        return None if entry is None else dict(entry.header)
+
     def remember(self, token: str, entry: Verified) -> None:
         """Record a token that has just passed full verification."""
         if self._size <= 0:
