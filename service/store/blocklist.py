@@ -21,7 +21,7 @@ import zlib
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
 import redis.asyncio as aredis
@@ -87,9 +87,8 @@ class Entry:
     cutoff_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRef:
-    """The claims a revocation check needs."""
+class TokenRef(NamedTuple):
+    """The claims a revocation check needs (a tuple: built, hashed and compared per request)."""
 
     jti: str
     exp: int

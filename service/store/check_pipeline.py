@@ -18,7 +18,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -37,11 +37,11 @@ def command(count: int, encoded: bytes) -> bytes:
 
 
 class _Replies(asyncio.Protocol):
-    """Feeds hiredis and resolves the waiting futures in order."""
+    """Feeds hiredis and resolves the waiting futures (with their deadlines) in order."""
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=ResponseError)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.outbox: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -52,16 +52,20 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            future = self.waiting.popleft()
+            future = self.waiting.popleft()[0]
             if not future.done():
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         while self.waiting:
-            future = self.waiting.popleft()
+            future = self.waiting.popleft()[0]
             if not future.done():
                 future.set_exception(RedisConnectionError(f"connection lost: {exc!r}"))
+
+    def overdue(self, now: float) -> bool:
+        """Whether the oldest command has waited past its deadline."""
+        return bool(self.waiting) and self.waiting[0][1] < now
 
 
 class CheckPipeline:
@@ -83,43 +87,53 @@ class CheckPipeline:
         return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
 
     async def call(self, build: Callable[[bytes], bytes]) -> Any:
-        """Send build(run_id), a whole command, and await its reply; error replies raise."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                protocol = await self._connected()
-                reply = await self._send(protocol, build(self.run_id))
-                if isinstance(reply, NoScriptError) or _is_noscript(reply):
-                    await self._send(protocol, self._load_script())
-                    reply = await self._send(protocol, build(self.run_id))
-        except TimeoutError as exc:
-            self._drop()
-            raise RedisTimeoutError("check timed out") from exc
-        except OSError as exc:
-            self._drop()
-            raise RedisConnectionError(str(exc)) from exc
+        """Send build(run_id), a whole command, and await its reply; error replies raise.
+
+        A reply overdue by the timeout drops the connection (see _watch), failing every
+        command waiting on it: one timer per connection instead of one per call.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connected()
+        reply = await self._send(protocol, build(self.run_id))
+        if _is_noscript(reply):
+            await self._send(protocol, self._load_script())
+            reply = await self._send(protocol, build(self.run_id))
         if isinstance(reply, ResponseError):
             raise reply
         return reply
 
     def _send(self, protocol: _Replies, data: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
-        protocol.waiting.append(future)
+        protocol.waiting.append((future, self._loop.time() + self._timeout))
         if not protocol.outbox:
             self._loop.call_soon(_flush, protocol)
         protocol.outbox.append(data)
         return future
 
     async def _connected(self) -> _Replies:
-        protocol = self._protocol
-        if protocol is not None and not protocol.closed:
-            return protocol
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting = asyncio.ensure_future(
+                asyncio.wait_for(self._connect(), self._timeout)
+            )
         try:
             return await asyncio.shield(self._connecting)
+        except TimeoutError as exc:
+            raise RedisTimeoutError("connecting timed out") from exc
+        except OSError as exc:
+            raise RedisConnectionError(str(exc)) from exc
         finally:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
+
+    def _watch(self, protocol: _Replies) -> None:
+        """Every half timeout: drop the connection if a reply is overdue."""
+        if protocol.closed:
+            return
+        if protocol.overdue(self._loop.time()):
+            self._drop(protocol)
+            return
+        self._loop.call_later(self._timeout / 2, self._watch, protocol)
 
     async def _connect(self) -> _Replies:
         options = self._options
@@ -143,6 +157,7 @@ class CheckPipeline:
                 protocol.transport.close()
             raise
         self._protocol = protocol
+        self._loop.call_later(self._timeout / 2, self._watch, protocol)
         return protocol
 
     def _handshake(self) -> list[bytes]:
@@ -164,8 +179,10 @@ class CheckPipeline:
     def _load_script(self) -> bytes:
         return command(3, encode("SCRIPT", "LOAD", self._script))
 
-    def _drop(self) -> None:
-        protocol, self._protocol = self._protocol, None
+    def _drop(self, protocol: _Replies | None = None) -> None:
+        protocol = protocol or self._protocol
+        if protocol is self._protocol:
+            self._protocol = None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
             protocol.connection_lost(None)
