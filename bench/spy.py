@@ -16,8 +16,13 @@ LIBRARY_PREFIX = re.compile(r"^.*?(site-packages/|/lib/python3\.\d+/)")
 REPO_PREFIX = str(Path(__file__).resolve().parent.parent) + "/"
 # A sample counts for the first category whose marker appears anywhere on its stack.
 CATEGORIES = [
-    ("Redis revocation check (redis-py, sync)", "(redis/"),
+    ("Redis revocation check (pipeline, or redis-py on a first sight)", "(redis/"),
+    ("Redis revocation check (pipeline, or redis-py on a first sight)", "check_pipeline.py"),
+    ("Revocation check: claims to command", "(service/auth/prefetch.py)"),
     ("JWT decode and verify (PyJWT)", "(jwt/"),
+    ("JWT decode and verify (PyJWT)", "(service/auth/verified.py)"),
+    ("HTTP/2 framing and HPACK (h2, hpack)", "(h2/"),
+    ("HTTP/2 framing and HPACK (h2, hpack)", "(hpack/"),
     ("Flask dispatch, rest of the view", "Flask.wsgi_app"),
     ("ASGI adapter (environ, response)", "(service/adapter.py)"),
     ("Hypercorn: HTTP parsing, TLS, event loop", "(hypercorn/"),
