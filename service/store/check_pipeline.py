@@ -105,6 +105,9 @@ class CheckPipeline:
 
     def _send(self, protocol: _Replies, data: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
+        if protocol.closed:  # lost while the caller waited: nothing would ever answer
+            future.set_exception(RedisConnectionError("connection lost"))
+            return future
         protocol.waiting.append((future, self._loop.time() + self._timeout))
         if not protocol.outbox:
             self._loop.call_soon(_flush, protocol)
