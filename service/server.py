@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from service import close_app, create_app, hpack_memo, warm_up
+from service import close_app, coalesce, create_app, hpack_memo, warm_up
 from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
@@ -24,6 +24,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
     hpack_memo.install()
+    coalesce.install()
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
     return AsgiAdapter(
