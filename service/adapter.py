@@ -28,6 +28,11 @@ TOO_LARGE = (
     b'{"type":"about:blank","title":"Content Too Large","status":413,'
     b'"detail":"The request body is too large."}'
 )
+TOO_SLOW = (
+    b'{"type":"about:blank","title":"Request Timeout","status":408,'
+    b'"detail":"The request body did not arrive in time."}'
+)
+PROBLEM = [(b"content-type", b"application/problem+json")]
 
 
 class AsgiAdapter:
@@ -38,6 +43,7 @@ class AsgiAdapter:
         wsgi_app: WsgiApp,
         *,
         max_body_bytes: int,
+        body_timeout: float = 60.0,
         threads: int,
         inline: Callable[[str, str], bool] | None = None,
         prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
@@ -46,6 +52,7 @@ class AsgiAdapter:
     ) -> None:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout
         self._threads = threads
         self._inline = inline
         self._prepare_inline = prepare_inline
@@ -88,12 +95,13 @@ class AsgiAdapter:
             self._pool.shutdown(wait=False)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._read_body(receive)
+        try:
+            body = await self._read_body(receive)
+        except TimeoutError:
+            await _respond(send, 408, [*PROBLEM, (b"connection", b"close")], TOO_SLOW)
+            return
         if body is None:
-            # Answering while the client still sends makes Hypercorn's HTTP/2 protocol fail
-            # on DATA for a finished stream and drop the whole connection: drain it first.
-            await _drain(receive)
-            await _respond(send, 413, [(b"content-type", b"application/problem+json")], TOO_LARGE)
+            await _respond(send, 413, PROBLEM, TOO_LARGE)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
@@ -108,20 +116,38 @@ class AsgiAdapter:
         await _respond(send, status, headers, chunks)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
-        """Read the whole body; None once it exceeds the limit."""
+        """Read the whole body; None once it exceeds the limit, TimeoutError if it stalls.
+
+        Hypercorn's read_timeout is left unset (it wraps every socket read in a task of its
+        own); a stalled body is timed out here instead, and stalled headers by Hypercorn's
+        keep-alive timeout, as the connection still counts as idle.
+        """
+        message = await receive()
+        if not message.get("more_body", False) and message["type"] != "http.disconnect":
+            body: bytes = message.get("body", b"")
+            return body if len(body) <= self._max_body else None
+        async with asyncio.timeout(self._body_timeout):
+            return await self._read_rest(receive, message)
+
+    async def _read_rest(self, receive: Receive, message: Message) -> bytes | None:
         parts: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 return b""
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
+                if message.get("more_body", False):
+                    # Answering while the client still sends makes Hypercorn's HTTP/2
+                    # protocol fail on DATA for a finished stream and drop the whole
+                    # connection: drain it first.
+                    await _drain(receive)
                 return None
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
+            message = await receive()
 
     def _call(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Run the WSGI app to completion in a worker thread."""

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     password_queue_limit: int = Field(default=64, ge=1)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    request_body_timeout: float = Field(default=60.0, gt=0, le=3600)
     request_threads: int = Field(default=16, ge=1, le=256)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -30,6 +30,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.request_body_timeout,
         threads=settings.request_threads,
         inline=inline_policy(flask_app),
         prepare_inline=revocation_prefetch(flask_app),
