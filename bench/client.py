@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import jwt
 
 USERNAME = "bench-user"
 PASSWORD = "bench-password-0123"
 LOGIN_BODY = json.dumps({"username": USERNAME, "password": PASSWORD})
+OAUTH_SCOPE = "email"
+OAUTH_BODY = urlencode({"grant_type": "client_credentials", "scope": OAUTH_SCOPE})
+FORM = "application/x-www-form-urlencoded"
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,20 @@ class Pair:
 
     access: str
     refresh: str
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """A confidential OAuth client: its id and its secret in clear."""
+
+    client_id: str
+    secret: str
+
+    @property
+    def basic(self) -> str:
+        """Authorization header value for client_secret_basic (RFC 6749 2.3.1)."""
+        raw = f"{quote(self.client_id, safe='')}:{quote(self.secret, safe='')}"
+        return "Basic " + base64.b64encode(raw.encode()).decode()
 
 
 def tls_context(cert: Path) -> ssl.SSLContext:
@@ -83,3 +104,31 @@ def smoke(port: int, context: ssl.SSLContext, pair: Pair) -> None:
         conn.close()
     if status != 200:
         raise RuntimeError(f"GET /api/hello answered {status}: {body[:300]!r}")
+
+
+def client_credentials(port: int, context: ssl.SSLContext, oauth: OAuthClient) -> None:
+    """One client_credentials token request must give an ES256 access token for the client."""
+    conn = connect(port, context)
+    try:
+        headers = {"Authorization": oauth.basic, "Content-Type": FORM}
+        conn.request("POST", "/oauth/token", body=OAUTH_BODY, headers=headers)
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        cache = response.getheader("Cache-Control", "")
+    finally:
+        conn.close()
+    if status != 200:
+        raise RuntimeError(f"client_credentials answered {status}: {body[:300]!r}")
+    data = json.loads(body)
+    token = data.get("access_token", "")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    ok = (
+        data.get("token_type") == "Bearer"
+        and data.get("scope") == OAUTH_SCOPE
+        and "no-store" in cache
+        and jwt.get_unverified_header(token).get("alg") == "ES256"
+        and claims.get("sub") == claims.get("client_id") == oauth.client_id
+        and claims.get("scope") == OAUTH_SCOPE
+    )
+    if not ok:
+        raise RuntimeError(f"client_credentials: unexpected answer {data} ({claims})")

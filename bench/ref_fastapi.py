@@ -2,12 +2,14 @@
 
 The same API as the service: HS256, issuer and audience checked, one Redis lookup per
 protected request. One fixed user, hashed at start-up with the service's Argon2id
-parameters; the hash is verified in the thread pool, off the event loop.
+parameters; the hash is verified in the thread pool, off the event loop. POST /oauth/token
+(client_credentials, one in-memory client, ES256 tokens) comes from ref_oauth.py.
 
     uvicorn --app-dir bench --workers 2 --loop uvloop --http httptools \
         --ssl-certfile C --ssl-keyfile K ref_fastapi:app
 
-Environment: REDIS_URL, BENCH_PREFIX, JWT_SECRET, BENCH_USER, BENCH_PASSWORD.
+Environment: REDIS_URL, BENCH_PREFIX, JWT_SECRET, BENCH_USER, BENCH_PASSWORD,
+BENCH_CLIENT_ID, BENCH_CLIENT_SECRET.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import jwt
 import redis.asyncio as aredis
+import ref_oauth
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -170,3 +175,14 @@ async def logout(claims: Annotated[dict[str, Any], Depends(access_claims)]) -> R
     """Revoke the access token."""
     await _revoke(claims)
     return Response(status_code=204)
+
+
+@app.post("/oauth/token")
+async def oauth_token(request: Request) -> JSONResponse:
+    """OAuth 2.0 token endpoint: client_credentials with HTTP Basic client authentication."""
+    form: dict[str, str] = {}
+    if request.headers.get("content-type", "").startswith(ref_oauth.FORM):
+        raw = (await request.body()).decode(errors="replace")
+        form = dict(parse_qsl(raw, keep_blank_values=True))
+    status, body, headers = ref_oauth.token(request.headers.get("authorization"), form)
+    return JSONResponse(body, status, headers)

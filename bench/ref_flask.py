@@ -2,12 +2,13 @@
 
 The common pattern of flask-jwt-extended's blocklist_redis example, with the same API
 paths, algorithm, issuer and audience checks as the service. One fixed user, hashed at
-start-up with the service's Argon2id parameters, kept in memory.
+start-up with the service's Argon2id parameters, kept in memory. POST /oauth/token
+(client_credentials, one in-memory client, ES256 tokens) comes from ref_oauth.py.
 
     gunicorn --chdir bench -k gthread -w 2 --threads 8 --certfile C --keyfile K ref_flask:app
 
 Environment: REDIS_URL, BENCH_PREFIX, JWT_SECRET, BENCH_USER, BENCH_PASSWORD,
-BENCH_NO_CHECK=1 to skip the blocklist lookup (to price it).
+BENCH_CLIENT_ID, BENCH_CLIENT_SECRET, BENCH_NO_CHECK=1 to skip the blocklist lookup (to price it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis
+import ref_oauth
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
 from flask import Flask, Response, jsonify, request
@@ -123,3 +125,10 @@ def logout() -> Response:
     """Revoke the access token."""
     _revoke(get_jwt())
     return Response(status=204)
+
+
+@app.post("/oauth/token")
+def oauth_token() -> tuple[Response, int, dict[str, str]]:
+    """OAuth 2.0 token endpoint: client_credentials with HTTP Basic client authentication."""
+    status, body, headers = ref_oauth.token(request.headers.get("Authorization"), request.form)
+    return jsonify(body), status, headers

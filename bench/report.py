@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 
 from drivers import Result
 
-OPS = ("GET /api/hello", "POST /auth/login", "POST /auth/refresh", "POST /auth/logout")
+OPS = (
+    "GET /api/hello",
+    "POST /auth/login",
+    "POST /oauth/token (client_credentials)",
+    "POST /auth/refresh",
+    "POST /auth/logout",
+)
 PROTOCOLS = ("HTTP/1.1", "HTTP/2")
 OURS = "ours"
 

@@ -44,6 +44,7 @@ RESULTS = BENCH_DIR / "results"
 NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
 GET, LOGIN = "GET /api/hello", "POST /auth/login"
+CLIENT_CREDENTIALS = "POST /oauth/token (client_credentials)"
 REFRESH, LOGOUT = "POST /auth/refresh", "POST /auth/logout"
 H1, H2 = "HTTP/1.1", "HTTP/2"
 TOKEN_RUN_LIMIT_S = 60.0
@@ -53,14 +54,20 @@ NOTES = [
     "Load generators share the 2 cores with the servers: compare ratios, not absolutes. "
     "Runs are interleaved (ours, ref a, ref b, ours, ...). 'CPU while measuring' above says "
     "how much of the machine other processes took meanwhile (the machine may be shared).",
-    "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c16 -m4 for GET and login (as "
-    "many connections as wrk: a connection stays on one worker); refresh and logout need a "
-    "new token per request, which h2load cannot send, so their HTTP/2 rows come from "
-    "bench/h2post.py (Python h2 client, 16 connections x 4 streams).",
+    "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c16 -m4 for GET, login and "
+    "client_credentials (as many connections as wrk: a connection stays on one worker); "
+    "refresh and logout need a new token per request, which h2load cannot send, so their "
+    "HTTP/2 rows come from bench/h2post.py (Python h2 client, 16 connections x 4 streams).",
     "ref b (uvicorn) speaks no HTTP/2: n/a. ref a serves HTTP/2 through gunicorn's h2 support.",
     "Login: ours reads the user from PostgreSQL and writes a session row; the references "
     "verify one in-memory Argon2id hash (same parameters). Refresh/logout: ours writes "
     "PostgreSQL (rotation, durable revocation) and Redis; the references one Redis SET.",
+    "client_credentials (HTTP Basic client authentication, scope email): ours reads the "
+    "client from PostgreSQL on each request (Authlib) and signs the ES256 access token with "
+    "a key loaded from PostgreSQL (kept in memory, reread every 5 s); the references "
+    "use one in-memory client (secret as a SHA-256 digest, like ours) and a P-256 key "
+    "generated at start-up (bench/ref_oauth.py). Ours' token carries a few more claims "
+    "(nbf, sid, sxp, type, name).",
     "Refresh and logout runs use each token once: tokens/run above. Logout reuses the "
     "sessions of the refresh runs (their access tokens).",
 ]
@@ -73,6 +80,7 @@ class Plan:
     rounds: int
     get_s: float
     login_s: float
+    oauth_s: float
     storm_s: float
     token_cap: int
     check_n: int
@@ -87,6 +95,7 @@ FULL = Plan(
     rounds=3,
     get_s=5,
     login_s=5,
+    oauth_s=4,  # 3 rounds x 5 runs x 4 s: about a minute (login's 5 s would take 75 s)
     storm_s=6,
     token_cap=400,
     check_n=1000,
@@ -101,6 +110,7 @@ QUICK = dataclasses.replace(
     rounds=1,
     get_s=3,
     login_s=3,
+    oauth_s=3,
     storm_s=3,
     token_cap=100,
     check_n=200,
@@ -161,6 +171,7 @@ class Bench:
         self.plan, self.args, self.workdir = plan, args, workdir
         self.stacks: list[Stack] = []
         self.tokens: dict[str, Pair] = {}
+        self.oauth: dict[str, client.OAuthClient] = {}
         self.pools: dict[str, list[Pair]] = {}
         self.slices: dict[tuple[int, str, str], list[Pair]] = {}
         self.check_pairs: list[Pair] = []
@@ -226,12 +237,23 @@ class Bench:
             stacks.ref_flask(self.backends, check=False),
         ]
         if _service_has(NO_CHECK_SETTING):
-            # The service refuses to skip the check in production: the same settings otherwise.
+            # The service refuses to skip the check in production: the same settings otherwise,
+            # SECRET_KEY included (it encrypts the OAuth signing keys both read from PostgreSQL).
             extra = {NO_CHECK_SETTING.upper(): "false", "SERVICE_ENV": "development"}
+            extra["SECRET_KEY"] = self.stacks[0].env["SECRET_KEY"]
             nocheck = stacks.ours(self.backends, self.args.service_src, extra)
             nocheck.name, nocheck.label, nocheck.check = "ours-nocheck", "ours, no check", False
             self.stacks.append(nocheck)
         _migrate(self.stacks[0])
+        ours_client = _create_client(self.stacks[0])
+        for stack in self.stacks:  # the references' fixed client, or the one just created
+            env = stack.env
+            fixed = "BENCH_CLIENT_ID" in env
+            self.oauth[stack.name] = (
+                client.OAuthClient(env["BENCH_CLIENT_ID"], env["BENCH_CLIENT_SECRET"])
+                if fixed
+                else ours_client
+            )
         self.context = client.tls_context(self.backends.cert)
         for stack in self.stacks:
             stacks.start(stack, self.workdir)
@@ -249,6 +271,8 @@ class Bench:
         for stack in self.stacks:
             pair = client.login(stack.port, self.context)
             client.smoke(stack.port, self.context, pair)
+            if stack.check:  # the stacks client_credentials is measured on
+                client.client_credentials(stack.port, self.context, self.oauth[stack.name])
             self.tokens[stack.name] = pair
             self.pools[stack.name] = []
             self._get_h1(stack, self.plan.warm_up_s)  # warm-up: both workers, pools, caches
@@ -283,9 +307,10 @@ class Bench:
         }
 
     def _throughput_rounds(self) -> None:
-        """Protected GET and login, every stack in turn, each round."""
+        """Protected GET, login and client_credentials, every stack in turn, each round."""
         for round_no in range(self.plan.rounds):
-            log(f"round {round_no + 1}/{self.plan.rounds}: protected GET and login")
+            what = "protected GET, login, client_credentials"
+            log(f"round {round_no + 1}/{self.plan.rounds}: {what}")
             order = self._round_order(round_no)
             for stack in order:
                 self.report.add(GET, H1, stack.name, self._get_h1(stack, self.plan.get_s))
@@ -301,6 +326,14 @@ class Bench:
                     self.report.add(LOGIN, H2, stack.name, self._login_h2(stack))
                 except RuntimeError as exc:
                     log(f"{stack.name}: HTTP/2 login gave no result ({str(exc).splitlines()[0]})")
+            for stack in self.main_stacks:
+                self.report.add(CLIENT_CREDENTIALS, H1, stack.name, self._oauth_h1(stack))
+            for stack in (s for s in self.main_stacks if s.h2):
+                try:
+                    self.report.add(CLIENT_CREDENTIALS, H2, stack.name, self._oauth_h2(stack))
+                except RuntimeError as exc:
+                    first = str(exc).splitlines()[0]
+                    log(f"{stack.name}: HTTP/2 client_credentials gave no result ({first})")
 
     def _round_order(self, round_no: int) -> list[Stack]:
         """Each stack next to its no-check twin, the order reversed every other round.
@@ -334,6 +367,18 @@ class Bench:
         headers = ["content-type: application/json"]
         url = f"{stack.url}/auth/login"
         return drivers.h2load(url, self.plan.login_s, headers, client.LOGIN_BODY)
+
+    def _oauth_h1(self, stack: Stack) -> Result:
+        """client_credentials token request over HTTP/1.1 (wrk)."""
+        args = [client.OAUTH_BODY, self.oauth[stack.name].basic]
+        return drivers.wrk(f"{stack.url}/oauth/token", "oauth.lua", args, self.plan.oauth_s)
+
+    def _oauth_h2(self, stack: Stack) -> Result:
+        """client_credentials token request over HTTP/2 (h2load)."""
+        headers = [f"content-type: {client.FORM}"]
+        headers.append(f"authorization: {self.oauth[stack.name].basic}")
+        url = f"{stack.url}/oauth/token"
+        return drivers.h2load(url, self.plan.oauth_s, headers, client.OAUTH_BODY)
 
     def _mint_prefix(self, stack: Stack) -> Path:
         """A fresh file prefix for the token pairs of one login run."""
@@ -467,6 +512,19 @@ def _migrate(stack: Stack) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"migrate failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def _create_client(stack: Stack) -> client.OAuthClient:
+    """Register a confidential client_credentials client through the service's CLI."""
+    command = [sys.executable, "-m", "service", "clients", "create", "--name", "bench"]
+    command += ["--grant-type", "client_credentials", "--scope", "profile email"]
+    done = subprocess.run(
+        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"clients create failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    created = json.loads(done.stdout)
+    return client.OAuthClient(created["client_id"], created["client_secret"])
 
 
 def _login_rate(report: Report, name: str) -> float:

@@ -107,13 +107,18 @@ def ref_fastapi(backends: Backends) -> Stack:
 
 
 def _ref_env(backends: Backends, name: str) -> dict[str, str]:
-    """Environment of a reference app: its Redis prefix and user."""
+    """Environment of a reference app: its Redis prefix, user and OAuth client.
+
+    The client's id and secret have the shape of ours' (token_urlsafe 16 and 32 bytes).
+    """
     return base_env() | {
         "REDIS_URL": REDIS_URL,
         "BENCH_PREFIX": backends.redis_prefix(name),
         "JWT_SECRET": secrets.token_urlsafe(48),
         "BENCH_USER": USERNAME,
         "BENCH_PASSWORD": PASSWORD,
+        "BENCH_CLIENT_ID": secrets.token_urlsafe(16),
+        "BENCH_CLIENT_SECRET": secrets.token_urlsafe(32),
     }
 
 
