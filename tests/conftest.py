@@ -21,6 +21,7 @@ from service.config import Environment, Settings
 from service.server import build_asgi_app
 from service.store.migrate import upgrade
 from tests.proxy import TcpProxy
+from tests.servers import SnapshottingRedis
 
 INSTALL_HINT = {
     "postgres": "PostgreSQL: set DATABASE_URL, or run a server on 127.0.0.1:5432, or install one "
@@ -241,3 +242,16 @@ async def cut_redis(
     async with serve_in_process(proxied) as http:
         yield http, proxy
     proxy.close()
+
+
+@pytest.fixture
+def snapshotting_redis(tmp_path: Path) -> Iterator[SnapshottingRedis]:
+    """A private Redis; needs the redis-server binary (always there in CI)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: apt-get install redis-server")
+        pytest.skip("redis-server is not installed")
+    server = SnapshottingRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

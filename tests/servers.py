@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
 from service.config import Settings
 from service.tls import ensure_dev_certificate
@@ -124,3 +125,54 @@ def server_env(settings: Settings, tmp: Path) -> dict[str, str]:
         "PASSWORD_MEMORY_KIB": str(settings.password_memory_kib),
         "PASSWORD_TIME_COST": str(settings.password_time_cost),
     }
+
+
+class SnapshottingRedis:
+    """redis-server with RDB snapshots on, on a free port, restartable from its snapshot."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start (again) on the same port and data directory."""
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "3600 1",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+
+    def crash(self) -> None:
+        """SIGKILL: whatever was written after the last snapshot is lost."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Stop for good."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +35,7 @@ from service.store.blocklist import (
 from service.store.check_pipeline import CheckPipeline, command, encode
 from tests.conftest import delete_prefix
 from tests.proxy import TcpProxy
-from tests.test_redis_restart import SnapshottingRedis
+from tests.servers import SnapshottingRedis
 
 TIMEOUT = 0.3
 
@@ -402,22 +399,9 @@ async def test_a_connection_lost_right_after_the_handshake_fails_the_check() -> 
             await hung_up.close()
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[SnapshottingRedis]:
-    """A Redis of this test's own, whose scripts it may flush."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing: apt-get install redis-server")
-        pytest.skip("redis-server is not installed")
-    server = SnapshottingRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-async def test_a_flushed_script_is_loaded_again(private_redis: SnapshottingRedis) -> None:
-    own = make_blocklist(private_redis.url, "noscript:")
-    direct = redis.Redis.from_url(private_redis.url)
+async def test_a_flushed_script_is_loaded_again(snapshotting_redis: SnapshottingRedis) -> None:
+    own = make_blocklist(snapshotting_redis.url, "noscript:")
+    direct = redis.Redis.from_url(snapshotting_redis.url)
     try:
         revoked, valid = new_ref(), new_ref()
         assert await own.rebuild(durable(Entry(Kind.TOKEN, revoked.jti, revoked.exp)))
