@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
-from service.store.check_pipeline import CheckPipeline, command, encode
+from service.store.check_pipeline import CheckPipeline, command, encode, parse_run_id
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
@@ -134,17 +134,6 @@ class Blocklist(Protocol):
         ...
 
 
-def parse_run_id(info: object) -> str:
-    """The run_id field of an INFO server reply, raw or parsed."""
-    if isinstance(info, dict):
-        return str(info.get("run_id", ""))
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        if line.startswith("run_id:"):
-            return line.removeprefix("run_id:").strip()
-    return ""
-
-
 def session_started_ms(ref: TokenRef) -> int:
     """Milliseconds when the token's session began, read from its UUIDv7 sid."""
     try:
@@ -187,7 +176,7 @@ class RedisBlocklist:
         self._pid: int | None = None
         self._init_lock = threading.Lock()
         self._pipeline: CheckPipeline | None = None
-        self._encoded: dict[TokenRef, bytes] = {}
+        self._encoded: dict[TokenRef, tuple[int, bytes]] = {}
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -269,12 +258,13 @@ class RedisBlocklist:
         ]
         return keys, [ref.jti, ref.sid, session_started_ms(ref)]
 
-    def _encoded_check(self, ref: TokenRef) -> bytes:
-        """The check command of one token, RESP-encoded but the run_id; kept per token."""
+    def _encoded_check(self, ref: TokenRef) -> tuple[int, bytes]:
+        """One token's check command, RESP-encoded but the run_id, with its argument count."""
         encoded = self._encoded.get(ref)
         if encoded is None:
             keys, args = self._check_call(ref)
-            encoded = encode("EVALSHA", CHECK_SHA, len(keys), *keys, *args)
+            parts = ["EVALSHA", CHECK_SHA, len(keys), *keys, *args]
+            encoded = (len(parts), encode(*parts))
             if len(self._encoded) >= ENCODED_CHECKS:
                 self._encoded.clear()
             self._encoded[ref] = encoded
@@ -311,7 +301,7 @@ class RedisBlocklist:
     async def check_async(self, ref: TokenRef) -> Verdict:
         """The same check through this loop's pipeline: concurrent checks share a write."""
         self._refuse_if_down()
-        encoded = self._encoded_check(ref)
+        count, encoded = self._encoded_check(ref)
         pipeline = self._pipeline
         if pipeline is None or not pipeline.usable:
             pipeline = self._pipeline = CheckPipeline(
@@ -319,7 +309,9 @@ class RedisBlocklist:
             )
         try:
             # The run_id is the one learned on the pipeline's own connection.
-            result = await pipeline.call(lambda run_id: command(11, encoded + encode(run_id)))
+            result = await pipeline.call(
+                lambda run_id: command(count + 1, encoded + encode(run_id))
+            )
         except RedisError as exc:
             raise self._unreachable(exc) from exc
         return self._verdict(result)

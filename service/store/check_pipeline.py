@@ -18,7 +18,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -149,12 +149,11 @@ class CheckPipeline:
                 _Replies, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
             )
         try:
-            for request in self._handshake():
-                reply = await self._send(protocol, request)
-                if isinstance(reply, ResponseError):
+            for request in [*self._preamble(), self._load_script()]:
+                if isinstance(reply := await self._send(protocol, request), ResponseError):
                     raise reply
-                if request.startswith(b"*2\r\n$4\r\nINFO"):
-                    self.run_id = _run_id(reply)
+            info = await self._send(protocol, command(2, encode("INFO", "server")))
+            self.run_id = parse_run_id(info).encode()
         except BaseException:
             if protocol.transport is not None:
                 protocol.transport.close()
@@ -163,7 +162,8 @@ class CheckPipeline:
         self._loop.call_later(self._timeout / 2, self._watch, protocol)
         return protocol
 
-    def _handshake(self) -> list[bytes]:
+    def _preamble(self) -> list[bytes]:
+        """AUTH and SELECT, as the URL asks."""
         options = self._options
         requests = []
         if options.get("password"):
@@ -175,8 +175,6 @@ class CheckPipeline:
                 requests.append(command(2, encode("AUTH", options["password"])))
         if options.get("db"):
             requests.append(command(2, encode("SELECT", options["db"])))
-        requests.append(command(2, encode("INFO", "server")))
-        requests.append(self._load_script())
         return requests
 
     def _load_script(self) -> bytes:
@@ -212,11 +210,15 @@ def _is_noscript(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
-def _run_id(info: bytes) -> bytes:
-    for line in info.splitlines():
-        if line.startswith(b"run_id:"):
-            return line.removeprefix(b"run_id:").strip()
-    raise RedisError("INFO server has no run_id")
+def parse_run_id(info: object) -> str:
+    """The run_id field of an INFO server reply, raw or parsed."""
+    if isinstance(info, dict):
+        return str(info.get("run_id", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.removeprefix("run_id:").strip()
+    return ""
 
 
 def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
