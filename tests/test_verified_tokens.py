@@ -140,14 +140,6 @@ def test_header_answers_a_copy_without_any_check() -> None:
     assert memo.header("another token") is None
 
 
-def test_clear_forgets_everything() -> None:
-    memo = VerifiedTokens(8)
-    memo.remember("token", entry())
-    memo.clear()
-    assert len(memo) == 0
-    assert memo.lookup("token", returns(KEY)) is None
-
-
 def full_verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every token Flask-JWT-Extended verifies in full from now on."""
     tokens: list[str] = []

@@ -69,11 +69,6 @@ class VerifiedTokens:
                 self._entries.pop(next(iter(self._entries)), None)
             self._entries[token] = entry
 
-    def clear(self) -> None:
-        """Forget every entry (keys changed)."""
-        with self._lock:
-            self._entries.clear()
-
 
 def _still_signed_by(entry: Verified, key_loader: KeyLoader) -> bool:
     """Whether the key loader still picks the key that verified the entry."""
