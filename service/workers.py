@@ -37,8 +37,8 @@ def run_workers(config: Any) -> int:
 
     # As in Hypercorn: workers inherit SIG_IGN for SIGINT, so that a Ctrl-C reaches them
     # only as the shutdown event; a SIGTERM sent to a worker itself ends it at once.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     processes: list[BaseProcess] = []
     listeners = []
     try:
@@ -56,8 +56,8 @@ def run_workers(config: Any) -> int:
             signal.signal(sig, stop)
         wait([process.sentinel for process in processes])
         if not stopping:
-            failed = [p for p in processes if p.exitcode is not None]
-            log.error("worker exited (status %s): stopping all", [p.exitcode for p in failed])
+            codes = [p.exitcode for p in processes if p.exitcode is not None]
+            log.error("worker exited (status %s): stopping all", codes)
             shutdown_event.set()
         return _join(processes, config.graceful_timeout + config.shutdown_timeout, stopping)
     finally:
