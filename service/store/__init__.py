@@ -190,6 +190,8 @@ def _make_blocklist(settings: Settings) -> Blocklist:
         session_bucket_seconds=settings.revocation_session_bucket_seconds,
         timeout=settings.redis_timeout,
         max_connections=settings.request_threads + 8,
+        propagation=settings.revocation_propagation_ms / 1000,
+        kept_verdicts=settings.verified_token_memo,
     )
 
 

@@ -1,4 +1,4 @@
-"""The revocation blocklist: one Redis round trip per check, memory bounded by token expiry.
+"""The revocation blocklist: at most one Redis round trip per check, memory bounded by expiry.
 
 Layout under the configured prefix:
   ready                   the run_id of the Redis process the blocklist was loaded into: a
@@ -9,10 +9,13 @@ Layout under the configured prefix:
                           an hour's grace on a 30-day session keeps the hashes dense;
                           small hashes stay listpack-encoded, about 40 bytes per id
   u:<user id>             sessions of that user started at or before this millisecond are revoked
+  revoked                 channel: every write names what it covers, so that workers can keep
+                          verdicts until one changes (see revocation_feed.py)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
@@ -21,7 +24,7 @@ import zlib
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import redis
 import redis.asyncio as aredis
@@ -29,6 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
 from service.store.check_pipeline import CheckPipeline, command, encode, parse_run_id
+from service.store.revocation_feed import RevocationFeed, Subject, message
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
@@ -134,6 +138,11 @@ class Blocklist(Protocol):
         ...
 
 
+def _subject(entry: Entry) -> Subject:
+    """What an entry names, as the kept verdicts are indexed (by jti, sid or sub)."""
+    return ({Kind.TOKEN: "t", Kind.SESSION: "s", Kind.USER: "u"}[entry.kind], entry.subject)
+
+
 def session_started_ms(ref: TokenRef) -> int:
     """Milliseconds when the token's session began, read from its UUIDv7 sid."""
     try:
@@ -155,6 +164,8 @@ class RedisBlocklist:
         session_bucket_seconds: int = 3600,
         timeout: float,
         max_connections: int,
+        propagation: float = 0.0,
+        kept_verdicts: int = 8192,
     ) -> None:
         self._url = url
         self._prefix = prefix
@@ -177,6 +188,10 @@ class RedisBlocklist:
         self._init_lock = threading.Lock()
         self._pipeline: CheckPipeline | None = None
         self._encoded: dict[TokenRef, tuple[int, bytes]] = {}
+        self._channel = f"{prefix}revoked"
+        self._propagation = propagation
+        self._kept_verdicts = kept_verdicts
+        self._feed: RevocationFeed | None = None
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -299,7 +314,16 @@ class RedisBlocklist:
         return self._verdict(result)
 
     async def check_async(self, ref: TokenRef) -> Verdict:
-        """The same check through this loop's pipeline: concurrent checks share a write."""
+        """The same check, from a verdict kept since the last revocation or else pipelined.
+
+        Concurrent checks that do reach Redis share one write.
+        """
+        feed = self._current_feed()
+        if feed is not None:
+            kept = feed.lookup(ref)
+            if kept is not None:
+                return cast(Verdict, kept)
+            generation = feed.cache.generation
         self._refuse_if_down()
         count, encoded = self._encoded_check(ref)
         pipeline = self._pipeline
@@ -314,15 +338,42 @@ class RedisBlocklist:
             )
         except RedisError as exc:
             raise self._unreachable(exc) from exc
-        return self._verdict(result)
+        verdict = self._verdict(result)
+        if feed is not None and verdict is not Verdict.NOT_LOADED:
+            feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
+        return verdict
+
+    def _current_feed(self) -> RevocationFeed | None:
+        """This loop's feed of revocations, unless verdicts are never kept."""
+        if not self._propagation:
+            return None
+        feed = self._feed
+        if feed is None or not feed.usable:
+            feed = self._feed = RevocationFeed(
+                self._url,
+                channel=self._channel,
+                window=self._propagation,
+                timeout=self._timeout,
+                size=self._kept_verdicts,
+            )
+        return feed
 
     async def add(self, entries: Iterable[Entry]) -> None:
-        """Write revocations in one pipeline."""
+        """Write revocations, and return once no worker may still use a verdict they change."""
+        entries = list(entries)
+        await self._write(entries)
+        if entries and self._propagation:
+            await asyncio.sleep(self._propagation)
+
+    async def _write(self, entries: list[Entry]) -> None:
+        """Write revocations in one pipeline, announcing them to every worker last."""
         client = self._clients()
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for entry in entries:
                     self._queue(pipe, entry)
+                if entries:
+                    pipe.publish(self._channel, message(map(_subject, entries)))
                 await pipe.execute()
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
@@ -353,9 +404,9 @@ class RedisBlocklist:
             async for entry in entries:
                 batch.append(entry)
                 if len(batch) >= WRITE_BATCH:
-                    await self.add(batch)
+                    await self._write(batch)
                     batch = []
-            await self.add(batch)
+            await self._write(batch)
             await client.set(self._ready_key, parse_run_id(await client.info("server")))
             if await client.get(self._lock_key) == token.encode():
                 await client.delete(self._lock_key)
@@ -386,7 +437,10 @@ class RedisBlocklist:
         return isinstance(ready, bytes) and ready.decode() == run_id
 
     async def close(self) -> None:
-        """Close both connection pools of this process, and the check pipeline."""
+        """Close both connection pools of this process, the check pipeline and the feed."""
+        if self._feed is not None:
+            await self._feed.close()
+            self._feed = None
         if self._pipeline is not None:
             await self._pipeline.close()
             self._pipeline = None

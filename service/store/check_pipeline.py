@@ -13,7 +13,7 @@ import os
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -139,17 +139,9 @@ class CheckPipeline:
         self._loop.call_later(self._timeout / 2, self._watch, protocol)
 
     async def _connect(self) -> _Replies:
-        options = self._options
-        connection_class = options.get("connection_class")
-        if connection_class is UnixDomainSocketConnection:
-            _, protocol = await self._loop.create_unix_connection(_Replies, options["path"])
-        else:
-            tls = _tls_context(options) if connection_class is SSLConnection else None
-            _, protocol = await self._loop.create_connection(
-                _Replies, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
-            )
+        protocol = await open_connection(self._loop, self._options, _Replies)
         try:
-            for request in [*self._preamble(), self._load_script()]:
+            for request in [*preamble(self._options), self._load_script()]:
                 if isinstance(reply := await self._send(protocol, request), ResponseError):
                     raise reply
             info = await self._send(protocol, command(2, encode("INFO", "server")))
@@ -161,21 +153,6 @@ class CheckPipeline:
         self._protocol = protocol
         self._loop.call_later(self._timeout / 2, self._watch, protocol)
         return protocol
-
-    def _preamble(self) -> list[bytes]:
-        """AUTH and SELECT, as the URL asks."""
-        options = self._options
-        requests = []
-        if options.get("password"):
-            if options.get("username"):
-                requests.append(
-                    command(3, encode("AUTH", options["username"], options["password"]))
-                )
-            else:
-                requests.append(command(2, encode("AUTH", options["password"])))
-        if options.get("db"):
-            requests.append(command(2, encode("SELECT", options["db"])))
-        return requests
 
     def _load_script(self) -> bytes:
         return command(3, encode("SCRIPT", "LOAD", self._script))
@@ -197,6 +174,37 @@ class CheckPipeline:
             self._drop()
         elif loop.is_running():
             loop.call_soon_threadsafe(self._drop)
+
+
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop, options: dict[str, Any], factory: Callable[[], P]
+) -> P:
+    """Connect to the Redis that parsed URL options name: TCP, TLS or a Unix socket."""
+    connection_class = options.get("connection_class")
+    if connection_class is UnixDomainSocketConnection:
+        _, protocol = await loop.create_unix_connection(factory, options["path"])
+    else:
+        tls = _tls_context(options) if connection_class is SSLConnection else None
+        _, protocol = await loop.create_connection(
+            factory, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
+        )
+    return protocol
+
+
+def preamble(options: dict[str, Any], *, select: bool = True) -> list[bytes]:
+    """AUTH and SELECT, as the URL asks."""
+    requests = []
+    if options.get("password"):
+        if options.get("username"):
+            requests.append(command(3, encode("AUTH", options["username"], options["password"])))
+        else:
+            requests.append(command(2, encode("AUTH", options["password"])))
+    if select and options.get("db"):
+        requests.append(command(2, encode("SELECT", options["db"])))
+    return requests
 
 
 def _flush(protocol: _Replies) -> None:

@@ -1,0 +1,253 @@
+"""Verdicts a worker may reuse while Redis says nothing about them changed.
+
+Every write to the blocklist publishes what it covers on one channel. Each worker keeps
+the verdicts its checks received and drops those a message names. A kept verdict is used
+only while the worker can show it has read every message published more than `window`
+seconds ago: a PING sent on its subscription less than `window` ago has been answered,
+and Redis delivers messages and replies on one connection in order. A write returns only
+`window` after Redis took it (see RedisBlocklist.add), so once a logout answers, every
+worker of every host has either dropped the token's verdict or asks Redis again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ResponseError
+
+from service.store.check_pipeline import command, encode, open_connection, preamble
+
+# What a message names, by the TokenRef field it matches: jti, sid or sub.
+Subject = tuple[str, str]
+
+PROBES_PER_WINDOW = 4
+IDLE_AFTER = 1.0  # seconds without a lookup before probing pauses
+RECONNECT_DELAY = 0.1
+
+log = logging.getLogger(__name__)
+
+
+def message(subjects: Iterable[Subject]) -> bytes:
+    """The payload announcing a write that covers these subjects."""
+    return json.dumps([list(subject) for subject in subjects]).encode()
+
+
+def parse_message(data: bytes) -> list[Subject] | None:
+    """The subjects a payload names, or None when it cannot be read."""
+    try:
+        items = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(items, list):
+        return None
+    subjects = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(x) is str for x in item)):
+            return None
+        subjects.append((item[0], item[1]))
+    return subjects
+
+
+class VerdictCache:
+    """Verdicts by token, with the subjects that would change them; used on one loop only."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._verdicts: dict[Any, int] = {}
+        self._holders: dict[Subject, list[Any]] = {}
+        self._indexed = 0
+        self.generation = 0
+        self.fresh_since = -math.inf
+        self.last_lookup = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+    def get(self, ref: Any, now: float, window: float) -> int | None:
+        """The kept verdict of ref, if the subscription proved fresh within window of now."""
+        self.last_lookup = now
+        if now - self.fresh_since >= window:
+            return None
+        return self._verdicts.get(ref)
+
+    def keep(self, ref: Any, verdict: int, generation: int, *, revocable: bool) -> None:
+        """Keep a verdict read at generation, unless a message or a reset came since."""
+        if generation != self.generation or self._size == 0:
+            return
+        if len(self._verdicts) >= self._size or self._indexed >= 4 * self._size:
+            self._clear()
+        self._verdicts[ref] = verdict
+        if revocable:
+            for subject in (("t", ref.jti), ("s", ref.sid), ("u", ref.sub)):
+                self._holders.setdefault(subject, []).append(ref)
+            self._indexed += 3
+
+    def drop(self, subjects: Iterable[Subject]) -> None:
+        """Forget every verdict a revocation of these subjects may change."""
+        self.generation += 1
+        for subject in subjects:
+            for ref in self._holders.pop(subject, ()):
+                self._verdicts.pop(ref, None)
+
+    def reset(self) -> None:
+        """Forget everything and trust nothing until the next answered probe."""
+        self.generation += 1
+        self.fresh_since = -math.inf
+        self._clear()
+
+    def _clear(self) -> None:
+        self._verdicts.clear()
+        self._holders.clear()
+        self._indexed = 0
+
+
+class _Subscription(asyncio.Protocol):
+    """One subscribed connection: messages drop verdicts, answered probes prove freshness."""
+
+    def __init__(self, cache: VerdictCache, subscribed: asyncio.Future[None]) -> None:
+        self.cache = cache
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.subscribed = subscribed
+        self.probes: deque[float] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            self._handle(reply)
+
+    def _handle(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError):
+            if not self.subscribed.done():
+                self.subscribed.set_exception(reply)
+            self.close()
+            return
+        kind = reply[0] if isinstance(reply, list) and reply else None
+        if kind == b"message":
+            subjects = parse_message(reply[2])
+            if subjects is None:
+                # Unreadable: whatever it named, no kept verdict may be trusted now.
+                self.cache.reset()
+            else:
+                self.cache.drop(subjects)
+        elif kind == b"pong" and self.probes:
+            self.cache.fresh_since = self.probes.popleft()
+        elif kind == b"subscribe" and not self.subscribed.done():
+            # Messages missed before this point may have named anything kept.
+            self.cache.reset()
+            self.subscribed.set_result(None)
+
+    def probe(self, now: float) -> None:
+        """Send a PING; its answer proves every earlier message has been read."""
+        if self.transport is not None and not self.closed:
+            self.probes.append(now)
+            self.transport.write(command(1, encode("PING")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.cache.reset()
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+
+    def close(self) -> None:
+        """Hang up; kept verdicts go with the connection."""
+        if self.transport is not None:
+            self.transport.close()
+        self.connection_lost(None)
+
+
+class RevocationFeed:
+    """The subscription of one process and loop, reconnecting while lookups keep coming."""
+
+    def __init__(self, url: str, *, channel: str, window: float, timeout: float, size: int):
+        self.cache = VerdictCache(size)
+        self.window = window
+        self._options: dict[str, Any] = dict(parse_url(url))
+        self._channel = channel
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._pid = os.getpid()
+        self._task: asyncio.Task[None] | None = None
+        self._subscription: _Subscription | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether this feed belongs to the running loop of this process."""
+        return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
+
+    def lookup(self, ref: Any) -> int | None:
+        """A verdict that is safe to reuse now, if one is kept; (re)starts the subscription."""
+        if self._task is None or self._task.done():
+            self._task = self._loop.create_task(self._run())
+        return self.cache.get(ref, self._loop.time(), self.window)
+
+    async def _run(self) -> None:
+        """Subscribe, probe while lookups come, and start over when the connection ends."""
+        while self._loop.time() - self.cache.last_lookup < IDLE_AFTER:
+            try:
+                subscription = await asyncio.wait_for(self._subscribe(), self._timeout)
+            except (OSError, TimeoutError, ResponseError) as exc:
+                log.warning("revocation feed unavailable: %s", type(exc).__name__)
+                await asyncio.sleep(RECONNECT_DELAY)
+                continue
+            try:
+                await self._probe_while_used(subscription)
+            finally:
+                subscription.close()
+
+    async def _subscribe(self) -> _Subscription:
+        subscribed: asyncio.Future[None] = self._loop.create_future()
+        subscription = await open_connection(
+            self._loop, self._options, lambda: _Subscription(self.cache, subscribed)
+        )
+        self._subscription = subscription
+        assert subscription.transport is not None
+        requests = preamble(self._options, select=False)  # channels span every database
+        requests.append(command(2, encode("SUBSCRIBE", self._channel)))
+        subscription.transport.write(b"".join(requests))
+        try:
+            await subscribed
+        except BaseException:
+            subscription.close()
+            raise
+        return subscription
+
+    async def _probe_while_used(self, subscription: _Subscription) -> None:
+        interval = self.window / PROBES_PER_WINDOW
+        while not subscription.closed:
+            now = self._loop.time()
+            if subscription.probes and now - subscription.probes[0] > self._timeout:
+                log.warning("revocation feed stalled: reconnecting")
+                return
+            if now - self.cache.last_lookup >= IDLE_AFTER:
+                return
+            subscription.probe(now)
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """Stop the subscription, from whichever loop calls (it is owned by its own)."""
+        if self._loop.is_closed() or self._pid != os.getpid():
+            return
+        if self._loop is asyncio.get_running_loop():
+            self._stop()
+        elif self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._subscription is not None:
+            self._subscription.close()

@@ -1,0 +1,312 @@
+"""Verdicts a worker keeps between revocations: dropped in time, never trusted when stale."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from service.config import Settings
+from service.store.blocklist import Entry, Kind, RedisBlocklist, TokenRef, Verdict
+from service.store.revocation_feed import (
+    IDLE_AFTER,
+    RevocationFeed,
+    VerdictCache,
+    message,
+    parse_message,
+)
+from tests.conftest import delete_prefix
+from tests.proxy import TcpProxy
+from tests.test_prefetch import durable, new_ref
+
+WINDOW = 0.025
+TIMEOUT = 0.3
+
+
+def keeping(url: str, prefix: str, window: float = WINDOW) -> RedisBlocklist:
+    """A blocklist whose checks keep verdicts, as a worker's do."""
+    return RedisBlocklist(
+        url,
+        prefix=prefix,
+        shards=4,
+        bucket_seconds=60,
+        timeout=TIMEOUT,
+        max_connections=2,
+        propagation=window,
+    )
+
+
+def feed_of(blocklist: RedisBlocklist) -> RevocationFeed:
+    """The feed the blocklist's checks made on this loop."""
+    feed = blocklist._feed
+    assert feed is not None
+    return feed
+
+
+async def kept(blocklist: RedisBlocklist, ref: TokenRef) -> Verdict:
+    """Check ref until the worker keeps its verdict (its feed has subscribed); return it."""
+    deadline = time.monotonic() + 5
+    verdict = await blocklist.check_async(ref)
+    while feed_of(blocklist).lookup(ref) is None:
+        assert time.monotonic() < deadline, "the verdict was never kept"
+        await asyncio.sleep(WINDOW / 4)
+        verdict = await blocklist.check_async(ref)
+    return verdict
+
+
+def revocations_of(ref: TokenRef) -> list[Entry]:
+    """Each kind of revocation that covers ref."""
+    return [
+        Entry(Kind.TOKEN, ref.jti, ref.exp),
+        Entry(Kind.SESSION, ref.sid, ref.sxp),
+        Entry(Kind.USER, ref.sub, ref.sxp, cutoff_ms=int(time.time() * 1000)),
+    ]
+
+
+# The cache alone.
+
+
+def test_a_verdict_is_used_only_while_fresh() -> None:
+    cache, ref = VerdictCache(8), new_ref()
+    cache.keep(ref, Verdict.VALID, cache.generation, revocable=True)
+    assert cache.get(ref, now=100.0, window=WINDOW) is None  # no probe answered yet
+    cache.fresh_since = 100.0
+    assert cache.get(ref, now=100.0 + WINDOW / 2, window=WINDOW) is Verdict.VALID
+    assert cache.get(ref, now=100.0 + WINDOW, window=WINDOW) is None
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_a_message_drops_the_verdicts_it_may_change(index: int) -> None:
+    cache, ref, other = VerdictCache(8), new_ref(), new_ref()
+    cache.fresh_since = 100.0
+    for each in (ref, other):
+        cache.keep(each, Verdict.VALID, cache.generation, revocable=True)
+    letter = "tsu"[index]
+    cache.drop([(letter, ref[(0, 2, 4)[index]])])
+    assert cache.get(ref, now=100.0, window=WINDOW) is None
+    assert cache.get(other, now=100.0, window=WINDOW) is Verdict.VALID
+
+
+def test_a_verdict_read_before_a_message_is_not_kept() -> None:
+    cache, ref = VerdictCache(8), new_ref()
+    cache.fresh_since = 100.0
+    generation = cache.generation
+    cache.drop([("t", "some other token")])  # arrived while ref's check was on its way
+    cache.keep(ref, Verdict.VALID, generation, revocable=True)
+    assert cache.get(ref, now=100.0, window=WINDOW) is None
+    cache.keep(ref, Verdict.VALID, cache.generation, revocable=True)
+    assert cache.get(ref, now=100.0, window=WINDOW) is Verdict.VALID
+
+
+def test_a_reset_forgets_and_distrusts_everything() -> None:
+    cache, ref = VerdictCache(8), new_ref()
+    cache.fresh_since = 100.0
+    cache.keep(ref, Verdict.REVOKED, cache.generation, revocable=False)
+    cache.reset()
+    cache.fresh_since = 100.0
+    assert cache.get(ref, now=100.0, window=WINDOW) is None
+    assert len(cache) == 0
+
+
+def test_the_cache_stays_bounded() -> None:
+    cache = VerdictCache(4)
+    for _ in range(50):
+        cache.keep(new_ref(), Verdict.VALID, cache.generation, revocable=True)
+        assert len(cache) <= 4
+    off = VerdictCache(0)
+    off.keep(new_ref(), Verdict.VALID, off.generation, revocable=True)
+    assert len(off) == 0
+
+
+def test_messages_round_trip_and_garbage_is_refused() -> None:
+    subjects = [("t", "a"), ("s", "line\nbreak"), ("u", '"quoted"')]
+    assert parse_message(message(subjects)) == subjects
+    for garbage in [b"", b"not json", b"[1, 2]", b'[["t"]]', b"{}"]:
+        assert parse_message(garbage) is None, garbage
+
+
+# Against Redis.
+
+
+@pytest.fixture
+def prefix(settings: Settings) -> Iterator[str]:
+    """A key prefix (and channel) of this test's own, emptied afterwards."""
+    own = f"{settings.redis_prefix}feed-{uuid.uuid4().hex[:8]}:"
+    yield own
+    delete_prefix(str(settings.redis_url), own)
+
+
+@pytest.fixture
+async def worker(settings: Settings, prefix: str) -> AsyncIterator[RedisBlocklist]:
+    """One worker's loaded blocklist, keeping verdicts."""
+    blocklist = keeping(str(settings.redis_url), prefix)
+    assert await blocklist.rebuild(durable())
+    yield blocklist
+    await blocklist.close()
+
+
+class OtherWorker:
+    """A blocklist on a thread and loop of its own: another worker, as far as timing goes."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.blocklist = keeping(url, prefix)
+
+    def add(self, entries: list[Entry]) -> Future[None]:
+        """Revoke on the other worker's loop; the future ends when add() returned there."""
+        return asyncio.run_coroutine_threadsafe(self.blocklist.add(entries), self._loop)
+
+    def close(self) -> None:
+        """Close its connections and stop its thread."""
+        asyncio.run_coroutine_threadsafe(self.blocklist.close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture
+def other_worker(settings: Settings, prefix: str) -> Iterator[OtherWorker]:
+    """A second worker on the same blocklist."""
+    other = OtherWorker(str(settings.redis_url), prefix)
+    yield other
+    other.close()
+
+
+async def test_a_kept_verdict_is_asked_again_only_after_a_revocation(
+    worker: RedisBlocklist, other_worker: OtherWorker, settings: Settings
+) -> None:
+    direct = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        ref, bystander = new_ref(), new_ref()
+        assert await kept(worker, ref) is Verdict.VALID
+        assert await kept(worker, bystander) is Verdict.VALID
+        calls = _evalsha_calls(direct)
+        for _ in range(100):
+            assert await worker.check_async(ref) is Verdict.VALID
+        assert _evalsha_calls(direct) == calls
+        await asyncio.wrap_future(other_worker.add([Entry(Kind.TOKEN, ref.jti, ref.exp)]))
+        assert await worker.check_async(ref) is Verdict.REVOKED
+        assert await worker.check_async(bystander) is Verdict.VALID
+        assert _evalsha_calls(direct) == calls + 1
+    finally:
+        direct.close()
+
+
+def _evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0))
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+async def test_no_worker_accepts_a_token_once_its_revocation_returned(
+    worker: RedisBlocklist, other_worker: OtherWorker, kind: Kind
+) -> None:
+    """The guarantee, raced: one worker checks without pause while another revokes."""
+    index = list(Kind).index(kind)
+    for _ in range(20):
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID
+        returned = other_worker.add([revocations_of(ref)[index]])
+        while True:
+            # A busy worker: its loop reads nothing, messages and answers pile up unread.
+            time.sleep(random.uniform(0, WINDOW))
+            done = returned.done()  # from here on, only REVOKED may come back
+            verdict = await worker.check_async(ref)
+            if done:
+                assert verdict is Verdict.REVOKED
+                break
+            await asyncio.sleep(0)
+        returned.result()
+
+
+async def test_a_revocation_waits_out_the_window(worker: RedisBlocklist) -> None:
+    ref = new_ref()
+    started = time.monotonic()
+    await worker.add(revocations_of(ref)[:1])
+    assert time.monotonic() - started >= WINDOW
+    started = time.monotonic()
+    await worker.add([])
+    assert time.monotonic() - started < WINDOW
+
+
+async def test_a_silent_subscription_makes_every_check_ask_redis(worker: RedisBlocklist) -> None:
+    ref = new_ref()
+    assert await kept(worker, ref) is Verdict.VALID
+    subscription = feed_of(worker)._subscription
+    assert subscription is not None and subscription.transport is not None
+    subscription.transport.pause_reading()  # no message, no answered probe gets through
+    await asyncio.sleep(WINDOW * 1.5)
+    assert feed_of(worker).lookup(ref) is None
+    await worker.add(revocations_of(ref)[:1])
+    assert await worker.check_async(ref) is Verdict.REVOKED
+    # Unanswered probes past the timeout: the feed starts over on a new connection.
+    deadline = time.monotonic() + 5
+    while feed_of(worker)._subscription is subscription:
+        assert time.monotonic() < deadline, "the stalled subscription was kept"
+        await worker.check_async(ref)
+        await asyncio.sleep(WINDOW)
+    assert subscription.closed
+    assert await kept(worker, ref) is Verdict.REVOKED
+
+
+async def test_a_lost_subscription_forgets_what_it_kept(settings: Settings, prefix: str) -> None:
+    upstream = urlsplit(str(settings.redis_url))
+    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
+    proxy.start()
+    proxied = keeping(f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}", prefix)
+    try:
+        assert await proxied.rebuild(durable())
+        ref = new_ref()
+        assert await kept(proxied, ref) is Verdict.VALID
+        proxy.stop()
+        await asyncio.sleep(WINDOW)
+        assert len(feed_of(proxied).cache) == 0
+        assert feed_of(proxied).lookup(ref) is None
+        proxy.start()
+        assert await kept(proxied, ref) is Verdict.VALID
+    finally:
+        await proxied.close()
+        proxy.close()
+
+
+async def test_an_unreadable_message_forgets_everything(
+    worker: RedisBlocklist, settings: Settings, prefix: str
+) -> None:
+    ref = new_ref()
+    assert await kept(worker, ref) is Verdict.VALID
+    direct = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        direct.publish(f"{prefix}revoked", b"garbage")
+    finally:
+        direct.close()
+    await asyncio.sleep(WINDOW)
+    assert feed_of(worker).lookup(ref) is None
+    assert len(feed_of(worker).cache) == 0
+
+
+async def test_an_idle_worker_unsubscribes_and_comes_back(
+    worker: RedisBlocklist, settings: Settings, prefix: str
+) -> None:
+    channel = f"{prefix}revoked"
+    direct = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID
+        assert direct.pubsub_numsub(channel) == [(channel.encode(), 1)]
+        await asyncio.sleep(IDLE_AFTER + 0.2)
+        assert direct.pubsub_numsub(channel) == [(channel.encode(), 0)]
+        assert feed_of(worker).lookup(ref) is None
+        assert await kept(worker, ref) is Verdict.VALID
+        assert direct.pubsub_numsub(channel) == [(channel.encode(), 1)]
+    finally:
+        direct.close()
