@@ -74,6 +74,16 @@ def delete_keys(prefix: str) -> int:
     return deleted
 
 
+def script_calls() -> int:
+    """How many EVALSHA calls the shared Redis has served (every stack's check is one)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    finally:
+        client.close()
+    return int(stats.get("calls", 0))
+
+
 async def _admin(statement: str) -> None:
     """Run one statement on the maintenance database."""
     conn = await asyncpg.connect(PG_ADMIN_DSN)

@@ -31,9 +31,15 @@ def _worker(body: bytes) -> object:
 
 
 def _logout_then_get(port: int, context: ssl.SSLContext, pair: Pair) -> LogoutOutcome:
-    """Log out on one connection, then GET with the same token on another (opened before)."""
+    """Log out on one connection, then GET with the same token on another (opened before).
+
+    Both connections use the token twice first, so that each worker holds a kept verdict
+    for it (if it keeps verdicts) that the logout has to reach.
+    """
     first, second = connect(port, context), connect(port, context)
     try:
+        for connection in (first, second) * 2:
+            call(connection, "GET", "/api/hello", token=pair.access)
         _, worker_first = call(first, "GET", "/healthz")
         logout, _ = call(first, "POST", "/auth/logout", token=pair.access)
         hello, _ = call(second, "GET", "/api/hello", token=pair.access)

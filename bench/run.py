@@ -179,6 +179,7 @@ class Bench:
         self.pools: dict[str, list[Pair]] = {}
         self.slices: dict[tuple[int, str, str], list[Pair]] = {}
         self.check_pairs: list[Pair] = []
+        self.check_calls = self.check_requests = 0
         now = dt.datetime.now().isoformat(timespec="seconds")
         mode = "quick" if args.quick else "full"
         meta = {"mode": mode, "date": now, "cores": os.cpu_count(), "rounds": plan.rounds}
@@ -317,7 +318,7 @@ class Bench:
             log(f"round {round_no + 1}/{self.plan.rounds}: {what}")
             order = self._round_order(round_no)
             for stack in order:
-                self.report.add(GET, H1, stack.name, self._get_h1(stack, self.plan.get_s))
+                self.report.add(GET, H1, stack.name, self._counted_get_h1(stack))
             for stack in order:
                 self._h2(GET, stack, self._get_h2)
             for stack in self.main_stacks:
@@ -351,6 +352,20 @@ class Bench:
         """
         order = sorted(self.stacks, key=lambda s: (s.name.split("-")[0], not s.check))
         return order[::-1] if round_no % 2 else order
+
+    def _counted_get_h1(self, stack: Stack) -> Result:
+        """Protected GET over HTTP/1.1, counting the Redis check calls ours made for it."""
+        if stack.name != "ours":
+            return self._get_h1(stack, self.plan.get_s)
+        calls = backends.script_calls()
+        result = self._get_h1(stack, self.plan.get_s)
+        self.check_calls += backends.script_calls() - calls
+        self.check_requests += result.requests
+        share = self.check_calls / max(1, self.check_requests)
+        self.report.meta["Redis check calls per protected GET (ours, HTTP/1.1)"] = (
+            f"{share:.4f} ({self.check_calls:,} for {self.check_requests:,} requests)"
+        )
+        return result
 
     def _get_h1(self, stack: Stack, seconds: float) -> Result:
         """Protected GET over HTTP/1.1 (wrk)."""
