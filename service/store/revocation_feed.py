@@ -157,6 +157,8 @@ class _Subscription(asyncio.Protocol):
             self.transport.write(command(1, encode("PING")))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:  # close() got here first; a newer subscription may own the cache
+            return
         self.closed = True
         self.cache.reset()
         if not self.subscribed.done():
