@@ -30,8 +30,9 @@ from service.store.check_pipeline import command, encode, open_connection, pream
 Subject = tuple[str, str]
 
 PROBES_PER_WINDOW = 4
-IDLE_AFTER = 1.0  # seconds without a lookup before probing pauses
+IDLE_AFTER = 1.0  # seconds without a lookup before the subscription ends
 RECONNECT_DELAY = 0.1
+PING = command(1, encode("PING"))
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class _Subscription(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.subscribed = subscribed
         self.probes: deque[float] = deque()
+        self.last_probe = -math.inf
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.ended = subscribed.get_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -154,13 +157,15 @@ class _Subscription(asyncio.Protocol):
         """Send a PING; its answer proves every earlier message has been read."""
         if self.transport is not None and not self.closed:
             self.probes.append(now)
-            self.transport.write(command(1, encode("PING")))
+            self.last_probe = now
+            self.transport.write(PING)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:  # close() got here first; a newer subscription may own the cache
             return
         self.closed = True
         self.cache.reset()
+        self.ended.set_result(None)
         if not self.subscribed.done():
             self.subscribed.set_exception(ConnectionError(f"connection lost: {exc!r}"))
 
@@ -172,11 +177,16 @@ class _Subscription(asyncio.Protocol):
 
 
 class RevocationFeed:
-    """The subscription of one process and loop, reconnecting while lookups keep coming."""
+    """The subscription of one process and loop, kept while lookups keep coming.
+
+    Lookups send the probes (at most PROBES_PER_WINDOW per window): a busy worker stays
+    fresh, an idle one costs nothing and unsubscribes after IDLE_AFTER.
+    """
 
     def __init__(self, url: str, *, channel: str, window: float, timeout: float, size: int):
         self.cache = VerdictCache(size)
         self.window = window
+        self._interval = window / PROBES_PER_WINDOW
         self._options: dict[str, Any] = dict(parse_url(url))
         self._channel = channel
         self._timeout = timeout
@@ -191,13 +201,25 @@ class RevocationFeed:
         return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
 
     def lookup(self, ref: Any) -> int | None:
-        """A verdict that is safe to reuse now, if one is kept; (re)starts the subscription."""
-        if self._task is None or self._task.done():
+        """A verdict that is safe to reuse now, if one is kept; probes and subscribes."""
+        now = self._loop.time()
+        subscription = self._subscription
+        if subscription is not None and not subscription.closed:
+            if now - subscription.last_probe >= self._interval:
+                self._probe(subscription, now)
+        elif self._task is None or self._task.done():
             self._task = self._loop.create_task(self._run())
-        return self.cache.get(ref, self._loop.time(), self.window)
+        return self.cache.get(ref, now, self.window)
+
+    def _probe(self, subscription: _Subscription, now: float) -> None:
+        if subscription.probes and now - subscription.probes[0] > self._timeout:
+            log.warning("revocation feed stalled: reconnecting")
+            subscription.close()
+        else:
+            subscription.probe(now)
 
     async def _run(self) -> None:
-        """Subscribe, probe while lookups come, and start over when the connection ends."""
+        """Subscribe, and again whenever the connection ends, until lookups stop."""
         while self._loop.time() - self.cache.last_lookup < IDLE_AFTER:
             try:
                 subscription = await asyncio.wait_for(self._subscribe(), self._timeout)
@@ -206,7 +228,10 @@ class RevocationFeed:
                 await asyncio.sleep(RECONNECT_DELAY)
                 continue
             try:
-                await self._probe_while_used(subscription)
+                while (idle := self._loop.time() - self.cache.last_lookup) < IDLE_AFTER:
+                    ended, _ = await asyncio.wait([subscription.ended], timeout=IDLE_AFTER - idle)
+                    if ended:
+                        break
             finally:
                 subscription.close()
 
@@ -215,7 +240,6 @@ class RevocationFeed:
         subscription = await open_connection(
             self._loop, self._options, lambda: _Subscription(self.cache, subscribed)
         )
-        self._subscription = subscription
         assert subscription.transport is not None
         requests = preamble(self._options, select=False)  # channels span every database
         requests.append(command(2, encode("SUBSCRIBE", self._channel)))
@@ -225,19 +249,8 @@ class RevocationFeed:
         except BaseException:
             subscription.close()
             raise
+        self._subscription = subscription
         return subscription
-
-    async def _probe_while_used(self, subscription: _Subscription) -> None:
-        interval = self.window / PROBES_PER_WINDOW
-        while not subscription.closed:
-            now = self._loop.time()
-            if subscription.probes and now - subscription.probes[0] > self._timeout:
-                log.warning("revocation feed stalled: reconnecting")
-                return
-            if now - self.cache.last_lookup >= IDLE_AFTER:
-                return
-            subscription.probe(now)
-            await asyncio.sleep(interval)
 
     async def close(self) -> None:
         """Stop the subscription, from whichever loop calls (it is owned by its own)."""
