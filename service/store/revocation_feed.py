@@ -18,7 +18,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -28,6 +28,20 @@ from service.store.check_pipeline import command, encode, open_connection, pream
 
 # What a message names, by the TokenRef field it matches: jti, sid or sub.
 Subject = tuple[str, str]
+
+
+class Revocable(Protocol):
+    """What a token is revoked by (a TokenRef): its id, its session and its user."""
+
+    @property
+    def jti(self) -> str: ...
+
+    @property
+    def sid(self) -> str: ...
+
+    @property
+    def sub(self) -> str: ...
+
 
 PROBES_PER_WINDOW = 4
 IDLE_AFTER = 1.0  # seconds without a lookup before the subscription ends
@@ -63,8 +77,8 @@ class VerdictCache:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._verdicts: dict[Any, int] = {}
-        self._holders: dict[Subject, list[Any]] = {}
+        self._verdicts: dict[Revocable, int] = {}
+        self._holders: dict[Subject, list[Revocable]] = {}
         self._indexed = 0
         self.generation = 0
         self.fresh_since = -math.inf
@@ -73,14 +87,14 @@ class VerdictCache:
     def __len__(self) -> int:
         return len(self._verdicts)
 
-    def get(self, ref: Any, now: float, window: float) -> int | None:
+    def get(self, ref: Revocable, now: float, window: float) -> int | None:
         """The kept verdict of ref, if the subscription proved fresh within window of now."""
         self.last_lookup = now
         if now - self.fresh_since >= window:
             return None
         return self._verdicts.get(ref)
 
-    def keep(self, ref: Any, verdict: int, generation: int, *, revocable: bool) -> None:
+    def keep(self, ref: Revocable, verdict: int, generation: int, *, revocable: bool) -> None:
         """Keep a verdict read at generation, unless a message or a reset came since."""
         if generation != self.generation or self._size == 0:
             return
@@ -200,7 +214,7 @@ class RevocationFeed:
         """Whether this feed belongs to the running loop of this process."""
         return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
 
-    def lookup(self, ref: Any) -> int | None:
+    def lookup(self, ref: Revocable) -> int | None:
         """A verdict that is safe to reuse now, if one is kept; probes and subscribes."""
         now = self._loop.time()
         subscription = self._subscription
