@@ -358,6 +358,33 @@ async def test_failed_reloads_are_rate_limited(
         await wait_for(lambda: len(calls) == 2)
 
 
+async def test_signers_reread_the_keys_ahead_without_waiting(
+    settings: Settings, captured_app: list[Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_in_process(settings) as http:
+        keyring = captured_app[0].extensions["oauth_keyring"]
+        await machine_token(http, settings)
+        release, calls = threading.Event(), []
+
+        async def slow_database() -> None:
+            calls.append(time.monotonic())
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
+        monkeypatch.setattr(keyring, "load", slow_database)
+        # A copy about to need its reread: the token is signed from it at once...
+        keyring._loaded_at = time.monotonic() - keys.SIGNER_RELOAD_SECONDS + 0.5
+        try:
+            started = time.monotonic()
+            await machine_token(http, settings)
+            assert time.monotonic() - started < 0.4
+            # ...while the reread runs behind, on the app's loop.
+            await wait_for(lambda: bool(calls))
+        finally:
+            release.set()
+            await asyncio.sleep(0.1)  # let the reload end before the app shuts down
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

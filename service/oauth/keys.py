@@ -34,6 +34,8 @@ RELOAD_SECONDS = 60.0
 MISS_RELOAD_SECONDS = 1.0
 # A signer rereads a copy older than this before signing, so that it sees retirements.
 SIGNER_RELOAD_SECONDS = 5.0
+# It starts that reread in the background this long before, so that no request waits for it.
+SIGNER_REFRESH_AHEAD_SECONDS = 1.0
 # `keys retire` takes effect this far ahead: every worker has reread the keys by then.
 RETIRE_DELAY_SECONDS = RELOAD_SECONDS + 10.0
 # How long a request thread without a usable key waits for a reload.
@@ -204,11 +206,13 @@ class Keyring:
 
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""
-        stale = time.monotonic() - self._loaded_at >= SIGNER_RELOAD_SECONDS
-        if stale or self._signer() is None:
+        age = time.monotonic() - self._loaded_at
+        if age >= SIGNER_RELOAD_SECONDS or self._signer() is None:
             # Signing runs in the token endpoint's request thread, never on the loop: it may
             # wait for a reread, so that a retirement is seen in time (and a first key made).
             self._await_reload()
+        elif age >= SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS:
+            self._schedule_reload()
         key = self._signer()
         if key is None:
             raise RuntimeError("no signing key is active")
