@@ -1,4 +1,4 @@
-"""Client registration: secrets are generated here, shown once, and stored only as digests."""
+"""Clients: registered here (secrets are shown once, stored only as digests) and looked up."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sqlalchemy import select
+
 from service.oauth.models import Client, digest
 from service.oauth.scopes import SCOPES
 from service.store import Store
@@ -14,10 +16,20 @@ from service.store import oauth as client_store
 from service.store import oauth_grants as grant_store
 from service.store.blocklist import Entry, Kind
 from service.store.db import Database
+from service.store.oauth_models import OAuthClient
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
+MAX_IDENTIFIER = 128
+
+
+def plausible_identifier(value: object) -> bool:
+    """Whether value may name a client or user: short, printable, never NUL or CR/LF.
+
+    Hostile values are refused before any lookup (PostgreSQL rejects NUL in text).
+    """
+    return isinstance(value, str) and 0 < len(value) <= MAX_IDENTIFIER and value.isprintable()
 
 
 class InvalidClient(ValueError):
@@ -107,6 +119,24 @@ async def get_client(*, database: Database, client_id: str) -> Client | None:
     async with database.session() as session:
         row = await client_store.get_client(session, client_id=client_id)
     return Client.from_row(row) if row else None
+
+
+async def find_clients(
+    *, database: Database, client_ids: Sequence[str]
+) -> dict[str, Client | None]:
+    """The clients with these ids (None for an unknown one), read in one statement.
+
+    Autocommit: a single SELECT needs no transaction, and BEGIN and COMMIT would be two
+    more round trips on every token request.
+    """
+    found: dict[str, Client | None] = dict.fromkeys(client_ids)
+    table = OAuthClient.__table__
+    query = select(table).where(table.c.client_id.in_(client_ids))
+    async with database.engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        for row in await connection.execute(query):
+            found[row.client_id] = Client.from_row(row)
+    return found
 
 
 async def rotate_secret(*, database: Database, client_id: str) -> str | None:

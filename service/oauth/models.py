@@ -12,6 +12,7 @@ from typing import Any
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
+from sqlalchemy import Row
 
 from service.store.oauth_models import OAuthClient, OAuthCode, OAuthRefreshToken
 
@@ -39,8 +40,8 @@ class Client(ClientMixin):  # type: ignore[misc]
     resource_server: bool = False
 
     @classmethod
-    def from_row(cls, row: OAuthClient) -> Client:
-        """Build from the stored row."""
+    def from_row(cls, row: OAuthClient | Row[Any]) -> Client:
+        """Build from the stored row (an ORM object or a plain result row)."""
         return cls(
             client_id=row.client_id,
             name=row.name,

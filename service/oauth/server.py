@@ -10,6 +10,7 @@ from authlib.oauth2.rfc6749.errors import InvalidClientError
 from flask import Flask
 
 from service.oauth import bridge, families
+from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
 from service.oauth.grants import (
     AuthorizationCodeGrant,
@@ -19,17 +20,6 @@ from service.oauth.grants import (
 )
 from service.oauth.models import Client
 from service.oauth.scopes import SCOPES
-from service.store import oauth as client_store
-
-MAX_IDENTIFIER = 128
-
-
-def plausible_identifier(value: object) -> bool:
-    """Whether value may name a client or user: short, printable, never NUL or CR/LF.
-
-    Hostile values are refused before any lookup (PostgreSQL rejects NUL in text).
-    """
-    return isinstance(value, str) and 0 < len(value) <= MAX_IDENTIFIER and value.isprintable()
 
 
 class Server(AuthorizationServer):  # type: ignore[misc]
@@ -47,13 +37,8 @@ class Server(AuthorizationServer):  # type: ignore[misc]
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):
             return None
-
-        async def lookup() -> Client | None:
-            async with bridge.store().db.session() as session:
-                row = await client_store.get_client(session, client_id=client_id)
-            return Client.from_row(row) if row else None
-
-        return bridge.run(lookup())
+        found = find_clients(database=bridge.store().db, client_ids=[client_id])
+        return bridge.run(found)[client_id]
 
     def save_token(self, token: dict[str, Any], request: Any) -> None:
         if "refresh_token" not in token:
