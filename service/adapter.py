@@ -47,8 +47,10 @@ class AsgiAdapter:
         threads: int,
         inline: Callable[[str, str], bool] | None = None,
         prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        prepare_threaded: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
+        on_loop_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
@@ -56,8 +58,10 @@ class AsgiAdapter:
         self._threads = threads
         self._inline = inline
         self._prepare_inline = prepare_inline
+        self._prepare_threaded = prepare_threaded
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
+        self._on_loop_shutdown = on_loop_shutdown
         self._pool: ThreadPoolExecutor | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,6 +90,11 @@ class AsgiAdapter:
 
     async def shutdown(self) -> None:
         """Close the app's connections and the request threads."""
+        if self._on_loop_shutdown is not None:
+            try:
+                await self._on_loop_shutdown()
+            except Exception:
+                log.exception("error during shutdown")
         if self._on_shutdown is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._on_shutdown)
@@ -111,6 +120,8 @@ class AsgiAdapter:
                 await self._prepare_inline(environ)
             status, headers, chunks = self._call(environ)
         else:
+            if self._prepare_threaded is not None:
+                await self._prepare_threaded(environ)
             loop = asyncio.get_running_loop()
             status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
         await _respond(send, status, headers, chunks)

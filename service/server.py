@@ -12,6 +12,7 @@ from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
+from service.oauth.prefetch import ClientPrefetch
 from service.tls import ensure_dev_certificate
 from service.workers import run_workers
 
@@ -27,6 +28,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     coalesce.install()
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
+    clients = ClientPrefetch(settings)
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
@@ -34,8 +36,10 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         threads=settings.request_threads,
         inline=inline_policy(flask_app),
         prepare_inline=revocation_prefetch(flask_app),
+        prepare_threaded=clients,
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
+        on_loop_shutdown=clients.close,
     )
 
 

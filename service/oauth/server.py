@@ -8,8 +8,9 @@ from typing import Any
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749.errors import InvalidClientError
 from flask import Flask
+from flask import request as http_request
 
-from service.oauth import bridge, families
+from service.oauth import bridge, families, prefetch
 from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
 from service.oauth.grants import (
@@ -37,6 +38,9 @@ class Server(AuthorizationServer):  # type: ignore[misc]
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):
             return None
+        looked_up, client = prefetch.prefetched(http_request.environ, client_id)
+        if looked_up:
+            return client
         found = find_clients(database=bridge.store().db, client_ids=[client_id])
         return bridge.run(found)[client_id]
 
