@@ -385,6 +385,9 @@ def basic(raw: bytes) -> dict[str, str]:
         ("POST", "/oauth/revoke", {"token": "x"}, basic(b"\xc3(:\xc3(")),
         ("POST", "/oauth/introspect", {"token": "a.b.c"}, basic(b"a\x00:b")),
         ("POST", "/oauth/introspect", {"token": "a.b.c"}, basic(b"\xff:\xff")),
+        ("POST", TOKEN, {"grant_type": "client_credentials"}, {"Authorization": b"Basic \xe9="}),
+        ("POST", TOKEN, {"grant_type": "client_credentials"}, {"Authorization": "Basic \t"}),
+        ("POST", "/oauth/revoke", {"token": "x"}, {"Authorization": "basic "}),
     ],
 )
 async def test_hostile_client_credentials_are_invalid_client(
@@ -392,7 +395,7 @@ async def test_hostile_client_credentials_are_invalid_client(
     method: str,
     path: str,
     form: dict[str, str] | None,
-    headers: dict[str, str],
+    headers: dict[str, str | bytes],
 ) -> None:
     response = await client.request(method, path, data=form, headers=headers)
     assert response.status_code in {400, 401}, response.text

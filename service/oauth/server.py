@@ -29,8 +29,9 @@ class Server(AuthorizationServer):  # type: ignore[misc]
     def authenticate_client(self, request: Any, methods: list[str], endpoint: str = "token") -> Any:
         try:
             return super().authenticate_client(request, methods, endpoint)
-        except UnicodeError as exc:
-            # Basic credentials that are not UTF-8 name no client.
+        except ValueError as exc:
+            # Basic credentials that are not ASCII base64 of UTF-8, or a bare scheme, name
+            # no client: Authlib raises on them instead of failing the authentication.
             raise InvalidClientError(
                 description="The client credentials cannot be read.", status_code=401
             ) from exc
