@@ -36,7 +36,12 @@ PROBLEM = [(b"content-type", b"application/problem+json")]
 
 
 class AsgiAdapter:
-    """An ASGI 3 application wrapping a WSGI application."""
+    """An ASGI 3 application wrapping a WSGI application.
+
+    Views run in request threads, except on the event loop: those `inline` selects (after
+    `prepare_inline`), and those for which `prefetch`, awaited before any other request
+    goes to a thread, fetched all they would wait for.
+    """
 
     def __init__(
         self,
@@ -47,7 +52,7 @@ class AsgiAdapter:
         threads: int,
         inline: Callable[[str, str], bool] | None = None,
         prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-        prepare_threaded: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        prefetch: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         on_loop_shutdown: Callable[[], Awaitable[None]] | None = None,
@@ -58,7 +63,7 @@ class AsgiAdapter:
         self._threads = threads
         self._inline = inline
         self._prepare_inline = prepare_inline
-        self._prepare_threaded = prepare_threaded
+        self._prefetch = prefetch
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._on_loop_shutdown = on_loop_shutdown
@@ -119,9 +124,10 @@ class AsgiAdapter:
             if self._prepare_inline is not None:
                 await self._prepare_inline(environ)
             status, headers, chunks = self._call(environ)
+        elif self._prefetch is not None and await self._prefetch(environ):
+            # Everything the view would have waited for is in the environ: no thread needed.
+            status, headers, chunks = self._call(environ)
         else:
-            if self._prepare_threaded is not None:
-                await self._prepare_threaded(environ)
             loop = asyncio.get_running_loop()
             status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
         await _respond(send, status, headers, chunks)

@@ -21,6 +21,15 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+def on_event_loop() -> bool:
+    """Whether the caller runs on a thread's running event loop, where waiting stalls it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class LoopThread:
     """A daemon thread running an event loop, started lazily in the process that uses it."""
 

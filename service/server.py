@@ -28,7 +28,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     coalesce.install()
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
-    clients = ClientPrefetch(settings)
+    clients = ClientPrefetch(settings, flask_app.extensions["oauth_keyring"])
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
@@ -36,7 +36,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         threads=settings.request_threads,
         inline=inline_policy(flask_app),
         prepare_inline=revocation_prefetch(flask_app),
-        prepare_threaded=clients,
+        prefetch=clients,
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
         on_loop_shutdown=clients.close,

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from flask import Flask
 
-from service import close_app, create_app
+from service import close_app, create_app, server
 from service.config import Environment, Settings
-from service.loop import LoopThread
+from service.loop import LoopThread, on_event_loop
+from service.oauth import bridge, keys, prefetch
 from service.oauth import server as oauth_server
 from service.oauth.clients import (
     Registered,
@@ -28,6 +32,7 @@ from service.oauth.prefetch import ENVIRON_KEY, MAX_FORM_BYTES, named_clients
 from service.oauth.reader import ClientReader, connect_args
 from service.store import Store
 from service.store.db import Database
+from tests.conftest import serve_in_process
 from tests.test_oauth_support import new_client
 
 TOKEN = "/oauth/token"
@@ -59,6 +64,20 @@ def prefetches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     monkeypatch.setattr(ClientReader, "find", recording)
     return calls
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where query_client ran, each time: "loop" (the server's event loop) or "thread"."""
+    ran: list[str] = []
+    original = prefetch.prefetched
+
+    def recording(environ: dict[str, Any], client_id: str) -> tuple[bool, Client | None]:
+        ran.append("loop" if on_event_loop() else "thread")
+        return original(environ, client_id)
+
+    monkeypatch.setattr(prefetch, "prefetched", recording)
+    return ran
 
 
 async def machine(settings: Settings, **options: Any) -> Registered:
@@ -328,3 +347,76 @@ def test_nothing_is_looked_up_ahead_without_postgresql(tmp_path: Path) -> None:
     embedded = Settings(service_env=Environment.DEVELOPMENT, instance_dir=tmp_path)
     assert embedded.embedded_database
     assert connect_args(embedded) is None
+
+
+@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
+async def test_a_client_credentials_request_runs_on_the_event_loop(
+    client: httpx.AsyncClient, settings: Settings, threads: list[str], auth_method: str
+) -> None:
+    registered = await machine(settings, auth_method=auth_method)
+    response = await ask_token(client, registered)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert threads == ["loop"]
+    wrong = await ask_token(client, registered, "not the secret")
+    assert wrong.status_code == 401
+    assert wrong.json()["error"] == "invalid_client"
+    assert threads[1:] and set(threads[1:]) == {"loop"}
+
+
+async def test_other_requests_run_in_a_thread(
+    client: httpx.AsyncClient, settings: Settings, threads: list[str]
+) -> None:
+    registered = await machine(settings)
+    auth = (registered.client.client_id, registered.secret or "")
+    form = {"grant_type": "client_credentials"}
+    assert (await client.post(TOKEN + "?scope=profile", data=form, auth=auth)).status_code == 200
+    refresh = {"grant_type": "refresh_token", "refresh_token": "unknown"}
+    assert (await client.post(TOKEN, data=refresh, auth=auth)).status_code == 400
+    assert (await client.post("/oauth/revoke", data={"token": "x"}, auth=auth)).status_code == 200
+    assert set(threads) == {"thread"}
+
+
+@pytest.fixture
+def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
+    """The Flask apps that serve_in_process builds from now on."""
+    apps: list[Flask] = []
+
+    def create(settings: Settings | None = None) -> Flask:
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    monkeypatch.setattr(server, "create_app", create)
+    return apps
+
+
+async def test_a_token_due_a_key_reread_is_signed_in_a_thread(
+    settings: Settings, captured_app: list[Flask], threads: list[str]
+) -> None:
+    registered = await machine(settings)
+    async with serve_in_process(settings) as http:
+        keyring = captured_app[0].extensions["oauth_keyring"]
+        assert (await ask_token(http, registered)).status_code == 200
+        keyring._loaded_at = time.monotonic() - keys.SIGNER_RELOAD_SECONDS
+        assert (await ask_token(http, registered)).status_code == 200
+        assert (await ask_token(http, registered)).status_code == 200
+    # The reread was waited for in a thread; the next request signs on the loop again.
+    assert threads == ["loop", "thread", "loop"]
+
+
+async def test_nothing_waits_for_the_store_on_the_event_loop(settings: Settings) -> None:
+    app = create_app(settings)
+    keyring: keys.Keyring = app.extensions["oauth_keyring"]
+    try:
+        assert on_event_loop()
+        assert not keyring.signs_without_waiting()  # never loaded
+        with app.app_context():
+            with pytest.raises(RuntimeError):
+                bridge.run(asyncio.sleep(0))
+            with pytest.raises(RuntimeError):
+                keyring.signing_key()
+        assert not await asyncio.to_thread(on_event_loop)
+        assert threading.current_thread() is threading.main_thread()
+    finally:
+        await asyncio.to_thread(close_app, app)

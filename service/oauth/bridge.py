@@ -1,8 +1,9 @@
 """Authlib's hooks are synchronous: they reach the async store through the app's loop.
 
-OAuth views are plain (sync) functions, so they already run in a request thread, never on
-the loop thread; blocking there on a coroutine scheduled on the loop is safe and keeps the
-pooled connections of the loop.
+OAuth views are plain (sync) functions, so they run in a request thread, never on the loop
+thread; blocking there on a coroutine scheduled on the loop is safe and keeps the pooled
+connections of the loop. (A client_credentials token request whose client was looked up
+beforehand runs on the server's event loop instead: it reaches no store, see prefetch.py.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 from flask import current_app
 
 from service.config import Settings
+from service.loop import on_event_loop
 from service.oauth.keys import Keyring
 from service.store import Store
 
@@ -22,7 +24,11 @@ TIMEOUT = 30.0
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on the app's loop and wait for its result."""
+    """Run coro on the app's loop and wait for its result (from a request thread only)."""
+    if on_event_loop():
+        # A view the adapter runs on the loop got all it needs beforehand: never reached.
+        coro.close()
+        raise RuntimeError("the store is out of reach of a view running on the event loop")
     result: T = current_app.extensions["loop"].run(coro, timeout=TIMEOUT)
     return result
 

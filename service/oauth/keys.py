@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import ECAlgorithm
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.loop import on_event_loop
 from service.store import Store
 from service.store import oauth_keys as key_store
 from service.store.models import utcnow
@@ -204,12 +205,20 @@ class Keyring:
         now = utcnow()
         return next((key for key in self._keys if key.signs_at(now)), None)
 
+    def signs_without_waiting(self) -> bool:
+        """Whether signing_key() answers at once, by a margin: no reread to wait for."""
+        age = time.monotonic() - self._loaded_at
+        return age < SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS and bool(self._signer())
+
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""
         age = time.monotonic() - self._loaded_at
         if age >= SIGNER_RELOAD_SECONDS or self._signer() is None:
-            # Signing runs in the token endpoint's request thread, never on the loop: it may
-            # wait for a reread, so that a retirement is seen in time (and a first key made).
+            # Signing may wait for a reread, so that a retirement is seen in time (and a first
+            # key made): in a request thread, as a token request runs on the event loop only
+            # when signs_without_waiting() said so.
+            if on_event_loop():
+                raise RuntimeError("the signing keys need a reread: not on the event loop")
             self._await_reload()
         elif age >= SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS:
             self._schedule_reload()

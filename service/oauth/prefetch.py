@@ -6,6 +6,9 @@ the client ids the request names (HTTP Basic, the form's client_id), looks them 
 statement, and leaves the answer in the environ. `query_client` uses it for exactly those
 ids and looks any other one up itself; nothing is kept across requests, so a deleted
 client or a rotated secret counts from the next request on.
+
+A client_credentials token request needs nothing else from the store: once its clients
+are looked up, and when the signing keys need no reread, it runs on the loop itself.
 """
 
 from __future__ import annotations
@@ -19,43 +22,52 @@ from urllib.parse import parse_qsl, unquote
 
 from service.config import Settings
 from service.oauth.clients import plausible_identifier
+from service.oauth.keys import Keyring
 from service.oauth.models import Client
 from service.oauth.reader import ClientReader, connect_args
 
 ENVIRON_KEY = "service.oauth_clients"
-PATHS = frozenset({"/oauth/token", "/oauth/revoke", "/oauth/introspect"})
+TOKEN_ENDPOINT = "/oauth/token"  # noqa: S105 - a path, not a secret
+PATHS = frozenset({TOKEN_ENDPOINT, "/oauth/revoke", "/oauth/introspect"})
 FORM = "application/x-www-form-urlencoded"
 # Token requests are a few hundred bytes: a larger body is left to the view to parse.
 MAX_FORM_BYTES = 8192
 # A lookup answers in a millisecond; past this the view tries again on its own.
 TIMEOUT = 2.0
 
+Form = list[tuple[str, str]]
+
 log = logging.getLogger(__name__)
 
 
 class ClientPrefetch:
-    """The adapter's hook for requests served in a thread (PostgreSQL only)."""
+    """The adapter's hook for requests bound for a thread (PostgreSQL only)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keyring: Keyring) -> None:
         args = connect_args(settings)
         self._reader = ClientReader(args) if args is not None else None
+        self._keyring = keyring
 
-    async def __call__(self, environ: dict[str, Any]) -> None:
+    async def __call__(self, environ: dict[str, Any]) -> bool:
+        """Look the clients up; True when the request may now run on the loop."""
         if self._reader is None or environ["REQUEST_METHOD"] != "POST":
-            return
+            return False
         if environ["PATH_INFO"] not in PATHS:
-            return
-        client_ids = named_clients(environ)
+            return False
+        form = _form(environ)
+        client_ids = _named(environ, form)
         if not client_ids:
-            return
+            return False
         try:
             async with asyncio.timeout(TIMEOUT):
                 found = await self._reader.find(client_ids)
         except Exception as exc:
             log.warning("clients not looked up ahead (%s): the view will", type(exc).__name__)
-            return
-        if found is not None:
-            environ[ENVIRON_KEY] = found
+            return False
+        if found is None:
+            return False
+        environ[ENVIRON_KEY] = found
+        return _issues_client_token(environ, form) and self._keyring.signs_without_waiting()
 
     async def close(self) -> None:
         """Release the connections (at worker shutdown, on the server's loop)."""
@@ -63,10 +75,28 @@ class ClientPrefetch:
             await self._reader.close()
 
 
+def _issues_client_token(environ: dict[str, Any], form: Form | None) -> bool:
+    """Whether Authlib reads this request as a client_credentials token request, with
+    exactly the client ids read here: then query_client is answered from the lookup ahead.
+
+    Without a query string, Authlib's grant_type and client_id are the form's first.
+    """
+    if environ["PATH_INFO"] != TOKEN_ENDPOINT or environ.get("QUERY_STRING") or form is None:
+        return False
+    return next((value for name, value in form if name == "grant_type"), None) == (
+        "client_credentials"
+    )
+
+
 def named_clients(environ: dict[str, Any]) -> list[str]:
     """The plausible client ids of the request's Basic credentials and form, in that order."""
-    named = [_basic_client_id(environ.get("HTTP_AUTHORIZATION", "")), _form_client_id(environ)]
-    return list(dict.fromkeys(c for c in named if c is not None and plausible_identifier(c)))
+    return _named(environ, _form(environ))
+
+
+def _named(environ: dict[str, Any], form: Form | None) -> list[str]:
+    basic = _basic_client_id(environ.get("HTTP_AUTHORIZATION", ""))
+    posted = next((value for name, value in form or () if name == "client_id"), None)
+    return list(dict.fromkeys(c for c in (basic, posted) if c and plausible_identifier(c)))
 
 
 def _basic_client_id(header: str) -> str | None:
@@ -82,8 +112,8 @@ def _basic_client_id(header: str) -> str | None:
     return unquote(client_id) if colon and secret else None
 
 
-def _form_client_id(environ: dict[str, Any]) -> str | None:
-    """The first client_id of a urlencoded body, as Werkzeug's form parser gives it."""
+def _form(environ: dict[str, Any]) -> Form | None:
+    """A urlencoded body's fields as Werkzeug's form parser reads it; None if it might not."""
     mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     body = environ.get("wsgi.input")
     if mimetype != FORM or not isinstance(body, io.BytesIO):
@@ -92,11 +122,10 @@ def _form_client_id(environ: dict[str, Any]) -> str | None:
     if len(data) > MAX_FORM_BYTES:
         return None
     try:
-        text = data.decode()
+        # Strict: where Werkzeug would replace bytes that are not UTF-8, nothing is read.
+        return parse_qsl(data.decode(), keep_blank_values=True, errors="strict")
     except UnicodeError:
         return None
-    pairs = parse_qsl(text, keep_blank_values=True, errors="replace")
-    return next((value for name, value in pairs if name == "client_id"), None)
 
 
 def prefetched(environ: dict[str, Any], client_id: str) -> tuple[bool, Client | None]:
