@@ -208,7 +208,8 @@ class Keyring:
     def signs_without_waiting(self) -> bool:
         """Whether signing_key() answers at once, by a margin: no reread to wait for."""
         age = time.monotonic() - self._loaded_at
-        return age < SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS and bool(self._signer())
+        fresh = age < SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS
+        return fresh and self._signer() is not None
 
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""

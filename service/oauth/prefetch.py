@@ -76,10 +76,10 @@ class ClientPrefetch:
 
 
 def _issues_client_token(environ: dict[str, Any], form: Form | None) -> bool:
-    """Whether Authlib reads this request as a client_credentials token request, with
-    exactly the client ids read here: then query_client is answered from the lookup ahead.
+    """Whether Authlib will read a client_credentials token request naming the ids read here.
 
-    Without a query string, Authlib's grant_type and client_id are the form's first.
+    Without a query string, its grant_type and client_id are the form's first ones: every
+    client it queries was looked up ahead.
     """
     if environ["PATH_INFO"] != TOKEN_ENDPOINT or environ.get("QUERY_STRING") or form is None:
         return False

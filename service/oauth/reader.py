@@ -76,9 +76,10 @@ class ClientReader:
 
     async def close(self) -> None:
         """Close the connections, from the loop that opened them."""
-        pool, self._pool = self._pool, None
+        pool = self._pool
         if pool is None or asyncio.get_running_loop() is not self._loop:
             return
+        self._pool = None
         try:
             await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
         except TimeoutError:
