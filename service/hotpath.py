@@ -1,9 +1,10 @@
 """Which requests run on the server's event loop itself instead of a request thread.
 
 Handing a request to a thread and back costs more than a token check (measured: +40%
-throughput and a third of the p99 when /api/hello runs inline). Only views marked with
+throughput and a third of the p99 when /api/hello runs inline). Views marked with
 @runs_inline qualify: synchronous, CPU-light, and blocking on nothing but the bounded
-blocklist check (its Redis timeout and circuit breaker cap the stall).
+blocklist check (its Redis timeout and circuit breaker cap the stall). Besides them, a
+client_credentials token request runs there once its client is fetched (oauth/prefetch.py).
 """
 
 from __future__ import annotations
