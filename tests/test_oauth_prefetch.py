@@ -29,8 +29,8 @@ from service.oauth.clients import (
 )
 from service.oauth.models import Client
 from service.oauth.prefetch import ENVIRON_KEY, MAX_FORM_BYTES, named_clients
-from service.oauth.reader import ClientReader, connect_args
 from service.store import Store
+from service.store.client_reader import ClientReader, connect_args
 from service.store.db import Database
 from tests.conftest import serve_in_process
 from tests.test_oauth_support import new_client
@@ -332,13 +332,15 @@ async def test_the_reader_reads_what_the_store_holds(settings: Settings) -> None
     reader = ClientReader(args)
     database = Database(settings)
     try:
-        ahead = await reader.find(ids)
+        records = await reader.find(ids)
         stored = await find_clients(database=database, client_ids=ids)
     finally:
         await reader.close()
         await database.dispose()
+    assert records is not None
+    ahead = {key: Client.from_row(record) if record else None for key, record in records.items()}
     assert ahead == stored
-    assert ahead is not None and ahead["nobody"] is None
+    assert ahead["nobody"] is None
     assert ahead[api.client.client_id] == api.client
     assert ahead[public.client.client_id] == public.client
 

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
-
 from service.oauth.models import Client, digest
 from service.oauth.scopes import SCOPES
 from service.store import Store
@@ -16,7 +14,6 @@ from service.store import oauth as client_store
 from service.store import oauth_grants as grant_store
 from service.store.blocklist import Entry, Kind
 from service.store.db import Database
-from service.store.oauth_models import OAuthClient
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
@@ -124,19 +121,9 @@ async def get_client(*, database: Database, client_id: str) -> Client | None:
 async def find_clients(
     *, database: Database, client_ids: Sequence[str]
 ) -> dict[str, Client | None]:
-    """The clients with these ids (None for an unknown one), read in one statement.
-
-    Autocommit: a single SELECT needs no transaction, and BEGIN and COMMIT would be two
-    more round trips on every token request.
-    """
-    found: dict[str, Client | None] = dict.fromkeys(client_ids)
-    table = OAuthClient.__table__
-    query = select(table).where(table.c.client_id.in_(client_ids))
-    async with database.engine.connect() as connection:
-        await connection.execution_options(isolation_level="AUTOCOMMIT")
-        for row in await connection.execute(query):
-            found[row.client_id] = Client.from_row(row)
-    return found
+    """The clients with these ids (None for an unknown one), read in one statement."""
+    rows = await client_store.find_clients(database.engine, client_ids=client_ids)
+    return {client_id: Client.from_row(row) if row else None for client_id, row in rows.items()}
 
 
 async def rotate_secret(*, database: Database, client_id: str) -> str | None:

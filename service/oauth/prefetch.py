@@ -24,7 +24,7 @@ from service.config import Settings
 from service.oauth.clients import plausible_identifier
 from service.oauth.keys import Keyring
 from service.oauth.models import Client
-from service.oauth.reader import ClientReader, connect_args
+from service.store.client_reader import ClientReader, connect_args
 
 ENVIRON_KEY = "service.oauth_clients"
 TOKEN_ENDPOINT = "/oauth/token"  # noqa: S105 - a path, not a secret
@@ -66,7 +66,9 @@ class ClientPrefetch:
             return False
         if found is None:
             return False
-        environ[ENVIRON_KEY] = found
+        environ[ENVIRON_KEY] = {
+            client_id: Client.from_row(row) if row else None for client_id, row in found.items()
+        }
         return _issues_client_token(environ, form) and self._keyring.signs_without_waiting()
 
     async def close(self) -> None:

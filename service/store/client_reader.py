@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
-from service.oauth.models import Client
 from service.store.db import database_url
 
 # A lookup takes well under a millisecond: a few connections serve all of a worker's.
@@ -42,6 +41,19 @@ def connect_args(settings: Settings) -> dict[str, Any] | None:
     return args
 
 
+class ClientRecord(NamedTuple):
+    """A stored client, with the attributes of its ORM row."""
+
+    client_id: str
+    name: str
+    secret_hash: str | None
+    redirect_uris: list[str]
+    grant_types: list[str]
+    scope: str
+    auth_method: str
+    resource_server: bool
+
+
 class ClientReader:
     """Reads clients by id on the first event loop that asks; other loops get None."""
 
@@ -51,12 +63,12 @@ class ClientReader:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = asyncio.Lock()
 
-    async def find(self, client_ids: Sequence[str]) -> dict[str, Client | None] | None:
+    async def find(self, client_ids: Sequence[str]) -> dict[str, ClientRecord | None] | None:
         """The clients with these ids (None for an unknown one); None on another loop."""
         pool = await self._connections()
         if pool is None:
             return None
-        found: dict[str, Client | None] = dict.fromkeys(client_ids)
+        found: dict[str, ClientRecord | None] = dict.fromkeys(client_ids)
         async with pool.acquire() as connection:
             for record in await connection.fetch(QUERY, list(client_ids)):
                 found[record["client_id"]] = _client(record)
@@ -93,13 +105,13 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     """
 
 
-def _client(record: asyncpg.Record) -> Client:
-    return Client(
+def _client(record: asyncpg.Record) -> ClientRecord:
+    return ClientRecord(
         client_id=record["client_id"],
         name=record["name"],
         secret_hash=record["secret_hash"],
-        redirect_uris=tuple(json.loads(record["redirect_uris"])),
-        grant_types=tuple(json.loads(record["grant_types"])),
+        redirect_uris=list(json.loads(record["redirect_uris"])),
+        grant_types=list(json.loads(record["grant_types"])),
         scope=record["scope"],
         auth_method=record["auth_method"],
         resource_server=bool(record["resource_server"]),
