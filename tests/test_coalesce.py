@@ -33,8 +33,8 @@ async def chunked_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[str]:
-    """Hypercorn (patched) on a free port, in this loop."""
+async def serving(app: Any = chunked_app) -> AsyncIterator[str]:
+    """Hypercorn (patched) serving app on a free port, in this loop."""
     coalesce.install()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -42,7 +42,7 @@ async def serving() -> AsyncIterator[str]:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(chunked_app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     for _ in range(100):
         with contextlib.suppress(OSError):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
