@@ -16,7 +16,9 @@ import httpx
 import psycopg
 import pytest
 import redis
+from flask import Flask
 
+from service import create_app, server
 from service.config import Environment, Settings
 from service.server import build_asgi_app
 from service.store.migrate import upgrade
@@ -255,3 +257,25 @@ def snapshotting_redis(tmp_path: Path) -> Iterator[SnapshottingRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def prefix(settings: Settings) -> Iterator[str]:
+    """A Redis key prefix (and channel) of this test's own, emptied afterwards."""
+    own = f"{settings.redis_prefix}t-{uuid.uuid4().hex[:8]}:"
+    yield own
+    delete_prefix(str(settings.redis_url), own)
+
+
+@pytest.fixture
+def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
+    """The Flask apps that serve_in_process builds from now on."""
+    apps: list[Flask] = []
+
+    def create(settings: Settings | None = None) -> Flask:
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    monkeypatch.setattr(server, "create_app", create)
+    return apps

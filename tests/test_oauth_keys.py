@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask
 from sqlalchemy import update
 
-from service import create_app, server
 from service.config import Settings
 from service.ids import new_id
 from service.oauth import keys
@@ -283,20 +282,6 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
 def junk_token(kid: str) -> str:
     """A token naming a key nobody has."""
     return forge({"alg": "ES256", "kid": kid}, {}, None) + "AAAA"
-
-
-@pytest.fixture
-def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
-    """The Flask apps that serve_in_process builds from now on."""
-    apps: list[Flask] = []
-
-    def create(settings: Settings | None = None) -> Flask:
-        app = create_app(settings)
-        apps.append(app)
-        return app
-
-    monkeypatch.setattr(server, "create_app", create)
-    return apps
 
 
 async def test_unknown_kid_is_refused_at_once_while_the_keys_reload_behind(

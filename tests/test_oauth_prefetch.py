@@ -15,7 +15,7 @@ import httpx
 import pytest
 from flask import Flask
 
-from service import close_app, create_app, server
+from service import close_app, create_app
 from service.config import Environment, Settings
 from service.loop import LoopThread, on_event_loop
 from service.oauth import bridge, keys, prefetch
@@ -377,20 +377,6 @@ async def test_other_requests_run_in_a_thread(
     assert (await client.post(TOKEN, data=refresh, auth=auth)).status_code == 400
     assert (await client.post("/oauth/revoke", data={"token": "x"}, auth=auth)).status_code == 200
     assert set(threads) == {"thread"}
-
-
-@pytest.fixture
-def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
-    """The Flask apps that serve_in_process builds from now on."""
-    apps: list[Flask] = []
-
-    def create(settings: Settings | None = None) -> Flask:
-        app = create_app(settings)
-        apps.append(app)
-        return app
-
-    monkeypatch.setattr(server, "create_app", create)
-    return apps
 
 
 async def test_a_token_due_a_key_reread_is_signed_in_a_thread(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +32,6 @@ from service.store.blocklist import (
     session_started_ms,
 )
 from service.store.check_pipeline import CheckPipeline, command, encode
-from tests.conftest import delete_prefix
 from tests.proxy import TcpProxy
 from tests.servers import SnapshottingRedis
 
@@ -176,14 +174,6 @@ def test_no_hook_without_a_memo_or_revocation_checks() -> None:
     store = FakeStore(Verdict.VALID)
     assert revocation_prefetch(app_with(store, None)) is None
     assert revocation_prefetch(app_with(store, VerifiedTokens(8), revocation_check=False)) is None
-
-
-@pytest.fixture
-def prefix(settings: Settings) -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis, emptied afterwards."""
-    own = f"{settings.redis_prefix}prefetch-{uuid.uuid4().hex[:8]}:"
-    yield own
-    delete_prefix(str(settings.redis_url), own)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import random
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from urllib.parse import urlsplit
@@ -23,7 +22,6 @@ from service.store.revocation_feed import (
     message,
     parse_message,
 )
-from tests.conftest import delete_prefix
 from tests.proxy import TcpProxy
 from tests.test_prefetch import durable, new_ref
 
@@ -134,14 +132,6 @@ def test_messages_round_trip_and_garbage_is_refused() -> None:
 
 
 # Against Redis.
-
-
-@pytest.fixture
-def prefix(settings: Settings) -> Iterator[str]:
-    """A key prefix (and channel) of this test's own, emptied afterwards."""
-    own = f"{settings.redis_prefix}feed-{uuid.uuid4().hex[:8]}:"
-    yield own
-    delete_prefix(str(settings.redis_url), own)
 
 
 @pytest.fixture
