@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from service.config import Settings
+from service.store import revocation_feed
 from service.store.blocklist import Entry, Kind, RedisBlocklist, TokenRef, Verdict
 from service.store.revocation_feed import (
     IDLE_AFTER,
@@ -300,3 +301,14 @@ async def test_an_idle_worker_unsubscribes_and_comes_back(
         assert direct.pubsub_numsub(channel) == [(channel.encode(), 1)]
     finally:
         direct.close()
+
+
+async def test_a_worker_woken_from_a_suspend_trusts_nothing_it_kept(
+    worker: RedisBlocklist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = new_ref()
+    assert await kept(worker, ref) is Verdict.VALID
+    assert revocation_feed.BOOTTIME == time.CLOCK_BOOTTIME
+    slept = revocation_feed.clock() + 10  # what the suspend-aware clock reads on waking
+    monkeypatch.setattr(revocation_feed, "clock", lambda: slept)
+    assert feed_of(worker).lookup(ref) is None

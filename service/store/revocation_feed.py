@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol, cast
@@ -49,6 +50,18 @@ RECONNECT_DELAY = 0.1
 PING = command(1, encode("PING"))
 
 log = logging.getLogger(__name__)
+
+
+BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def clock() -> float:
+    """Seconds on a clock that keeps counting while the machine is suspended.
+
+    A verdict's freshness is an age: on the monotonic clock, which stops during a suspend
+    (a laptop's sleep, some VM pauses), a worker waking up would still count as fresh.
+    """
+    return time.clock_gettime(BOOTTIME)
 
 
 def message(subjects: Iterable[Subject]) -> bytes:
@@ -216,7 +229,7 @@ class RevocationFeed:
 
     def lookup(self, ref: Revocable) -> int | None:
         """A verdict that is safe to reuse now, if one is kept; probes and subscribes."""
-        now = self._loop.time()
+        now = clock()
         subscription = self._subscription
         if subscription is not None and not subscription.closed:
             if now - subscription.last_probe >= self._interval:
@@ -234,7 +247,7 @@ class RevocationFeed:
 
     async def _run(self) -> None:
         """Subscribe, and again whenever the connection ends, until lookups stop."""
-        while self._loop.time() - self.cache.last_lookup < IDLE_AFTER:
+        while clock() - self.cache.last_lookup < IDLE_AFTER:
             try:
                 subscription = await asyncio.wait_for(self._subscribe(), self._timeout)
             except (OSError, TimeoutError, ResponseError) as exc:
@@ -242,7 +255,7 @@ class RevocationFeed:
                 await asyncio.sleep(RECONNECT_DELAY)
                 continue
             try:
-                while (idle := self._loop.time() - self.cache.last_lookup) < IDLE_AFTER:
+                while (idle := clock() - self.cache.last_lookup) < IDLE_AFTER:
                     ended, _ = await asyncio.wait([subscription.ended], timeout=IDLE_AFTER - idle)
                     if ended:
                         break
