@@ -31,6 +31,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
 from service.ids import issued_millis
+from service.store import revocation_feed as feed
 from service.store.check_pipeline import CheckPipeline, command, encode, parse_run_id
 from service.store.revocation_feed import RevocationFeed, Subject, message
 
@@ -138,9 +139,12 @@ class Blocklist(Protocol):
         ...
 
 
+SUBJECT_KINDS = {Kind.TOKEN: feed.TOKEN, Kind.SESSION: feed.SESSION, Kind.USER: feed.USER}
+
+
 def _subject(entry: Entry) -> Subject:
     """What an entry names, as the kept verdicts are indexed (by jti, sid or sub)."""
-    return ({Kind.TOKEN: "t", Kind.SESSION: "s", Kind.USER: "u"}[entry.kind], entry.subject)
+    return (SUBJECT_KINDS[entry.kind], entry.subject)
 
 
 def session_started_ms(ref: TokenRef) -> int:

@@ -44,6 +44,15 @@ class Revocable(Protocol):
     def sub(self) -> str: ...
 
 
+# The kinds of subject, one per TokenRef field a revocation can name.
+TOKEN, SESSION, USER = "t", "s", "u"
+
+
+def subjects_of(ref: Revocable) -> tuple[Subject, Subject, Subject]:
+    """The subjects whose revocation would change ref's verdict."""
+    return ((TOKEN, ref.jti), (SESSION, ref.sid), (USER, ref.sub))
+
+
 PROBES_PER_WINDOW = 4
 IDLE_AFTER = 1.0  # seconds without a lookup before the subscription ends
 RECONNECT_DELAY = 0.1
@@ -115,7 +124,7 @@ class VerdictCache:
             self._clear()
         self._verdicts[ref] = verdict
         if revocable:
-            for subject in (("t", ref.jti), ("s", ref.sid), ("u", ref.sub)):
+            for subject in subjects_of(ref):
                 self._holders.setdefault(subject, []).append(ref)
             self._indexed += 3
 
