@@ -167,13 +167,17 @@ class CheckPipeline:
 
     async def close(self) -> None:
         """Close the connection, from whichever loop calls (it is owned by its own)."""
-        loop = self._loop
-        if loop.is_closed() or self._pid != os.getpid():
-            return
-        if loop is asyncio.get_running_loop():
-            self._drop()
-        elif loop.is_running():
-            loop.call_soon_threadsafe(self._drop)
+        call_on_owner(self._loop, self._pid, self._drop)
+
+
+def call_on_owner(loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[], Any]) -> None:
+    """Run callback on the loop (of process pid) that owns a connection, from any loop."""
+    if loop.is_closed() or pid != os.getpid():
+        return
+    if loop is asyncio.get_running_loop():
+        callback()
+    elif loop.is_running():
+        loop.call_soon_threadsafe(callback)
 
 
 P = TypeVar("P", bound=asyncio.Protocol)

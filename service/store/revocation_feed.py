@@ -25,7 +25,13 @@ import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ResponseError
 
-from service.store.check_pipeline import command, encode, open_connection, preamble
+from service.store.check_pipeline import (
+    call_on_owner,
+    command,
+    encode,
+    open_connection,
+    preamble,
+)
 
 # What a message names, by the TokenRef field it matches: jti, sid or sub.
 Subject = tuple[str, str]
@@ -290,12 +296,7 @@ class RevocationFeed:
 
     async def close(self) -> None:
         """Stop the subscription, from whichever loop calls (it is owned by its own)."""
-        if self._loop.is_closed() or self._pid != os.getpid():
-            return
-        if self._loop is asyncio.get_running_loop():
-            self._stop()
-        elif self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop)
+        call_on_owner(self._loop, self._pid, self._stop)
 
     def _stop(self) -> None:
         if self._task is not None:
