@@ -49,10 +49,16 @@ def claims_of(ref: TokenRef) -> dict[str, object]:
     return {"jti": ref.jti, "exp": ref.exp, "sid": ref.sid, "sxp": ref.sxp, "sub": ref.sub}
 
 
-def make_blocklist(url: str, prefix: str) -> RedisBlocklist:
-    """A blocklist on url under prefix, with a short timeout."""
+def make_blocklist(url: str, prefix: str, propagation: float = 0.0) -> RedisBlocklist:
+    """A blocklist on url under prefix, with a short timeout (keeping verdicts if asked)."""
     return RedisBlocklist(
-        url, prefix=prefix, shards=4, bucket_seconds=60, timeout=TIMEOUT, max_connections=2
+        url,
+        prefix=prefix,
+        shards=4,
+        bucket_seconds=60,
+        timeout=TIMEOUT,
+        max_connections=2,
+        propagation=propagation,
     )
 
 

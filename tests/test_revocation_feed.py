@@ -24,23 +24,14 @@ from service.store.revocation_feed import (
     parse_message,
 )
 from tests.proxy import TcpProxy
-from tests.test_prefetch import durable, new_ref
+from tests.test_prefetch import durable, make_blocklist, new_ref
 
 WINDOW = 0.025
-TIMEOUT = 0.3
 
 
 def keeping(url: str, prefix: str, window: float = WINDOW) -> RedisBlocklist:
     """A blocklist whose checks keep verdicts, as a worker's do."""
-    return RedisBlocklist(
-        url,
-        prefix=prefix,
-        shards=4,
-        bucket_seconds=60,
-        timeout=TIMEOUT,
-        max_connections=2,
-        propagation=window,
-    )
+    return make_blocklist(url, prefix, propagation=window)
 
 
 def feed_of(blocklist: RedisBlocklist) -> RevocationFeed:
