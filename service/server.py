@@ -7,7 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from service import close_app, coalesce, create_app, h2_direct, hpack_memo, warm_up
+from service import (
+    close_app,
+    coalesce,
+    create_app,
+    h2_direct,
+    h2_headers,
+    hpack_memo,
+    warm_up,
+)
 from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
@@ -25,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
     hpack_memo.install()
+    h2_headers.install()
     coalesce.install()
     h2_direct.install()
     flask_app = create_app(settings)
