@@ -11,6 +11,7 @@ from service import (
     close_app,
     coalesce,
     create_app,
+    date_header,
     h2_direct,
     h2_headers,
     hpack_memo,
@@ -34,6 +35,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
     hpack_memo.install()
     h2_headers.install()
+    date_header.install()
     coalesce.install()
     h2_direct.install()
     flask_app = create_app(settings)
