@@ -13,7 +13,9 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ Send = Callable[[Message], Any]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 DRAIN_SECONDS = 10.0
+PATH_CACHE_SIZE = 1024  # distinct raw paths whose decoding is remembered
 TOO_LARGE = (
     b'{"type":"about:blank","title":"Content Too Large","status":413,'
     b'"detail":"The request body is too large."}'
@@ -263,8 +266,7 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     return environ
 
 
+@lru_cache(maxsize=PATH_CACHE_SIZE)
 def _unquote_path(path: str) -> str:
     """Percent-decode a raw path to the latin-1 string PEP 3333 expects."""
-    from urllib.parse import unquote_to_bytes
-
     return unquote_to_bytes(path).decode("latin-1")
