@@ -4,8 +4,10 @@ Hypercorn hands every HTTP/2 response body to the connection's send task: the bo
 buffered, an event wakes the task, a priority tree picks the stream, and the view's task
 waits until the buffer has drained. That is two or three more loop iterations per
 response, for bodies that nearly always fit one frame. Such a body is now written
-directly, and its stream ended with it. A stream that once needs the send task (a body
-larger than its window or a frame) keeps using it to the end, so data is never reordered.
+directly; when it is the response's last, it carries the end of the stream itself,
+instead of an empty DATA frame after it (one frame and one flush fewer per response).
+A stream that once needs the send task (a body larger than its window or a frame)
+keeps using it to the end, so data is never reordered.
 """
 
 from __future__ import annotations
@@ -17,28 +19,47 @@ import h2.exceptions
 from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.http_stream import HTTPStream
 from priority.priority import MissingStreamError
 
 _original_stream_send = H2Protocol.stream_send
+_original_app_send = HTTPStream.app_send
 QUEUED = "_streams_sent_by_task"
+ENDED = "_streams_ended_by_their_body"
+LAST_BODY = "_sending_last_body"
 
 
 def install() -> None:
     """Route Hypercorn's HTTP/2 stream sends through stream_send below (idempotent)."""
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+    HTTPStream.app_send = app_send  # type: ignore[method-assign]
+
+
+async def app_send(self: Any, message: Any) -> None:
+    """Hypercorn's app_send, noting first whether a body message is the response's last."""
+    if message is not None and message["type"] == "http.response.body":
+        # Trailers follow the last body of a response that announced them.
+        last = not message.get("more_body", False) and not self.response.get("trailers", False)
+        self.__dict__[LAST_BODY] = last
+    await _original_app_send(self, message)
 
 
 async def stream_send(self: Any, event: StreamEvent) -> None:
     """Send a fitting body, or the end of a stream sent so far directly, at once."""
     if isinstance(event, Body | EndBody):
+        stream_id = event.stream_id
+        if isinstance(event, EndBody) and stream_id in self.__dict__.get(ENDED, ()):
+            self.__dict__[ENDED].discard(stream_id)
+            return  # its last body ended it
         queued: set[int] = self.__dict__.setdefault(QUEUED, set())
-        if event.stream_id not in queued:
+        if stream_id not in queued:
             if _sent_directly(self, event):
                 await self._flush()
                 return
-            queued.add(event.stream_id)
+            queued.add(stream_id)
     elif isinstance(event, StreamClosed):
         self.__dict__.get(QUEUED, set()).discard(event.stream_id)
+        self.__dict__.get(ENDED, set()).discard(event.stream_id)
     await _original_stream_send(self, event)
 
 
@@ -54,14 +75,19 @@ def _sent_directly(protocol: Any, event: Body | EndBody) -> bool:
     try:
         if isinstance(event, EndBody):
             connection.end_stream(stream_id)
-        elif event.data:
+            ended = True
+        else:
             window = connection.local_flow_control_window(stream_id)
             if len(event.data) > min(window, connection.max_outbound_frame_size):
                 return False
-            connection.send_data(stream_id, event.data)
+            stream = protocol.streams.get(stream_id)
+            ended = bool(stream is not None and stream.__dict__.get(LAST_BODY))
+            connection.send_data(stream_id, event.data, end_stream=ended)
+            if ended:
+                protocol.__dict__.setdefault(ENDED, set()).add(stream_id)
     except h2.exceptions.ProtocolError:
         return False
-    if isinstance(event, EndBody):
+    if ended:
         # As the send task does once a stream's buffer is complete.
         del protocol.stream_buffers[stream_id]
         with contextlib.suppress(MissingStreamError):

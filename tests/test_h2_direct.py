@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import h2.events
 import httpx
 import pytest
 from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
 
 from service import h2_direct
+from tests.h2_raw import exchange, status
 from tests.test_coalesce import CHUNK, serving
 
 SMALL = b'{"message": "Hello"}'
@@ -83,3 +85,56 @@ async def test_cancelled_streams_leave_the_connection_serving(queued_bodies: lis
     kept = [reply for reply in done if isinstance(reply, httpx.Response)]
     assert all(reply.content == mixed() for reply in kept)
     assert [reply.content for reply in after] == [SMALL + b"/small"] * 10
+
+
+async def framed_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """/trailers: a body, then trailers; /empty: 204; anything else: one small body."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/empty":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    trailers = scope["path"] == "/trailers"
+    await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": trailers})
+    await send({"type": "http.response.body", "body": SMALL})
+    if trailers:
+        await send({"type": "http.response.trailers", "headers": [(b"x-sum", b"42")]})
+
+
+def request(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The header list of a GET over h2c."""
+    basics = [(b":method", b"GET"), (b":path", path), (b":scheme", b"http")]
+    return [*basics, (b":authority", b"127.0.0.1"), *extra]
+
+
+async def test_the_last_body_carries_the_end_of_its_stream() -> None:
+    h2_direct.install()
+    async with serving(framed_app) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        streams = await exchange(port, [request(b"/small")] * 3)
+    for events in streams:
+        assert status(events) == b"200"
+        data = [event for event in events if isinstance(event, h2.events.DataReceived)]
+        assert [event.data for event in data] == [SMALL]
+        assert data[0].stream_ended is not None  # one DATA frame, END_STREAM set on it
+
+
+async def test_trailers_and_empty_responses_still_end_their_streams() -> None:
+    h2_direct.install()
+    te = (b"te", b"trailers")
+    async with serving(framed_app) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        trailed, empty, after = await exchange(
+            port, [request(b"/trailers", te), request(b"/empty"), request(b"/small")]
+        )
+    assert not isinstance(trailed, str) and not isinstance(empty, str)
+    kinds = [type(event) for event in trailed]
+    assert kinds[-2:] == [h2.events.TrailersReceived, h2.events.StreamEnded]
+    body = b"".join(e.data for e in trailed if isinstance(e, h2.events.DataReceived))
+    assert body == SMALL
+    assert next(e for e in trailed if isinstance(e, h2.events.TrailersReceived)).headers == [
+        (b"x-sum", b"42")
+    ]
+    assert status(empty) == b"204" and isinstance(empty[-1], h2.events.StreamEnded)
+    assert status(after) == b"200"
