@@ -15,6 +15,7 @@ from service import (
     h2_direct,
     h2_headers,
     hpack_memo,
+    idle_timer,
     warm_up,
 )
 from service.adapter import AsgiAdapter
@@ -36,6 +37,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     hpack_memo.install()
     h2_headers.install()
     date_header.install()
+    idle_timer.install()
     coalesce.install()
     h2_direct.install()
     flask_app = create_app(settings)

@@ -33,14 +33,16 @@ async def chunked_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any = chunked_app) -> AsyncIterator[str]:
-    """Hypercorn (patched) serving app on a free port, in this loop."""
+async def serving(app: Any = chunked_app, **settings: Any) -> AsyncIterator[str]:
+    """Hypercorn (patched) serving app on a free port, in this loop; settings go to Config."""
     coalesce.install()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
+    for name, value in settings.items():
+        setattr(config, name, value)
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     for _ in range(100):
