@@ -7,17 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from service import (
-    close_app,
-    coalesce,
-    create_app,
-    date_header,
-    h2_direct,
-    h2_headers,
-    hpack_memo,
-    idle_timer,
-    warm_up,
-)
+from service import close_app, create_app, transport, warm_up
 from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
@@ -34,12 +24,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
-    hpack_memo.install()
-    h2_headers.install()
-    date_header.install()
-    idle_timer.install()
-    coalesce.install()
-    h2_direct.install()
+    transport.install()
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
     clients = ClientPrefetch(settings, flask_app.extensions["oauth_keyring"])

@@ -12,7 +12,7 @@ import httpx
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from service import coalesce
+from service.transport import coalesce
 
 CHUNK = bytes(range(256)) * 200  # 51,200 bytes: some writes cross FLUSH_BYTES, some not
 

@@ -7,7 +7,7 @@ from wsgiref.handlers import format_date_time
 
 from hypercorn.config import Config
 
-from service import date_header
+from service.transport import date_header
 
 
 def test_each_second_has_its_own_date() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
 
-from service import h2_direct
+from service.transport import h2_direct
 from tests.h2_raw import exchange, status
 from tests.test_coalesce import CHUNK, serving
 

@@ -15,7 +15,7 @@ from h2.utilities import (
 )
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
-from service import h2_headers
+from service.transport import h2_headers
 from tests.h2_raw import CLOSED, exchange, status
 from tests.test_coalesce import serving
 

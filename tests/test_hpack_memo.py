@@ -9,7 +9,7 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 
-from service import hpack_memo
+from service.transport import hpack_memo
 
 
 def test_memo_decodes_like_hpack() -> None:

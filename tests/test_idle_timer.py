@@ -11,7 +11,7 @@ import hypercorn.asyncio.tcp_server
 import pytest
 from hypercorn.asyncio.worker_context import AsyncioSingleTask
 
-from service import idle_timer
+from service.transport import idle_timer
 from tests.test_coalesce import serving
 
 REQUEST = b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"

@@ -1,0 +1,20 @@
+"""What the service changes in Hypercorn, h2 and hpack, each measured on the hot path.
+
+Every module patches one library internal, keeps the library's behaviour (its tests run
+the same exchange against the library's own code where they can), and says in its
+docstring what it saves. The library versions are pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from service.transport import coalesce, date_header, h2_direct, h2_headers, hpack_memo, idle_timer
+
+
+def install() -> None:
+    """Apply every change (idempotent; per process, before Hypercorn serves)."""
+    hpack_memo.install()
+    h2_headers.install()
+    date_header.install()
+    idle_timer.install()
+    coalesce.install()
+    h2_direct.install()
