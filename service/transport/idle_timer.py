@@ -66,8 +66,11 @@ class IdleTimer:
             self._timer.cancel()
             self._timer = None
         if self._closing is None and self._server is not None:
-            close = self._server._initiate_server_close
-            self._closing = self._task_group._task_group.create_task(_shielded(close))
+            closing = _shielded(self._server._initiate_server_close)
+            try:
+                self._closing = self._task_group._task_group.create_task(closing)
+            except RuntimeError:  # the connection's task group has ended: it is closed
+                closing.close()
 
 
 async def _shielded(close: Callable[[], Any]) -> None:
