@@ -20,6 +20,7 @@ CONNECTIONS = 16
 H2_CLIENTS = 16  # as many connections as wrk: workers share connections, not streams
 H2_STREAMS = 4
 SLACK = 30
+H2_STALL_S = 10  # h2load past its duration by this much has stalled (gunicorn's h2 does)
 TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "timeout": "coreutils"}
 
 
@@ -144,7 +145,7 @@ def h2load(
     """Run h2load (HTTP/2 over TLS) for duration seconds; latency from its per-request log."""
     with tempfile.TemporaryDirectory(prefix="bench-h2-") as tmp:
         log = Path(tmp) / "requests.log"
-        command = ["timeout", str(int(duration + SLACK)), "h2load", "-t1"]
+        command = ["timeout", str(int(duration + H2_STALL_S)), "h2load", "-t1"]
         command += [f"-c{H2_CLIENTS}", f"-m{H2_STREAMS}", f"-D{max(1, round(duration))}"]
         command += [f"--log-file={log}"]
         if warm_up:

@@ -63,9 +63,9 @@ def pooled(runs: list[Result]) -> Row:
     )
 
 
-def render(report: Report) -> str:
-    """The whole report."""
-    parts = [_header(report), _main_table(report), _storm(report), _memory(report)]
+def render(report: Report, summary: str = "") -> str:
+    """The whole report; summary (the targets) goes right after the header."""
+    parts = [_header(report), summary, _main_table(report), _storm(report), _memory(report)]
     parts += [_logout_check(report), _profile(report), _notes(report)]
     return "\n\n".join(part for part in parts if part) + "\n"
 

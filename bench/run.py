@@ -34,6 +34,7 @@ import h2post
 import revmem
 import spy
 import stacks
+import targets
 from client import Pair
 from drivers import Result
 from report import Report, pooled, render
@@ -53,8 +54,10 @@ MIN_LOGIN_RATE = 20.0
 STARTED = time.monotonic()
 NOTES = [
     "Load generators share the 2 cores with the servers: compare ratios, not absolutes. "
-    "Runs are interleaved (ours, ref a, ref b, ours, ...). 'CPU while measuring' above says "
-    "how much of the machine other processes took meanwhile (the machine may be shared).",
+    "Runs are interleaved (ours, ref a, ref b, ours, ...); GET runs are short (2 s) and "
+    "come in passes, 4 per round, each stack next to its no-check twin and the order "
+    "reversed every pass. 'CPU while measuring' above says how much of the machine other "
+    "processes took meanwhile (the machine may be shared).",
     "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c16 -m4 for GET, login and "
     "client_credentials (as many connections as wrk: a connection stays on one worker); "
     "refresh and logout need a new token per request, which h2load cannot send, so their "
@@ -81,6 +84,7 @@ class Plan:
     """How long and how much: the full run or --quick."""
 
     rounds: int
+    get_passes: int  # GET runs per stack and protocol in each round, order alternating
     get_s: float
     login_s: float
     oauth_s: float
@@ -96,7 +100,8 @@ class Plan:
 
 FULL = Plan(
     rounds=3,
-    get_s=5,
+    get_passes=4,
+    get_s=2,
     login_s=5,
     oauth_s=4,  # 3 rounds x 5 runs x 4 s: about a minute (login's 5 s would take 75 s)
     storm_s=6,
@@ -111,7 +116,8 @@ FULL = Plan(
 QUICK = dataclasses.replace(
     FULL,
     rounds=1,
-    get_s=3,
+    get_passes=2,
+    get_s=2,
     login_s=3,
     oauth_s=3,
     storm_s=3,
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="authsvc-bench-") as tmp:
         report = Bench(QUICK if args.quick else FULL, args, Path(tmp)).run()
-    text = render(report)
+    text = render(report, targets.render(report))
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.md").write_text(text)
@@ -319,11 +325,12 @@ class Bench:
         for round_no in range(self.plan.rounds):
             what = "protected GET, login, client_credentials"
             log(f"round {round_no + 1}/{self.plan.rounds}: {what}")
-            order = self._round_order(round_no)
-            for stack in order:
-                self.report.add(GET, H1, stack.name, self._counted_get_h1(stack))
-            for stack in order:
-                self._h2(GET, stack, self._get_h2)
+            for get_pass in range(self.plan.get_passes):
+                order = self._round_order(round_no * self.plan.get_passes + get_pass)
+                for stack in order:
+                    self.report.add(GET, H1, stack.name, self._counted_get_h1(stack))
+                for stack in order:
+                    self._h2(GET, stack, self._get_h2)
             for stack in self.main_stacks:
                 self.report.add(LOGIN, H1, stack.name, self._login_h1(stack, self.plan.login_s))
             for stack in self.main_stacks:
@@ -350,14 +357,15 @@ class Bench:
             self.h2_stalled.add(stack.name)
             log(f"{stack.name}: HTTP/2 {op} gave no result ({str(exc).splitlines()[0]}): n/a")
 
-    def _round_order(self, round_no: int) -> list[Stack]:
-        """Each stack next to its no-check twin, the order reversed every other round.
+    def _round_order(self, pass_no: int) -> list[Stack]:
+        """Each stack next to its no-check twin, the order reversed every other pass.
 
         The check's cost is a small difference between two runs: run them back to back,
-        and alternate which goes first, so that the machine's drift cancels out.
+        and alternate which goes first, so that the machine's drift cancels out. Short
+        runs, many passes: this machine's throughput swings by 10-20% from run to run.
         """
         order = sorted(self.stacks, key=lambda s: (s.name.split("-")[0], not s.check))
-        return order[::-1] if round_no % 2 else order
+        return order[::-1] if pass_no % 2 else order
 
     def _counted_get_h1(self, stack: Stack) -> Result:
         """Protected GET over HTTP/1.1, counting the Redis check calls ours made for it."""
@@ -429,8 +437,10 @@ class Bench:
         ratio is taken per round and the report gives their median.
         """
         log("protected GET alone vs during a login storm")
-        storming = self.main_stacks if self.plan.storm_refs else self.main_stacks[:1]
         for round_no in range(self.plan.rounds):
+            # The references' storms are for comparison only: they storm in the first round.
+            refs = self.plan.storm_refs and round_no == 0
+            storming = self.main_stacks if refs else self.main_stacks[:1]
             for stack in storming if round_no % 2 == 0 else storming[::-1]:
                 alone = self._get_h1(stack, self.plan.storm_s)
                 out = self._mint_prefix(stack)

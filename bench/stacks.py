@@ -91,7 +91,8 @@ def ref_flask(backends: Backends, *, check: bool = True) -> Stack:
     name = "flask" if check else "flask-nocheck"
     label = "ref a (gunicorn gthread)" + ("" if check else ", no check")
     env = _ref_env(backends, name) | ({} if check else {"BENCH_NO_CHECK": "1"})
-    return Stack(name, label, command, env, BENCH_DIR, port, check=check)
+    # The twin only prices ref a's own check over HTTP/1.1: gunicorn's HTTP/2 stalls anyway.
+    return Stack(name, label, command, env, BENCH_DIR, port, h2=check, check=check)
 
 
 def ref_fastapi(backends: Backends) -> Stack:

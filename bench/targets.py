@@ -1,0 +1,146 @@
+"""The issue's targets, checked against one run.
+
+A throughput ratio is judged on the median of its pairs: the two runs compared went
+back to back (GET runs alternate stack order pass by pass), so a pair shares the
+machine's state, and the median shrugs off a pass the machine swung through. The
+pooled ratio (requests over seconds, whole run) is shown beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from drivers import Result
+from report import OURS, Report, pooled
+
+GET = "GET /api/hello"
+H1, H2 = "HTTP/1.1", "HTTP/2"
+REF_A, REF_B, NO_CHECK = "flask", "fastapi", "ours-nocheck"
+MEMORY_LIMIT_B = 100
+CHECK_LIMIT = 0.10
+STORM_LIMIT = 2.0
+
+Row = tuple[str, str, str, str, bool | None]  # target, wanted, judged, also shown, met
+
+
+def render(report: Report) -> str:
+    """A table of every target: what was wanted, what this run measured, met or not."""
+    rows = [
+        _ratio(report, "GET, HTTP/1.1: ours ÷ ref a", (GET, H1, OURS), (GET, H1, REF_A), 1.2),
+        _ratio(report, "GET, HTTP/1.1: ours ÷ ref b", (GET, H1, OURS), (GET, H1, REF_B), 1.0),
+        _p99(report),
+        _ratio(
+            report, "GET: ours over HTTP/2 ÷ over HTTP/1.1", (GET, H2, OURS), (GET, H1, OURS), 1
+        ),
+        _check(report, H1),
+        _check(report, H2),
+        _accepted(report),
+        _memory(report),
+        _storm(report),
+    ]
+    lines = [
+        "## Targets (issue 4), from this run",
+        "",
+        "Throughput ratios: the median of pairs of back-to-back runs, judged; the pooled "
+        "ratio and each pair beside it.",
+        "",
+        "| target | wanted | this run | pooled; each pair | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for target, wanted, judged, shown, met in (row for row in rows if row is not None):
+        verdict = "n/a" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {target} | {wanted} | {judged} | {shown} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _runs(report: Report, key: tuple[str, str, str]) -> list[Result]:
+    return report.results.get(key, [])
+
+
+def _pairs(
+    mine: list[Result], theirs: list[Result], ratio: Callable[[Result, Result], float]
+) -> list[float]:
+    """The ratio within each pair (each list holds one run per pass, in order)."""
+    return [ratio(a, b) for a, b in zip(mine, theirs, strict=False) if a.rps and b.rps]
+
+
+def _ratio(
+    report: Report,
+    target: str,
+    mine: tuple[str, str, str],
+    theirs: tuple[str, str, str],
+    wanted: float,
+) -> Row | None:
+    a, b = _runs(report, mine), _runs(report, theirs)
+    pairs = _pairs(a, b, lambda x, y: x.rps / y.rps)
+    if not pairs:
+        return None
+    median = statistics.median(pairs)
+    shown = f"{pooled(a).rps / pooled(b).rps:.2f}x; " + ", ".join(f"{r:.2f}" for r in pairs)
+    return target, f"at least {wanted:.1f}x", f"{median:.2f}x", shown, median >= wanted
+
+
+def _p99(report: Report) -> Row | None:
+    ours = _runs(report, (GET, H1, OURS))
+    refs = [_runs(report, (GET, H1, ref)) for ref in (REF_A, REF_B)]
+    if not ours or not all(refs):
+        return None
+    mine, theirs = pooled(ours).p99, [pooled(runs).p99 for runs in refs]
+    judged = f"{mine:.1f} ms vs {theirs[0]:.1f} / {theirs[1]:.1f}"
+    shown = "median of the runs' p99; ours each run: " + ", ".join(
+        f"{run.p99_ms:.0f}" for run in ours
+    )
+    target = "GET p99, HTTP/1.1: ours vs refs a / b"
+    return target, "no worse than either", judged, shown, mine <= min(theirs)
+
+
+def _check(report: Report, protocol: str) -> Row | None:
+    ours, without = _runs(report, (GET, protocol, OURS)), _runs(report, (GET, protocol, NO_CHECK))
+    costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
+    if not costs:
+        return None
+    median = statistics.median(costs)
+    pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
+    shown = f"{pooled_cost:.0%}; " + ", ".join(f"{cost:.0%}" for cost in costs)
+    target = f"revocation check's cost, GET over {protocol}"
+    return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
+
+
+def _accepted(report: Report) -> Row | None:
+    check = report.logout_check
+    if not check:
+        return None
+    judged = f"{check['accepted']} of {check['logouts_204']}"
+    shown = f"{check['cross_worker']} of the pairs had logout and GET on different workers"
+    met = check["accepted"] == 0 and check["logouts_204"] > 0
+    return "revoked tokens accepted after their logout answered", "0", judged, shown, met
+
+
+def _memory(report: Report) -> Row | None:
+    ours = {
+        name: data
+        for name, data in report.memory.items()
+        if "keys" in data and name.startswith(OURS)
+    }
+    if not ours:
+        return None
+    worst = max(data["used_memory_per_entry"] for data in ours.values())
+    count = max(data["count"] for data in ours.values())
+    shown = "; ".join(f"{name}: {data['used_memory_per_entry']:.0f}" for name, data in ours.items())
+    target = f"Redis bytes per revoked token, {count:,.0f} revocations (worst layout)"
+    return target, f"at most {MEMORY_LIMIT_B}", f"{worst:.0f}", shown, worst <= MEMORY_LIMIT_B
+
+
+def _storm(report: Report) -> Row | None:
+    runs = report.storm.get(OURS)
+    if not runs:
+        return None
+    pairs = zip(runs["alone"], runs["during"], strict=True)
+    ratios = [during.p99_ms / alone.p99_ms for alone, during in pairs if alone.p99_ms]
+    if not ratios:
+        return None
+    median = statistics.median(ratios)
+    shown = "each round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    target = "GET p99 during a login storm ÷ without"
+    return target, f"at most {STORM_LIMIT:.0f}x", f"{median:.2f}x", shown, median <= STORM_LIMIT
