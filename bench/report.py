@@ -27,6 +27,7 @@ class Report:
     partial: set[str] = field(default_factory=set)  # stacks measured on GET only
     results: dict[tuple[str, str, str], list[Result]] = field(default_factory=dict)
     storm: dict[str, dict[str, list[Result]]] = field(default_factory=dict)
+    side_by_side: dict[tuple[str, str], list[Result]] = field(default_factory=dict)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     logout_check: dict[str, int] = field(default_factory=dict)
     profile: dict[str, object] | None = None

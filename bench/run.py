@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,9 @@ import stacks
 import targets
 from client import Pair
 from drivers import Result
-from report import Report, pooled, render
+from report import OURS, Report, pooled, render
 from stacks import Stack
+from targets import NO_CHECK
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -96,6 +98,8 @@ class Plan:
     profile_s: int
     warm_up_s: float
     storm_refs: bool
+    side_by_side_runs: int
+    side_by_side_s: float
 
 
 FULL = Plan(
@@ -112,6 +116,8 @@ FULL = Plan(
     profile_s=10,
     warm_up_s=2,
     storm_refs=True,
+    side_by_side_runs=5,
+    side_by_side_s=4,
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -128,6 +134,8 @@ QUICK = dataclasses.replace(
     profile_s=5,
     warm_up_s=1,
     storm_refs=False,
+    side_by_side_runs=2,
+    side_by_side_s=3,
 )
 
 
@@ -217,6 +225,7 @@ class Bench:
         """The measurements, in order."""
         self._throughput_rounds()
         self._storm()
+        self._check_side_by_side()
         self._token_rounds()
         self._logout_check()
         if self.args.profile:
@@ -455,6 +464,39 @@ class Bench:
                     runs.setdefault(kind, []).append(result)
                 time.sleep(LOGIN_DRAIN_S)  # the next run must not share the CPU with its logins
 
+    def _check_side_by_side(self) -> None:
+        """Ours and its no-check twin under load at the same time, half the clients each.
+
+        Both share whatever the machine gives at that moment, so its swings from run to run
+        cancel out of the ratio: with equal CPU shares, the throughput ratio is the inverse
+        ratio of their CPU per request.
+        """
+        twins = [s for s in self.stacks if s.name in (OURS, NO_CHECK)]
+        if len(twins) != 2:
+            return
+        log("revocation check's cost: ours and its no-check twin side by side")
+        half = drivers.CONNECTIONS // 2
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(self.plan.side_by_side_runs):
+                for protocol in (H1, H2):
+                    runs = {
+                        stack.name: pool.submit(self._half_load, stack, protocol, half)
+                        for stack in twins
+                    }
+                    for name, run in runs.items():
+                        self.report.side_by_side.setdefault((protocol, name), []).append(
+                            run.result()
+                        )
+
+    def _half_load(self, stack: Stack, protocol: str, clients: int) -> Result:
+        """A GET run with half the usual clients (connections)."""
+        token = self.tokens[stack.name].access
+        url, seconds = f"{stack.url}/api/hello", self.plan.side_by_side_s
+        if protocol == H1:
+            return drivers.wrk(url, "get.lua", [token], seconds, threads=1, connections=clients)
+        header = f"authorization: Bearer {token}"
+        return drivers.h2load(url, seconds, [header], clients=clients)
+
     # --- refresh and logout: one fresh token per request ---------------------------------
 
     def _token_rounds(self) -> None:
@@ -597,6 +639,7 @@ def dump_json(report: Report, path: Path) -> None:
         "storm": report.storm,
         "memory": report.memory,
         "logout_check": report.logout_check,
+        "side_by_side": {" | ".join(key): runs for key, runs in report.side_by_side.items()},
         "profile": report.profile,
     }
     path.write_text(json.dumps(data, indent=1, default=_json_default))

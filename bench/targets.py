@@ -18,6 +18,7 @@ GET = "GET /api/hello"
 H1, H2 = "HTTP/1.1", "HTTP/2"
 REF_A, REF_B, NO_CHECK = "flask", "fastapi", "ours-nocheck"
 MEMORY_LIMIT_B = 100
+MEMORY_COUNT = 100_000
 CHECK_LIMIT = 0.10
 STORM_LIMIT = 2.0
 
@@ -33,6 +34,8 @@ def render(report: Report) -> str:
         _ratio(
             report, "GET: ours over HTTP/2 ÷ over HTTP/1.1", (GET, H2, OURS), (GET, H1, OURS), 1
         ),
+        _side_by_side(report, H1),
+        _side_by_side(report, H2),
         _check(report, H1),
         _check(report, H2),
         _accepted(report),
@@ -49,7 +52,7 @@ def render(report: Report) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for target, wanted, judged, shown, met in (row for row in rows if row is not None):
-        verdict = "n/a" if met is None else ("yes" if met else "**no**")
+        verdict = "—" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {target} | {wanted} | {judged} | {shown} | {verdict} |")
     return "\n".join(lines)
 
@@ -95,7 +98,22 @@ def _p99(report: Report) -> Row | None:
     return target, "no worse than either", judged, shown, mine <= min(theirs)
 
 
+def _side_by_side(report: Report, protocol: str) -> Row | None:
+    """The check's cost with ours and its twin loaded at once: the machine's swings cancel."""
+    ours = report.side_by_side.get((protocol, OURS), [])
+    without = report.side_by_side.get((protocol, NO_CHECK), [])
+    costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
+    if not costs:
+        return None
+    median = statistics.median(costs)
+    pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
+    shown = f"{pooled_cost:.0%}; " + ", ".join(f"{cost:.0%}" for cost in costs)
+    target = f"revocation check's cost, GET over {protocol}: both loaded at once, half each"
+    return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
+
+
 def _check(report: Report, protocol: str) -> Row | None:
+    """The same cost from the GET passes above: one after the other, so drift stays in."""
     ours, without = _runs(report, (GET, protocol, OURS)), _runs(report, (GET, protocol, NO_CHECK))
     costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
     if not costs:
@@ -103,8 +121,8 @@ def _check(report: Report, protocol: str) -> Row | None:
     median = statistics.median(costs)
     pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
     shown = f"{pooled_cost:.0%}; " + ", ".join(f"{cost:.0%}" for cost in costs)
-    target = f"revocation check's cost, GET over {protocol}"
-    return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
+    target = f"the same, from the GET passes (one after the other), {protocol}"
+    return target, "(shown, not judged)", f"{median:.0%}", shown, None
 
 
 def _accepted(report: Report) -> Row | None:
@@ -129,7 +147,9 @@ def _memory(report: Report) -> Row | None:
     count = max(data["count"] for data in ours.values())
     shown = "; ".join(f"{name}: {data['used_memory_per_entry']:.0f}" for name, data in ours.items())
     target = f"Redis bytes per revoked token, {count:,.0f} revocations (worst layout)"
-    return target, f"at most {MEMORY_LIMIT_B}", f"{worst:.0f}", shown, worst <= MEMORY_LIMIT_B
+    # Per-key overhead weighs more on fewer entries: --quick's 10,000 are not the target's.
+    met = worst <= MEMORY_LIMIT_B if count >= MEMORY_COUNT else None
+    return target, f"at most {MEMORY_LIMIT_B} over {MEMORY_COUNT:,}", f"{worst:.0f}", shown, met
 
 
 def _storm(report: Report) -> Row | None:
