@@ -102,12 +102,10 @@ def _side_by_side(report: Report, protocol: str) -> Row | None:
     """The check's cost with ours and its twin loaded at once: the machine's swings cancel."""
     ours = report.side_by_side.get((protocol, OURS), [])
     without = report.side_by_side.get((protocol, NO_CHECK), [])
-    costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
-    if not costs:
+    cost = _cost(ours, without)
+    if cost is None:
         return None
-    median = statistics.median(costs)
-    pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
-    shown = f"{pooled_cost:.0%}; " + ", ".join(f"{cost:.0%}" for cost in costs)
+    median, shown = cost
     target = f"revocation check's cost, GET over {protocol}: both loaded at once, half each"
     return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
 
@@ -115,14 +113,22 @@ def _side_by_side(report: Report, protocol: str) -> Row | None:
 def _check(report: Report, protocol: str) -> Row | None:
     """The same cost from the GET passes above: one after the other, so drift stays in."""
     ours, without = _runs(report, (GET, protocol, OURS)), _runs(report, (GET, protocol, NO_CHECK))
+    cost = _cost(ours, without)
+    if cost is None:
+        return None
+    median, shown = cost
+    target = f"the same, from the GET passes (one after the other), {protocol}"
+    return target, "(shown, not judged)", f"{median:.0%}", shown, None
+
+
+def _cost(ours: list[Result], without: list[Result]) -> tuple[float, str] | None:
+    """The check's cost: the median of the pairs, and the pooled cost and each pair."""
     costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
     if not costs:
         return None
-    median = statistics.median(costs)
     pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
     shown = f"{pooled_cost:.0%}; " + ", ".join(f"{cost:.0%}" for cost in costs)
-    target = f"the same, from the GET passes (one after the other), {protocol}"
-    return target, "(shown, not judged)", f"{median:.0%}", shown, None
+    return statistics.median(costs), shown
 
 
 def _accepted(report: Report) -> Row | None:

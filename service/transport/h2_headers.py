@@ -11,7 +11,7 @@ with the same error.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import h2.stream
@@ -26,18 +26,28 @@ from hpack.struct import Header
 MEMO_SIZE = 4096
 
 
-@lru_cache(maxsize=MEMO_SIZE)
-def _inbound_accepted(headers: tuple[Header, ...], flags: HeaderValidationFlags) -> bool:
-    for _ in validate_headers(headers, flags):
+Validator = Callable[[Iterable[Header], HeaderValidationFlags], Iterable[Header]]
+
+
+@lru_cache(maxsize=2 * MEMO_SIZE)
+def _accepted(
+    validate: Validator, headers: tuple[Header, ...], flags: HeaderValidationFlags
+) -> bool:
+    for _ in validate(headers, flags):
         pass
     return True
 
 
-@lru_cache(maxsize=MEMO_SIZE)
-def _outbound_accepted(headers: tuple[Header, ...], flags: HeaderValidationFlags) -> bool:
-    for _ in validate_outbound_headers(headers, flags):
-        pass
-    return True
+def _validated(
+    validate: Validator, headers: Iterable[Header], flags: HeaderValidationFlags
+) -> tuple[Header, ...]:
+    """What validate gives (the same headers) or raises; accepted lists are remembered."""
+    given = tuple(headers)
+    try:
+        _accepted(validate, given, flags)
+    except TypeError:  # unhashable: h2 decides as it would have
+        return tuple(validate(given, flags))
+    return given
 
 
 @lru_cache(maxsize=MEMO_SIZE)
@@ -54,24 +64,14 @@ def memo_validate_headers(
     headers: Iterable[Header], flags: HeaderValidationFlags
 ) -> tuple[Header, ...]:
     """h2's validate_headers: the same headers, or its ProtocolError."""
-    received = tuple(headers)
-    try:
-        _inbound_accepted(received, flags)
-    except TypeError:  # unhashable: h2 decides as it would have
-        return tuple(validate_headers(received, flags))
-    return received
+    return _validated(validate_headers, headers, flags)
 
 
 def memo_validate_outbound_headers(
     headers: Iterable[Header], flags: HeaderValidationFlags
 ) -> tuple[Header, ...]:
     """h2's validate_outbound_headers: the same headers, or its ProtocolError."""
-    sent = tuple(headers)
-    try:
-        _outbound_accepted(sent, flags)
-    except TypeError:
-        return tuple(validate_outbound_headers(sent, flags))
-    return sent
+    return _validated(validate_outbound_headers, headers, flags)
 
 
 def memo_normalize_outbound_headers(
