@@ -138,3 +138,16 @@ async def test_trailers_and_empty_responses_still_end_their_streams() -> None:
     ]
     assert status(empty) == b"204" and isinstance(empty[-1], h2.events.StreamEnded)
     assert status(after) == b"200"
+
+
+async def test_a_body_before_the_start_is_refused_as_hypercorn_refuses_it() -> None:
+    h2_direct.install()
+
+    async def early_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.body", "body": b"too early"})
+
+    async with serving(early_body) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        (events,) = await exchange(port, [request(b"/")])
+    assert status(events) == b"500"  # Hypercorn's answer to an app that broke the protocol

@@ -38,8 +38,10 @@ def install() -> None:
 async def app_send(self: Any, message: Any) -> None:
     """Hypercorn's app_send, noting first whether a body message is the response's last."""
     if message is not None and message["type"] == "http.response.body":
-        # Trailers follow the last body of a response that announced them.
-        last = not message.get("more_body", False) and not self.response.get("trailers", False)
+        # Trailers follow the last body of a response that announced them. (A body before
+        # the response's start has none: Hypercorn refuses it, as before.)
+        response = self.__dict__.get("response") or {}
+        last = not message.get("more_body", False) and not response.get("trailers", False)
         self.__dict__[LAST_BODY] = last
     await _original_app_send(self, message)
 
