@@ -7,15 +7,13 @@ from dataclasses import dataclass, field
 
 from drivers import Result
 
-OPS = (
-    "GET /api/hello",
-    "POST /auth/login",
-    "POST /oauth/token (client_credentials)",
-    "POST /auth/refresh",
-    "POST /auth/logout",
-)
-PROTOCOLS = ("HTTP/1.1", "HTTP/2")
-OURS = "ours"
+GET, LOGIN = "GET /api/hello", "POST /auth/login"
+CLIENT_CREDENTIALS = "POST /oauth/token (client_credentials)"
+REFRESH, LOGOUT = "POST /auth/refresh", "POST /auth/logout"
+OPS = (GET, LOGIN, CLIENT_CREDENTIALS, REFRESH, LOGOUT)
+H1, H2 = "HTTP/1.1", "HTTP/2"
+PROTOCOLS = (H1, H2)
+OURS, NO_CHECK = "ours", "ours-nocheck"  # stack names
 
 
 @dataclass

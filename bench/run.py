@@ -38,19 +38,27 @@ import stacks
 import targets
 from client import Pair
 from drivers import Result
-from report import OURS, Report, pooled, render
+from report import (
+    CLIENT_CREDENTIALS,
+    GET,
+    H1,
+    H2,
+    LOGIN,
+    LOGOUT,
+    NO_CHECK,
+    OURS,
+    REFRESH,
+    Report,
+    pooled,
+    render,
+)
 from stacks import Stack
-from targets import NO_CHECK
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
-GET, LOGIN = "GET /api/hello", "POST /auth/login"
-CLIENT_CREDENTIALS = "POST /oauth/token (client_credentials)"
-REFRESH, LOGOUT = "POST /auth/refresh", "POST /auth/logout"
-H1, H2 = "HTTP/1.1", "HTTP/2"
 TOKEN_RUN_LIMIT_S = 60.0
 MIN_LOGIN_RATE = 20.0
 STARTED = time.monotonic()
@@ -242,7 +250,7 @@ class Bench:
                 f"Cost of the Redis revocation check in ref a (HTTP/1.1 GET): {a:,.0f} req/s "
                 f"with, {b:,.0f} without ({1 - a / b:.0%} of throughput)."
             )
-        if "ours-nocheck" not in self.report.labels:
+        if NO_CHECK not in self.report.labels:
             notes.append(
                 "Ours without its revocation check is not measured: the service has no "
                 f"`{NO_CHECK_SETTING.upper()}` setting yet (this run adds that row once it has)."
@@ -265,7 +273,7 @@ class Bench:
             extra = {NO_CHECK_SETTING.upper(): "false", "SERVICE_ENV": "development"}
             extra["SECRET_KEY"] = self.stacks[0].env["SECRET_KEY"]
             nocheck = stacks.ours(self.backends, self.args.service_src, extra)
-            nocheck.name, nocheck.label, nocheck.check = "ours-nocheck", "ours, no check", False
+            nocheck.name, nocheck.label, nocheck.check = NO_CHECK, "ours, no check", False
             self.stacks.append(nocheck)
         _migrate(self.stacks[0])
         ours_client = _create_client(self.stacks[0])
@@ -378,7 +386,7 @@ class Bench:
 
     def _counted_get_h1(self, stack: Stack) -> Result:
         """Protected GET over HTTP/1.1, counting the Redis check calls ours made for it."""
-        if stack.name != "ours":
+        if stack.name != OURS:
             return self._get_h1(stack, self.plan.get_s)
         calls = backends.script_calls()
         result = self._get_h1(stack, self.plan.get_s)
@@ -546,7 +554,7 @@ class Bench:
         """
         for stack in self.main_stacks:
             pool = self.pools[stack.name]
-            offset = min(self.plan.check_n, len(pool)) if stack.name == "ours" else 0
+            offset = min(self.plan.check_n, len(pool)) if stack.name == OURS else 0
             if offset:
                 self.check_pairs = pool[:offset]
             n = min(self.plan.token_cap, (len(pool) - offset) // self._runs_per_stack(stack))

@@ -12,11 +12,9 @@ import statistics
 from collections.abc import Callable
 
 from drivers import Result
-from report import OURS, Report, pooled
+from report import GET, H1, H2, NO_CHECK, OURS, Report, pooled
 
-GET = "GET /api/hello"
-H1, H2 = "HTTP/1.1", "HTTP/2"
-REF_A, REF_B, NO_CHECK = "flask", "fastapi", "ours-nocheck"
+REF_A, REF_B = "flask", "fastapi"
 MEMORY_LIMIT_B = 100
 MEMORY_COUNT = 100_000
 CHECK_LIMIT = 0.10
