@@ -26,7 +26,7 @@ from sqlalchemy import update
 
 from service.config import Settings
 from service.ids import new_id
-from service.oauth import keys
+from service.oauth import clients, keys
 from service.store import oauth_keys as key_store
 from service.store.db import Database
 from service.store.models import utcnow
@@ -498,6 +498,16 @@ async def test_clients_command(client: httpx.AsyncClient, settings: Settings) ->
     assert run_cli(settings, "clients", "delete", client_id).returncode == 0
     assert run_cli(settings, "clients", "show", client_id).returncode == 1
     assert await token_status(rotated["client_secret"]) == 401
+
+
+def test_client_ids_never_read_as_command_line_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = iter(["-dashFirst", "-again", "kept_id"])
+    monkeypatch.setattr(clients.secrets, "token_urlsafe", lambda _n: next(drawn))
+    assert clients.new_client_id() == "kept_id"
+    monkeypatch.undo()
+    ids = [clients.new_client_id() for _ in range(2000)]  # 1 in 64 drew a dash before
+    assert not [i for i in ids if i.startswith("-")]
+    assert {len(i) for i in ids} == {22} and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize(

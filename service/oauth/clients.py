@@ -41,6 +41,14 @@ class Registered:
     secret: str | None
 
 
+def new_client_id() -> str:
+    """A random 128-bit client id that no command line mistakes for an option."""
+    while True:
+        client_id = secrets.token_urlsafe(16)
+        if not client_id.startswith("-"):  # 1 in 64 would: `clients show -x...` fails
+            return client_id
+
+
 def _check(
     *,
     redirect_uris: Sequence[str],
@@ -93,7 +101,7 @@ async def register_client(
     async with database.session() as session:
         row = await client_store.create_client(
             session,
-            client_id=secrets.token_urlsafe(16),
+            client_id=new_client_id(),
             secret_hash=digest(secret) if secret else None,
             name=name,
             redirect_uris=list(redirect_uris),
