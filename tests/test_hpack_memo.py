@@ -33,3 +33,75 @@ def test_installed_decoder_round_trips_headers() -> None:
     block = hpack.Encoder().encode(headers, huffman=True)
     decoded = hpack.Decoder().decode(block)
     assert [(str(name), str(value)) for name, value in decoded] == headers
+
+
+def decoder_counting_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[hpack.Decoder, list[bytes]]:
+    """A decoder with the block memo, and the blocks it really decoded."""
+    reads: list[bytes] = []
+    original = hpack_memo._decode_block
+
+    def counting(self: hpack.Decoder, data: bytes, raw: bool = False) -> object:
+        reads.append(bytes(data))
+        return original(self, data, raw)
+
+    monkeypatch.setattr(hpack_memo, "_decode_block", counting)
+    monkeypatch.setattr(hpack.Decoder, "decode", hpack_memo.memo_decode)
+    return hpack.Decoder(), reads
+
+
+def test_a_repeated_block_is_read_once_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder, reads = decoder_counting_reads(monkeypatch)
+    encoder = hpack.Encoder()
+    headers = [(":method", "GET"), (":path", "/api/hello"), ("x-client", "bench")]
+    bearer = hpack.HeaderTuple("authorization", "Bearer abc")  # a never-indexed literal
+    first = encoder.encode([*headers, hpack.NeverIndexedHeaderTuple(*bearer)])
+    again = encoder.encode([*headers, hpack.NeverIndexedHeaderTuple(*bearer)])
+    assert first != again  # the first block adds to the table; the next refers to it
+    expected = [*headers, ("authorization", "Bearer abc")]
+    for block in (first, again, again, again):
+        assert [(str(n), str(v)) for n, v in decoder.decode(block)] == expected
+    assert reads == [first, again]  # the block that changed the table is never reused
+    fresh = hpack.Decoder()
+    fresh.decode(first)
+    assert decoder.decode(again, raw=True) == fresh.decode(again, raw=True)
+
+
+def test_a_kept_block_is_read_again_once_the_table_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoder, reads = decoder_counting_reads(monkeypatch)
+    newest = b"\xbe"  # indexed field 62: the newest entry of the dynamic table
+    encoder = hpack.Encoder()
+    decoder.decode(encoder.encode([("x-a", "1")]))
+    assert list(decoder.decode(newest)) == [("x-a", "1")]
+    assert list(decoder.decode(newest)) == [("x-a", "1")]
+    decoder.decode(encoder.encode([("x-b", "2")]))
+    assert list(decoder.decode(newest)) == [("x-b", "2")]
+    decoder.header_table_size = 0  # the local side shrinks the table: nothing is left
+    with pytest.raises(hpack.InvalidTableIndex):
+        decoder.decode(newest)
+    assert reads.count(newest) == 3
+
+
+def test_invalid_blocks_raise_every_time_and_the_memo_stays_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoder, _ = decoder_counting_reads(monkeypatch)
+    for _ in range(2):
+        with pytest.raises(hpack.InvalidTableIndex):
+            decoder.decode(b"\xff\x00")
+    for index in range(1, 3 * hpack_memo.BLOCKS_PER_CONNECTION):
+        decoder.decode(bytes([0x82, 0x80 | index]))  # distinct blocks of static fields
+    assert len(decoder.__dict__["_memo_blocks"]) <= hpack_memo.BLOCKS_PER_CONNECTION
+
+
+def test_large_blocks_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder, reads = decoder_counting_reads(monkeypatch)
+    many_fields = b"\x82" * (hpack_memo.BLOCK_FIELDS + 1)
+    long_value = hpack.Encoder().encode(
+        [hpack.NeverIndexedHeaderTuple("cookie", "c" * hpack_memo.BLOCK_BYTES)], huffman=False
+    )
+    for block in (many_fields, many_fields, long_value, long_value):
+        decoder.decode(block)
+    assert reads == [many_fields, many_fields, long_value, long_value]
+    assert decoder.__dict__["_memo_blocks"] == {}
