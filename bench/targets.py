@@ -104,7 +104,7 @@ def _side_by_side(report: Report, protocol: str) -> Row | None:
     if cost is None:
         return None
     median, shown = cost
-    target = f"revocation check's cost, GET over {protocol}: both loaded at once, half each"
+    target = f"revocation check's cost, GET over {protocol}: both loaded at once"
     return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
 
 
