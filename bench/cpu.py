@@ -6,6 +6,7 @@ The machine may be shared; a run is only as good as the share of the cores it ha
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +63,22 @@ def shares(start: Snapshot, end: Snapshot) -> dict[str, float]:
     infra = (end.infra - start.infra) / total
     busy = (end.busy - start.busy) / total
     return {"this run": ours, "redis+postgres": infra, "others": max(0.0, busy - ours - infra)}
+
+
+PROBE_LOOPS = 5_000_000
+
+
+def probe_seconds() -> float:
+    """Seconds one core takes for a fixed loop now, at best of three.
+
+    Contention from outside this machine (other tenants of the host) shows in no process
+    list; a slower probe at the end of a run than at its start is how it shows here.
+    """
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(PROBE_LOOPS):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return best

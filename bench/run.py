@@ -67,7 +67,9 @@ NOTES = [
     "Runs are interleaved (ours, ref a, ref b, ours, ...); GET runs are short (2 s) and "
     "come in passes, 4 per round, each stack next to its no-check twin and the order "
     "reversed every pass. 'CPU while measuring' above says how much of the machine other "
-    "processes took meanwhile (the machine may be shared).",
+    "processes took meanwhile (the machine may be shared); the speed probe is a fixed loop "
+    "on one core, timed while nothing runs: slower after than before means the host "
+    "itself got slower during the run, which no process list shows.",
     "HTTP/1.1: wrk -t2 -c16 (keep-alive). HTTP/2: h2load -c16 -m4 for GET, login and "
     "client_credentials (as many connections as wrk: a connection stays on one worker); "
     "refresh and logout need a new token per request, which h2load cannot send, so their "
@@ -218,11 +220,15 @@ class Bench:
             self._memory()
             self._start_stacks()
             groups = {s.process.pid for s in self.stacks if s.process}
+            probe_before = cpu.probe_seconds()
             before = cpu.snapshot(groups)
             self._measure()
             used = cpu.shares(before, cpu.snapshot(groups))
             self.report.meta["CPU while measuring"] = ", ".join(
                 f"{name} {share:.0%}" for name, share in used.items()
+            )
+            self.report.meta["speed probe before / after the load"] = (
+                f"{probe_before:.2f} s / {cpu.probe_seconds():.2f} s"
             )
         finally:
             self._cleanup()
