@@ -146,12 +146,13 @@ def h2load(
     body: str | None = None,
     warm_up: float = 0.0,
     clients: int = H2_CLIENTS,
+    streams: int = H2_STREAMS,
 ) -> Result:
     """Run h2load (HTTP/2 over TLS) for duration seconds; latency from its per-request log."""
     with tempfile.TemporaryDirectory(prefix="bench-h2-") as tmp:
         log = Path(tmp) / "requests.log"
         command = ["timeout", str(int(duration + H2_STALL_S)), "h2load", "-t1"]
-        command += [f"-c{clients}", f"-m{H2_STREAMS}", f"-D{max(1, round(duration))}"]
+        command += [f"-c{clients}", f"-m{streams}", f"-D{max(1, round(duration))}"]
         command += [f"--log-file={log}"]
         if warm_up:
             command += [f"--warm-up-time={warm_up}"]

@@ -479,13 +479,17 @@ class Bench:
                 time.sleep(LOGIN_DRAIN_S)  # the next run must not share the CPU with its logins
 
     def _check_side_by_side(self) -> None:
-        """Ours and its no-check twin under load at the same time, the usual clients each.
+        """Ours and its no-check twin under load at the same time.
 
         Both share whatever the machine gives at that moment, so its swings from run to run
         cancel out of the ratio: with equal CPU shares, the throughput ratio is the inverse
-        ratio of their CPU per request. Each gets the full number of connections because
-        the kernel spreads a stack's connections over its workers at random: with half as
-        many, a worker sometimes got none and its stack half the CPU, whatever it checked.
+        ratio of their CPU per request. Each twin gets the usual 16 connections: the kernel
+        spreads a stack's connections over its workers at random, and with 8 a worker
+        sometimes got one or none, which cost its stack half the CPU whatever it checked.
+        Over HTTP/2 each connection carries half the usual streams: four workers share the
+        two cores here, and a worker with a full run's streams on half a core takes twice
+        as long per loop iteration as in a run of its own, long enough for its kept
+        verdicts to go stale (see revocation_feed.py) where the same load alone does not.
         """
         twins = [s for s in self.stacks if s.name in (OURS, NO_CHECK)]
         if len(twins) != 2:
@@ -509,7 +513,7 @@ class Bench:
         if protocol == H1:
             return drivers.wrk(url, "get.lua", [token], seconds)
         header = f"authorization: Bearer {token}"
-        return drivers.h2load(url, seconds, [header])
+        return drivers.h2load(url, seconds, [header], streams=drivers.H2_STREAMS // 2)
 
     # --- refresh and logout: one fresh token per request ---------------------------------
 
