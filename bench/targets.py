@@ -32,6 +32,8 @@ def render(report: Report) -> str:
         _ratio(
             report, "GET: ours over HTTP/2 ÷ over HTTP/1.1", (GET, H2, OURS), (GET, H1, OURS), 1
         ),
+        _check_cost(report, H1),
+        _check_cost(report, H2),
         _side_by_side(report, H1),
         _side_by_side(report, H2),
         _check(report, H1),
@@ -96,32 +98,62 @@ def _p99(report: Report) -> Row | None:
     return target, "no worse than either", judged, shown, mine <= min(theirs)
 
 
+def _check_cost(report: Report, protocol: str) -> Row | None:
+    """The check's cost, judged on every pair of both measurements below.
+
+    Neither is tighter than the other on this machine (the side-by-side pairs scatter as
+    widely as the passes'), and a median of all of them swings less than one of five.
+    """
+    ours, without = _check_runs(report, protocol, False)
+    side_ours, side_without = _check_runs(report, protocol, True)
+    passes = _pairs(ours, without, _cost_of)
+    side = _pairs(side_ours, side_without, _cost_of)
+    if not passes and not side:
+        return None
+    median = statistics.median(passes + side)
+    shown = f"median of all {len(passes) + len(side)} pairs below"
+    shown += f" ({len(side)} side by side, {len(passes)} from the passes)"
+    target = f"revocation check's cost, GET over {protocol}"
+    return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
+
+
+def _check_runs(
+    report: Report, protocol: str, side_by_side: bool
+) -> tuple[list[Result], list[Result]]:
+    """Ours' and its twin's GET runs: from the passes, or from the side-by-side runs."""
+    if side_by_side:
+        runs = report.side_by_side
+        return runs.get((protocol, OURS), []), runs.get((protocol, NO_CHECK), [])
+    return _runs(report, (GET, protocol, OURS)), _runs(report, (GET, protocol, NO_CHECK))
+
+
+def _cost_of(ours: Result, without: Result) -> float:
+    return 1 - ours.rps / without.rps
+
+
 def _side_by_side(report: Report, protocol: str) -> Row | None:
-    """The check's cost with ours and its twin loaded at once: the machine's swings cancel."""
-    ours = report.side_by_side.get((protocol, OURS), [])
-    without = report.side_by_side.get((protocol, NO_CHECK), [])
-    cost = _cost(ours, without)
+    """The check's cost with ours and its twin loaded at once: both see the same machine."""
+    cost = _cost(*_check_runs(report, protocol, True))
     if cost is None:
         return None
     median, shown = cost
-    target = f"revocation check's cost, GET over {protocol}: both loaded at once"
-    return target, f"at most {CHECK_LIMIT:.0%}", f"{median:.0%}", shown, median <= CHECK_LIMIT
+    target = f"of which: both loaded at once, {protocol}"
+    return target, "(shown)", f"{median:.0%}", shown, None
 
 
 def _check(report: Report, protocol: str) -> Row | None:
     """The same cost from the GET passes above: one after the other, so drift stays in."""
-    ours, without = _runs(report, (GET, protocol, OURS)), _runs(report, (GET, protocol, NO_CHECK))
-    cost = _cost(ours, without)
+    cost = _cost(*_check_runs(report, protocol, False))
     if cost is None:
         return None
     median, shown = cost
-    target = f"the same, from the GET passes (one after the other), {protocol}"
-    return target, "(shown, not judged)", f"{median:.0%}", shown, None
+    target = f"of which: the GET passes (one after the other), {protocol}"
+    return target, "(shown)", f"{median:.0%}", shown, None
 
 
 def _cost(ours: list[Result], without: list[Result]) -> tuple[float, str] | None:
     """The check's cost: the median of the pairs, and the pooled cost and each pair."""
-    costs = _pairs(ours, without, lambda a, b: 1 - a.rps / b.rps)
+    costs = _pairs(ours, without, _cost_of)
     if not costs:
         return None
     pooled_cost = 1 - pooled(ours).rps / pooled(without).rps
