@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import logging
 import sys
@@ -95,6 +96,11 @@ class AsgiAdapter:
         """Warm the app up (pools, blocklist) before it takes requests."""
         if self._on_startup is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._on_startup)
+        # What start-up built (modules, the app, pools) lives as long as the process: left
+        # to the collector, every full collection walked all of it, a 100-150 ms pause of
+        # the event loop that showed as the protected GET's p99 once traffic triggered one.
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         """Close the app's connections and the request threads."""
