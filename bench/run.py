@@ -409,10 +409,13 @@ class Bench:
         token = self.tokens[stack.name].access
         return drivers.wrk(f"{stack.url}/api/hello", "get.lua", [token], seconds)
 
-    def _get_h2(self, stack: Stack) -> Result:
-        """Protected GET over HTTP/2 (h2load)."""
+    def _get_h2(
+        self, stack: Stack, seconds: float | None = None, streams: int = drivers.H2_STREAMS
+    ) -> Result:
+        """Protected GET over HTTP/2 (h2load), for the plan's GET run unless told."""
         header = f"authorization: Bearer {self.tokens[stack.name].access}"
-        return drivers.h2load(f"{stack.url}/api/hello", self.plan.get_s, [header])
+        duration = self.plan.get_s if seconds is None else seconds
+        return drivers.h2load(f"{stack.url}/api/hello", duration, [header], streams=streams)
 
     def _login_h1(self, stack: Stack, seconds: float) -> Result:
         """wrk login that also keeps every token pair handed out (for refresh and logout)."""
@@ -508,12 +511,10 @@ class Bench:
 
     def _twin_load(self, stack: Stack, protocol: str) -> Result:
         """A GET run of one twin, while the other runs too."""
-        token = self.tokens[stack.name].access
-        url, seconds = f"{stack.url}/api/hello", self.plan.side_by_side_s
+        seconds = self.plan.side_by_side_s
         if protocol == H1:
-            return drivers.wrk(url, "get.lua", [token], seconds)
-        header = f"authorization: Bearer {token}"
-        return drivers.h2load(url, seconds, [header], streams=drivers.H2_STREAMS // 2)
+            return self._get_h1(stack, seconds)
+        return self._get_h2(stack, seconds, streams=drivers.H2_STREAMS // 2)
 
     # --- refresh and logout: one fresh token per request ---------------------------------
 

@@ -34,10 +34,10 @@ def render(report: Report) -> str:
         ),
         _check_cost(report, H1),
         _check_cost(report, H2),
-        _side_by_side(report, H1),
-        _side_by_side(report, H2),
-        _check(report, H1),
-        _check(report, H2),
+        _cost_shown(report, H1, side_by_side=True),
+        _cost_shown(report, H2, side_by_side=True),
+        _cost_shown(report, H1, side_by_side=False),
+        _cost_shown(report, H2, side_by_side=False),
         _accepted(report),
         _memory(report),
         _storm(report),
@@ -131,24 +131,18 @@ def _cost_of(ours: Result, without: Result) -> float:
     return 1 - ours.rps / without.rps
 
 
-def _side_by_side(report: Report, protocol: str) -> Row | None:
-    """The check's cost with ours and its twin loaded at once: both see the same machine."""
-    cost = _cost(*_check_runs(report, protocol, True))
+def _cost_shown(report: Report, protocol: str, *, side_by_side: bool) -> Row | None:
+    """One of the two measurements the judged cost pools, shown on its own.
+
+    Loaded at once, both twins see the same machine; in the GET passes (one after the
+    other), the machine's drift between a pair's two runs stays in.
+    """
+    cost = _cost(*_check_runs(report, protocol, side_by_side))
     if cost is None:
         return None
     median, shown = cost
-    target = f"of which: both loaded at once, {protocol}"
-    return target, "(shown)", f"{median:.0%}", shown, None
-
-
-def _check(report: Report, protocol: str) -> Row | None:
-    """The same cost from the GET passes above: one after the other, so drift stays in."""
-    cost = _cost(*_check_runs(report, protocol, False))
-    if cost is None:
-        return None
-    median, shown = cost
-    target = f"of which: the GET passes (one after the other), {protocol}"
-    return target, "(shown)", f"{median:.0%}", shown, None
+    what = "both loaded at once" if side_by_side else "the GET passes (one after the other)"
+    return f"of which: {what}, {protocol}", "(shown)", f"{median:.0%}", shown, None
 
 
 def _cost(ours: list[Result], without: list[Result]) -> tuple[float, str] | None:
