@@ -76,6 +76,8 @@ async def test_a_stream_that_needs_the_send_task_keeps_it(queued_bodies: list[in
 
 async def test_cancelled_streams_leave_the_connection_serving(queued_bodies: list[int]) -> None:
     async with serving(app) as url, httpx.AsyncClient(http1=False, http2=True) as client:
+        # Connected first: a request cancelled while its client connects leaks the socket.
+        assert (await client.get(f"{url}small")).content == SMALL + b"/small"
         pending = [asyncio.ensure_future(client.get(f"{url}mixed")) for _ in range(6)]
         await asyncio.sleep(0.01)
         for task in pending[::2]:
