@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -215,6 +217,14 @@ async def two_sessions(http: httpx.AsyncClient) -> tuple[Session, Session]:
     password = "correct horse battery"
     username = await register(http, password)
     return await login(http, username, password), await login(http, username, password)
+
+
+async def wait_for_status(http: httpx.AsyncClient, headers: dict[str, str], status: int) -> None:
+    """Poll the protected resource with headers until it answers status (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while (await http.get("/api/hello", headers=headers)).status_code != status:
+        assert time.monotonic() < deadline, f"never answered {status}"
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tests.conftest import (
     register,
     serve_in_process,
     two_sessions,
+    wait_for_status,
 )
 from tests.proxy import TcpProxy
 
@@ -106,10 +107,7 @@ async def test_revocations_survive_losing_redis(
     if first.status_code == 503:
         assert first.headers["retry-after"] == "1"
         assert first.headers["content-type"] == "application/problem+json"
-    deadline = time.monotonic() + 10
-    while (await client.get("/api/hello", headers=kept.bearer())).status_code != 200:
-        assert time.monotonic() < deadline, "blocklist was not rebuilt"
-        await asyncio.sleep(0.1)
+    await wait_for_status(client, kept.bearer(), 200)  # the blocklist is rebuilt
     assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401
 
 
@@ -129,7 +127,7 @@ async def test_redis_down_means_503_and_recovery_without_restart(
     assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 503
     assert (await http.get("/readyz")).status_code == 503
     proxy.start()
-    await wait_for_status(http, kept, 200)
+    await wait_for_status(http, kept.bearer(), 200)
     assert (await http.get("/readyz")).status_code == 200
     assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 204
     assert (await http.get("/api/hello", headers=leaving.bearer())).status_code == 401
@@ -150,15 +148,7 @@ async def test_a_recorded_logout_redis_missed_is_put_in_force_later(
     monkeypatch.setattr(RedisBlocklist, "add", add_fails_once)
     assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 503
     # Recorded in PostgreSQL: the next checks reload the record into Redis.
-    await wait_for_status(client, user, 401)
-
-
-async def wait_for_status(http: httpx.AsyncClient, session: Session, status: int) -> None:
-    """Poll the protected resource until it answers status (10 s at most)."""
-    deadline = time.monotonic() + 10
-    while (await http.get("/api/hello", headers=session.bearer())).status_code != status:
-        assert time.monotonic() < deadline, f"never answered {status}"
-        await asyncio.sleep(0.1)
+    await wait_for_status(client, user.bearer(), 401)
 
 
 async def until_spared(
@@ -273,7 +263,7 @@ async def test_a_restored_snapshot_is_reloaded_before_use(
     r.close()
     first = await client.get("/api/hello", headers=revoked.bearer())
     assert first.status_code in {401, 503}
-    await wait_for_status(client, kept, 200)
+    await wait_for_status(client, kept.bearer(), 200)
     assert (await client.get("/api/hello", headers=revoked.bearer())).status_code == 401
 
 
