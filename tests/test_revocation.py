@@ -123,13 +123,14 @@ async def test_redis_down_means_503_and_recovery_without_restart(
     assert down.headers["retry-after"]
     assert down.headers["content-type"] == "application/problem+json"
     assert "Traceback" not in down.text
-    # A logout that cannot be put in force must not say it worked.
-    assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 503
+    # A logout is recorded durably and says so: it is not yet in force in Redis.
+    recorded = await http.post("/auth/logout", headers=leaving.bearer())
+    assert recorded.status_code == 202
+    assert recorded.json()["status"] == "recorded"
     assert (await http.get("/readyz")).status_code == 503
     proxy.start()
     await wait_for_status(http, kept.bearer(), 200)
     assert (await http.get("/readyz")).status_code == 200
-    assert (await http.post("/auth/logout", headers=leaving.bearer())).status_code == 204
     assert (await http.get("/api/hello", headers=leaving.bearer())).status_code == 401
     assert (await http.get("/api/hello", headers=kept.bearer())).status_code == 200
 
@@ -139,14 +140,14 @@ async def test_a_recorded_logout_redis_missed_is_put_in_force_later(
 ) -> None:
     failures = iter([True])
 
-    async def add_fails_once(self: RedisBlocklist, entries: object) -> None:
+    async def add_fails_once(self: RedisBlocklist, entries: object, *, seq: int | None) -> None:
         if next(failures, False):
             raise BlocklistUnavailable("connection reset")
-        await original(self, entries)  # type: ignore[arg-type]
+        await original(self, entries, seq=seq)  # type: ignore[arg-type]
 
     original = RedisBlocklist.add
     monkeypatch.setattr(RedisBlocklist, "add", add_fails_once)
-    assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 503
+    assert (await client.post("/auth/logout", headers=user.bearer())).status_code == 202
     # Recorded in PostgreSQL: the next checks reload the record into Redis.
     await wait_for_status(client, user.bearer(), 401)
 

@@ -118,8 +118,16 @@ def test_the_cache_stays_bounded() -> None:
 
 def test_messages_round_trip_and_garbage_is_refused() -> None:
     subjects = [("t", "a"), ("s", "line\nbreak"), ("u", '"quoted"')]
-    assert parse_message(message(subjects)) == subjects
-    for garbage in [b"", b"not json", b"[1, 2]", b'[["t"]]', b"{}"]:
+    assert parse_message(message(subjects, 42)) == (subjects, 42)
+    garbage_bodies = [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'[["t"]]',
+        b"{}",
+        b'{"seq": "1", "subjects": []}',
+    ]
+    for garbage in [*garbage_bodies, b'{"seq": 1, "subjects": [["t"]]}']:
         assert parse_message(garbage) is None, garbage
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, request
 from flask_jwt_extended import JWTManager, view_decorators
@@ -15,6 +16,8 @@ from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
 from service.errors import problem, unauthorized
 from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class MemoizingJWTManager(JWTManager):
@@ -105,16 +108,36 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 @jwt.token_in_blocklist_loader
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
-    """One Redis round trip (or its answer awaited just before); fails closed (503)."""
+    """One Redis round trip (or its answer awaited just before); fails closed (503).
+
+    A view that only revokes the presented token runs even when the answer is unknown:
+    revoking it again is harmless, and its durable record must not wait for Redis.
+    """
     if not current_app.config["REVOCATION_CHECK"]:
         return False
     ref = TokenRef.from_claims(claims)
-    verdict = prefetched(request.environ, ref)
-    if verdict is None:
-        verdict = current_app.extensions["store"].check(ref)
-    if verdict is Verdict.NOT_LOADED:
-        raise BlocklistUnavailable("blocklist is being rebuilt")
+    try:
+        verdict = prefetched(request.environ, ref)
+        if verdict is None:
+            verdict = current_app.extensions["store"].check(ref)
+        if verdict is Verdict.NOT_LOADED:
+            raise BlocklistUnavailable("blocklist is being rebuilt")
+    except BlocklistUnavailable:
+        if _revokes_presented_token():
+            return False
+        raise
     return verdict is Verdict.REVOKED
+
+
+def revokes_presented_token(view: F) -> F:
+    """Mark a view that only revokes its own token: it runs when the blocklist cannot answer."""
+    view.revokes_presented_token = True  # type: ignore[attr-defined]
+    return view
+
+
+def _revokes_presented_token() -> bool:
+    view = current_app.view_functions.get(request.endpoint or "")
+    return bool(getattr(view, "revokes_presented_token", False))
 
 
 @jwt.decode_key_loader

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from collections.abc import Awaitable
+
+from flask import Blueprint, Response, current_app, jsonify
 from flask_jwt_extended import get_jwt, jwt_required
 
 from service.auth import accounts, sessions
+from service.auth.jwt import revokes_presented_token
 from service.auth.passwords import Passwords
 from service.auth.schemas import Credentials, PasswordChange, parse_body
 from service.oauth.scopes import first_party_only
 from service.store import get_store
+from service.store.blocklist import BlocklistUnavailable
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+PENDING = (
+    "The revocation is recorded; it is in force on every worker once the blocklist answers "
+    "again, and until then no token is accepted."
+)
 
 
 def _passwords() -> Passwords:
@@ -52,20 +60,35 @@ async def refresh() -> tuple[dict[str, object], int, dict[str, str]]:
 @bp.post("/logout")
 @jwt_required()
 @first_party_only
+@revokes_presented_token
 async def logout() -> Response:
     """Revoke this session: the access token and its refresh tokens."""
-    await sessions.revoke_session(store=get_store(), sid=get_jwt()["sid"], reason="logout")
-    return Response(status=204)
+    return await _revoked(
+        sessions.revoke_session(store=get_store(), sid=get_jwt()["sid"], reason="logout")
+    )
 
 
 @bp.post("/logout-all")
 @jwt_required()
 @first_party_only
+@revokes_presented_token
 async def logout_all() -> Response:
     """Revoke every token of this user, on every device."""
-    await sessions.revoke_all_sessions(
-        store=get_store(), user_id=get_jwt()["sub"], reason="logout-all"
+    return await _revoked(
+        sessions.revoke_all_sessions(
+            store=get_store(), user_id=get_jwt()["sub"], reason="logout-all"
+        )
     )
+
+
+async def _revoked(revocation: Awaitable[None]) -> Response:
+    """204 once the revocation is in force; 202 once it is only recorded (Redis down)."""
+    try:
+        await revocation
+    except BlocklistUnavailable:
+        # Recorded in PostgreSQL: the blocklist takes it as soon as Redis answers again,
+        # and until then every check fails closed.
+        return jsonify(status="recorded", detail=PENDING), 202  # type: ignore[return-value]
     return Response(status=204)
 
 

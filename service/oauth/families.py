@@ -186,8 +186,7 @@ def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:
         sxp=token.grant_expires,
         sub=str(token.user_id) if token.user_id else token.client_id,
     )
-    verdict = store.blocklist.check(ref)
+    verdict = store.check(ref)
     if verdict is Verdict.NOT_LOADED:
-        store.request_rebuild()
         raise BlocklistUnavailable("blocklist is being rebuilt")
     return verdict is Verdict.REVOKED

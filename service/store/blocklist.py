@@ -4,6 +4,10 @@ Layout under the configured prefix:
   ready                   the run_id of the Redis process the blocklist was loaded into: a
                           restart (even from a snapshot) or a failover changes the run_id,
                           so a blocklist that may have lost entries is reloaded first
+  seq                     the highest number (revocations.seq in PostgreSQL) of a write it
+                          holds: a Redis that went back to an older copy of its data shows
+                          a lower one than a worker has seen, or than PostgreSQL records
+  rebuild-lock            held by the one process reloading the blocklist
   r:<bucket>:<shard>      hash of revoked token ids (jti) whose tokens expire in that minute;
   s:<bucket>:<shard>      hash of revoked session ids (sid) whose sessions end in that hour:
                           an hour's grace on a 30-day session keeps the hashes dense;
@@ -37,6 +41,7 @@ from service.store.revocation_feed import RevocationFeed, Subject, message
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
+if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[5]) then return 2 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 1 end
 local cutoff = redis.call('GET', KEYS[4])
@@ -54,9 +59,34 @@ end
 return 1
 """
 
+RAISE_SEQ_SCRIPT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# Whoever still holds the lock marks the blocklist loaded; a Redis that restarted during
+# the load has lost the lock (and what was loaded), and the load starts over.
+FINISH_LOAD_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[3], ARGV[3])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+EXTEND_LOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
 CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
-WRITE_BATCH = 1000
+LOAD_BATCH = 5000
 ENCODED_CHECKS = 8192
 REBUILD_LOCK_SECONDS = 30
 BREAKER_SECONDS = 0.5
@@ -111,6 +141,13 @@ class TokenRef(NamedTuple):
         return cls(jti=jti, exp=exp, sid=sid, sxp=sxp, sub=str(claims["sub"]))
 
 
+class State(NamedTuple):
+    """What a blocklist says of itself: loaded into the process that answers, and its seq."""
+
+    loaded: bool
+    seq: int
+
+
 class Blocklist(Protocol):
     """What the service needs from a blocklist, whatever stores it."""
 
@@ -122,16 +159,33 @@ class Blocklist(Protocol):
         """The same answer, awaited on the server's event loop."""
         ...
 
-    async def add(self, entries: Iterable[Entry]) -> None:
-        """Store revocations; returns only once they are in force."""
+    async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
+        """Store revocations numbered up to seq; returns only once they are in force."""
         ...
 
-    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
-        """Load every durable revocation and mark the blocklist ready; False if busy elsewhere."""
+    async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
+        """Load durable revocations up to seq and mark the blocklist ready; False if busy."""
         ...
 
-    async def ping(self) -> bool:
-        """Whether the blocklist is reachable and loaded."""
+    async def state(self) -> State:
+        """Whether the blocklist is loaded into the Redis process that answers, and its seq."""
+        ...
+
+    async def invalidate(self) -> None:
+        """Mark the blocklist not loaded: every check fails closed until the next rebuild."""
+        ...
+
+    def probe(self) -> Verdict:
+        """Run one real check, as a request would, for a token nobody holds."""
+        ...
+
+    @property
+    def floor(self) -> int:
+        """The highest seq this process knows the blocklist held."""
+        ...
+
+    def raise_floor(self, seq: int | None) -> None:
+        """Note that the blocklist held seq."""
         ...
 
     async def close(self) -> None:
@@ -196,6 +250,10 @@ class RedisBlocklist:
         self._propagation = propagation
         self._kept_verdicts = kept_verdicts
         self._feed: RevocationFeed | None = None
+        self._seq_key = f"{prefix}seq"
+        self._floor = 0
+        self._floor_lock = threading.Lock()
+        self._generation = 0
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -240,8 +298,14 @@ class RedisBlocklist:
             assert self._factory is not None
             local.connection = self._factory.make_connection()
             local.pid = os.getpid()
+            local.generation = self._generation
             self._connections.append(local.connection)
         connection: redis.connection.AbstractConnection = local.connection
+        if local.generation != self._generation:
+            # Redis failed since this connection was made: start afresh rather than let a
+            # stale socket fail once more and hold the breaker open again.
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            local.generation = self._generation
         return connection
 
     def _evalsha(self, keys: list[str], args: list[str | int]) -> Any:
@@ -274,11 +338,12 @@ class RedisBlocklist:
             self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
             self.bucket_key(Kind.SESSION, ref.sid, ref.sxp),
             self.user_key(ref.sub),
+            self._seq_key,
         ]
         return keys, [ref.jti, ref.sid, session_started_ms(ref)]
 
     def _encoded_check(self, ref: TokenRef) -> tuple[int, bytes]:
-        """One token's check command, RESP-encoded but the run_id, with its argument count."""
+        """One token's check command, RESP-encoded but run_id and floor, with its argument count."""
         encoded = self._encoded.get(ref)
         if encoded is None:
             keys, args = self._check_call(ref)
@@ -299,8 +364,21 @@ class RedisBlocklist:
         return Verdict(int(result))
 
     def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
+        if not self._down_until:
+            self._generation += 1
         self._down_until = time.monotonic() + BREAKER_SECONDS
         return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+
+    @property
+    def floor(self) -> int:
+        """The highest seq this process knows the blocklist held: checks demand at least it."""
+        return self._floor
+
+    def raise_floor(self, seq: int | None) -> None:
+        """Note that the blocklist held seq (a write answered, a message, a read)."""
+        if seq is not None and seq > self._floor:
+            with self._floor_lock:
+                self._floor = max(self._floor, seq)
 
     def check(self, ref: TokenRef) -> Verdict:
         """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
@@ -308,11 +386,11 @@ class RedisBlocklist:
         keys, args = self._check_call(ref)
         try:
             run_id = self._run_id
-            result = self._evalsha(keys, [*args, run_id])
+            result = self._evalsha(keys, [*args, run_id, self._floor])
             if self._run_id != run_id:
                 # The call (re)connected, perhaps to a restarted server: ask again with the
                 # run_id learned on that connection, or a stale snapshot would pass.
-                result = self._evalsha(keys, [*args, self._run_id])
+                result = self._evalsha(keys, [*args, self._run_id, self._floor])
         except RedisError as exc:
             raise self._unreachable(exc) from exc
         return self._verdict(result)
@@ -338,7 +416,7 @@ class RedisBlocklist:
         try:
             # The run_id is the one learned on the pipeline's own connection.
             result = await pipeline.call(
-                lambda run_id: command(count + 1, encoded + encode(run_id))
+                lambda run_id: command(count + 2, encoded + encode(run_id, self._floor))
             )
         except RedisError as exc:
             raise self._unreachable(exc) from exc
@@ -346,6 +424,12 @@ class RedisBlocklist:
         if feed is not None and verdict is not Verdict.NOT_LOADED:
             feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
         return verdict
+
+    def probe(self) -> Verdict:
+        """The check script, run as a request's check runs it, for a token nobody holds."""
+        now = int(time.time())
+        nobody = os.urandom(8).hex()
+        return self.check(TokenRef(jti=nobody, exp=now + 60, sid=nobody, sxp=now + 60, sub=nobody))
 
     def _current_feed(self) -> RevocationFeed | None:
         """This loop's feed of revocations, unless verdicts are never kept."""
@@ -359,62 +443,109 @@ class RedisBlocklist:
                 window=self._propagation,
                 timeout=self._timeout,
                 size=self._kept_verdicts,
+                on_seq=self.raise_floor,
             )
         return feed
 
-    async def add(self, entries: Iterable[Entry]) -> None:
+    async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
         """Write revocations, and return once no worker may still use a verdict they change."""
         entries = list(entries)
-        await self._write(entries)
+        await self._write(entries, seq)
         if entries and self._propagation:
             await asyncio.sleep(self._propagation)
 
-    async def _write(self, entries: list[Entry]) -> None:
-        """Write revocations in one pipeline, announcing them to every worker last."""
+    async def _write(self, entries: list[Entry], seq: int | None) -> None:
+        """Write revocations and their seq in one transaction, announcing them to every worker."""
+        if not entries:
+            return
         client = self._clients()
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for entry in entries:
-                    self._queue(pipe, entry)
-                if entries:
-                    pipe.publish(self._channel, message(map(_subject, entries)))
+            async with client.pipeline(transaction=True) as pipe:
+                self._queue(pipe, entries)
+                if seq is not None:
+                    pipe.eval(RAISE_SEQ_SCRIPT, 1, self._seq_key, seq)
+                pipe.publish(self._channel, message(map(_subject, entries), seq or 0))
                 await pipe.execute()
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        self.raise_floor(seq)
 
-    def _queue(self, pipe: aredis.client.Pipeline, entry: Entry) -> None:
-        if entry.kind is Kind.USER:
-            assert entry.cutoff_ms is not None
-            pipe.eval(
-                RAISE_CUTOFF_SCRIPT,
-                1,
-                self.user_key(entry.subject),
-                entry.cutoff_ms,
-                entry.expires_at,
-            )
-            return
-        key = self.bucket_key(entry.kind, entry.subject, entry.expires_at)
-        pipe.hset(key, entry.subject, 1)
-        pipe.expireat(key, self.bucket_end(entry.kind, entry.expires_at))
+    def _queue(self, pipe: aredis.client.Pipeline, entries: list[Entry]) -> None:
+        """Queue entries: one HSET and one EXPIREAT per bucket, one script per user cutoff."""
+        buckets: dict[str, tuple[dict[str, int], int]] = {}
+        for entry in entries:
+            if entry.kind is Kind.USER:
+                assert entry.cutoff_ms is not None
+                pipe.eval(
+                    RAISE_CUTOFF_SCRIPT,
+                    1,
+                    self.user_key(entry.subject),
+                    entry.cutoff_ms,
+                    entry.expires_at,
+                )
+                continue
+            key = self.bucket_key(entry.kind, entry.subject, entry.expires_at)
+            fields, _ = buckets.setdefault(key, ({}, self.bucket_end(entry.kind, entry.expires_at)))
+            fields[entry.subject] = 1
+        for key, (fields, end) in buckets.items():
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expireat(key, end)
 
-    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
-        """Copy durable revocations in, then set the ready key; one process at a time."""
+    async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
+        """Copy durable revocations in, then mark the blocklist loaded; one process at a time.
+
+        False when another process holds the lock, or when Redis lost it meanwhile (a
+        restart during the load): what was loaded may be gone, and the caller tries again.
+        """
         client = self._clients()
         token = os.urandom(8).hex()
         try:
             if not await client.set(self._lock_key, token, nx=True, ex=REBUILD_LOCK_SECONDS):
                 return False
+            run_id = parse_run_id(await client.info("server"))
             batch: list[Entry] = []
             async for entry in entries:
                 batch.append(entry)
-                if len(batch) >= WRITE_BATCH:
-                    await self._write(batch)
+                if len(batch) >= LOAD_BATCH:
+                    if not await self._load(client, batch, token):
+                        return False
                     batch = []
-            await self._write(batch)
-            await client.set(self._ready_key, parse_run_id(await client.info("server")))
-            if await client.get(self._lock_key) == token.encode():
-                await client.delete(self._lock_key)
-            return True
+            if not await self._load(client, batch, token):
+                return False
+            keys = (self._lock_key, self._ready_key, self._seq_key)
+            if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, token, run_id, seq):
+                return False
+        except RedisError as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        self.raise_floor(seq)
+        return True
+
+    async def _load(self, client: aredis.Redis, entries: list[Entry], token: str) -> bool:
+        """Write one batch of a rebuild, unannounced; False once the lock is no longer ours."""
+        async with client.pipeline(transaction=False) as pipe:
+            self._queue(pipe, entries)
+            pipe.eval(EXTEND_LOCK_SCRIPT, 1, self._lock_key, token, REBUILD_LOCK_SECONDS)
+            replies = await pipe.execute()
+        return bool(replies[-1])
+
+    async def state(self) -> State:
+        """Whether Redis holds the blocklist loaded into the process that answers, and its seq."""
+        client = self._clients()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get(self._ready_key)
+                pipe.get(self._seq_key)
+                pipe.info("server")
+                ready, seq, info = await pipe.execute()
+        except RedisError as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        loaded = isinstance(ready, bytes) and ready.decode() == parse_run_id(info)
+        return State(loaded=loaded, seq=int(seq or 0))
+
+    async def invalidate(self) -> None:
+        """Drop the loaded mark: every check of every worker answers NOT_LOADED until rebuilt."""
+        try:
+            await self._clients().delete(self._ready_key)
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
 
@@ -429,16 +560,6 @@ class RedisBlocklist:
             if key in ("maxmemory-policy", b"maxmemory-policy"):
                 return value.decode() if isinstance(value, bytes) else str(value)
         return None
-
-    async def ping(self) -> bool:
-        """Whether Redis answers and holds a loaded blocklist."""
-        client = self._clients()
-        try:
-            ready = await client.get(self._ready_key)
-            run_id = parse_run_id(await client.info("server"))
-        except RedisError:
-            return False
-        return isinstance(ready, bytes) and ready.decode() == run_id
 
     async def close(self) -> None:
         """Close both connection pools of this process, the check pipeline and the feed."""

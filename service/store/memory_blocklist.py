@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import AsyncIterable, Iterable
 
-from service.store.blocklist import Entry, Kind, TokenRef, Verdict, session_started_ms
+from service.store.blocklist import Entry, Kind, State, TokenRef, Verdict, session_started_ms
 
 
 class MemoryBlocklist:
@@ -36,7 +36,7 @@ class MemoryBlocklist:
         """The same lookup (nothing to wait for)."""
         return self.check(ref)
 
-    async def add(self, entries: Iterable[Entry]) -> None:
+    async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
         """Record revocations and drop the ones that have expired."""
         now = int(time.time())
         with self._lock:
@@ -54,15 +54,31 @@ class MemoryBlocklist:
                     )
             self._ids = {key: exp for key, exp in self._ids.items() if exp >= now}
 
-    async def rebuild(self, entries: AsyncIterable[Entry]) -> bool:
+    async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
         """Load durable revocations (at start-up)."""
         await self.add([entry async for entry in entries])
         self._loaded = True
         return True
 
-    async def ping(self) -> bool:
-        """Reachable by definition; ready once loaded."""
-        return self._loaded
+    async def state(self) -> State:
+        """Loaded once rebuilt; process memory never goes back in time."""
+        return State(loaded=self._loaded, seq=0)
+
+    async def invalidate(self) -> None:
+        """Forget the loaded mark; the next rebuild restores it."""
+        self._loaded = False
+
+    def probe(self) -> Verdict:
+        """A lookup for a token nobody holds."""
+        return self.check(TokenRef(jti="", exp=0, sid="", sxp=0, sub=""))
+
+    @property
+    def floor(self) -> int:
+        """Nothing to compare: memory holds every write of this process."""
+        return 0
+
+    def raise_floor(self, seq: int | None) -> None:
+        """Nothing to note."""
 
     async def close(self) -> None:
         """Nothing to release."""

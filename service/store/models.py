@@ -5,7 +5,16 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, MetaData, String, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    FetchedValue,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -83,10 +92,16 @@ class Revocation(Base):
     """A durable revocation: the source of truth the Redis blocklist is rebuilt from."""
 
     __tablename__ = "revocations"
-    __table_args__ = (Index("ix_revocations_expires_at", "expires_at"),)
+    __table_args__ = (
+        Index("ix_revocations_expires_at", "expires_at"),
+        Index("ix_revocations_seq", "seq"),
+    )
 
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     subject: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     cutoff_ms: Mapped[int | None] = mapped_column(BigInteger())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # PostgreSQL numbers every write from a sequence; Redis keeps the highest number it
+    # holds, so a Redis that lost writes shows it (see blocklist.py). NULL on SQLite.
+    seq: Mapped[int | None] = mapped_column(BigInteger(), server_default=FetchedValue())

@@ -1,12 +1,12 @@
 """Verdicts a worker may reuse while Redis says nothing about them changed.
 
-Every write to the blocklist publishes what it covers on one channel. Each worker keeps
-the verdicts its checks received and drops those a message names. A kept verdict is used
-only while the worker can show it has read every message published more than `window`
-seconds ago: a PING sent on its subscription less than `window` ago has been answered,
-and Redis delivers messages and replies on one connection in order. A write returns only
-`window` after Redis took it (see RedisBlocklist.add), so once a logout answers, every
-worker of every host has either dropped the token's verdict or asks Redis again.
+Every write to the blocklist publishes what it covers (and its number) on one channel.
+Each worker keeps the verdicts its checks received and drops those a message names. A
+kept verdict is used only while the worker can show it has read every message published
+more than `window` seconds ago: a PING sent on its subscription less than `window` ago
+has been answered, and Redis delivers messages and replies on one connection in order. A
+write returns only `window` after Redis took it (see RedisBlocklist.add), so once a logout
+answers, every worker of every host has either dropped the token's verdict or asks Redis.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
 
 import hiredis
@@ -79,17 +79,20 @@ def clock() -> float:
     return time.clock_gettime(BOOTTIME)
 
 
-def message(subjects: Iterable[Subject]) -> bytes:
-    """The payload announcing a write that covers these subjects."""
-    return json.dumps([list(subject) for subject in subjects]).encode()
+def message(subjects: Iterable[Subject], seq: int) -> bytes:
+    """The payload announcing a write that covers these subjects, numbered seq."""
+    return json.dumps({"seq": seq, "subjects": [list(subject) for subject in subjects]}).encode()
 
 
-def parse_message(data: bytes) -> list[Subject] | None:
-    """The subjects a payload names, or None when it cannot be read."""
+def parse_message(data: bytes) -> tuple[list[Subject], int] | None:
+    """The subjects and number a payload names, or None when it cannot be read."""
     try:
-        items = json.loads(data)
+        body = json.loads(data)
     except ValueError:
         return None
+    if not isinstance(body, dict) or type(body.get("seq")) is not int:
+        return None
+    items = body.get("subjects")
     if not isinstance(items, list):
         return None
     subjects = []
@@ -97,7 +100,7 @@ def parse_message(data: bytes) -> list[Subject] | None:
         if not (isinstance(item, list) and len(item) == 2 and all(type(x) is str for x in item)):
             return None
         subjects.append((item[0], item[1]))
-    return subjects
+    return subjects, body["seq"]
 
 
 class VerdictCache:
@@ -156,8 +159,14 @@ class VerdictCache:
 class _Subscription(asyncio.Protocol):
     """One subscribed connection: messages drop verdicts, answered probes prove freshness."""
 
-    def __init__(self, cache: VerdictCache, subscribed: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        cache: VerdictCache,
+        subscribed: asyncio.Future[None],
+        on_seq: Callable[[int], object],
+    ) -> None:
         self.cache = cache
+        self.on_seq = on_seq
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.subscribed = subscribed
         self.probes: deque[float] = deque()
@@ -182,12 +191,13 @@ class _Subscription(asyncio.Protocol):
             return
         kind = reply[0] if isinstance(reply, list) and reply else None
         if kind == b"message":
-            subjects = parse_message(reply[2])
-            if subjects is None:
+            parsed = parse_message(reply[2])
+            if parsed is None:
                 # Unreadable: whatever it named, no kept verdict may be trusted now.
                 self.cache.reset()
             else:
-                self.cache.drop(subjects)
+                self.cache.drop(parsed[0])
+                self.on_seq(parsed[1])
         elif kind == b"pong" and self.probes:
             self.cache.fresh_since = self.probes.popleft()
         elif kind == b"subscribe" and not self.subscribed.done():
@@ -225,8 +235,18 @@ class RevocationFeed:
     fresh, an idle one costs nothing and unsubscribes after IDLE_AFTER.
     """
 
-    def __init__(self, url: str, *, channel: str, window: float, timeout: float, size: int):
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel: str,
+        window: float,
+        timeout: float,
+        size: int,
+        on_seq: Callable[[int], object],
+    ) -> None:
         self.cache = VerdictCache(size)
+        self._on_seq = on_seq
         self.window = window
         self._interval = window / PROBES_PER_WINDOW
         self._options: dict[str, Any] = dict(parse_url(url))
@@ -280,7 +300,7 @@ class RevocationFeed:
     async def _subscribe(self) -> _Subscription:
         subscribed: asyncio.Future[None] = self._loop.create_future()
         subscription = await open_connection(
-            self._loop, self._options, lambda: _Subscription(self.cache, subscribed)
+            self._loop, self._options, lambda: _Subscription(self.cache, subscribed, self._on_seq)
         )
         assert subscription.transport is not None
         requests = preamble(self._options, select=False)  # channels span every database

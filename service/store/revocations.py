@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, or_, select
+from sqlalchemy import case, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,9 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.store.blocklist import Entry, Kind
 from service.store.models import Revocation, utcnow
 
+SEQUENCE = "revocation_seq"
+STREAM_BATCH = 5000
+# Longer than any revocation's transaction may stay open (database timeouts bound it),
+# and than the clocks of the service's hosts may differ.
+COMMIT_SKEW = timedelta(minutes=1)
 
-async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> None:
-    """Upsert revocations, keeping the later expiry and the later user cutoff."""
+
+async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> int | None:
+    """Upsert revocations, keeping the later expiry and user cutoff; returns their highest seq.
+
+    Every write takes a new number from the sequence, also when it only confirms a row:
+    the blocklist in Redis must hold it again (None on SQLite, which numbers nothing).
+    """
     merged: dict[tuple[Kind, str], Entry] = {}
     for entry in entries:
         key = (entry.kind, entry.subject)
@@ -28,30 +38,36 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> None:
                 cutoff_ms=max(entry.cutoff_ms or 0, seen.cutoff_ms or 0) or None,
             )
         merged[key] = entry
+    now = utcnow()
     rows = [
         {
             "kind": entry.kind.value,
             "subject": entry.subject,
             "expires_at": datetime.fromtimestamp(entry.expires_at, UTC),
             "cutoff_ms": entry.cutoff_ms,
-            "created_at": utcnow(),
+            "created_at": now,
         }
         for entry in merged.values()
     ]
     if not rows:
-        return
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(Revocation).values(rows)
+        return None
+    postgres = session.get_bind().dialect.name == "postgresql"
+    statement = (pg_insert if postgres else sqlite_insert)(Revocation).values(rows)
     excluded = statement.excluded
-    await session.execute(
+    changes: dict[str, Any] = {
+        "expires_at": _greatest(Revocation.expires_at, excluded.expires_at),
+        "cutoff_ms": _greatest(Revocation.cutoff_ms, excluded.cutoff_ms),
+        "created_at": excluded.created_at,
+    }
+    if postgres:
+        changes["seq"] = func.nextval(SEQUENCE)
+    result = await session.execute(
         statement.on_conflict_do_update(
-            index_elements=[Revocation.kind, Revocation.subject],
-            set_={
-                "expires_at": _greatest(Revocation.expires_at, excluded.expires_at),
-                "cutoff_ms": _greatest(Revocation.cutoff_ms, excluded.cutoff_ms),
-            },
-        )
+            index_elements=[Revocation.kind, Revocation.subject], set_=changes
+        ).returning(Revocation.seq)
     )
+    numbers = [seq for seq in result.scalars() if seq is not None]
+    return max(numbers) if numbers else None
 
 
 def _greatest(current: Any, proposed: Any) -> Any:
@@ -59,13 +75,25 @@ def _greatest(current: Any, proposed: Any) -> Any:
     return case((or_(current.is_(None), proposed > current), proposed), else_=current)
 
 
-async def stream_active(session: AsyncSession) -> AsyncIterator[Entry]:
-    """Yield every revocation that still covers a usable token."""
-    result = await session.stream(
-        select(Revocation.kind, Revocation.subject, Revocation.expires_at, Revocation.cutoff_ms)
-        .where(Revocation.expires_at > utcnow())
-        .execution_options(yield_per=1000)
-    )
+async def stream_active(
+    session: AsyncSession, *, after_seq: int | None = None
+) -> AsyncIterator[Entry]:
+    """Yield every revocation that still covers a usable token, or those Redis may lack.
+
+    With after_seq, only those numbered after it, and those recorded up to COMMIT_SKEW
+    before it was: numbers are taken at insert, so a transaction that took a lower one
+    may have committed, and reached Redis, after a higher one.
+    """
+    query = select(
+        Revocation.kind, Revocation.subject, Revocation.expires_at, Revocation.cutoff_ms
+    ).where(Revocation.expires_at > utcnow())
+    if after_seq:
+        recorded = await recorded_at(session, seq=after_seq)
+        later = Revocation.seq > after_seq
+        if recorded is not None:
+            later = or_(later, Revocation.created_at >= recorded - COMMIT_SKEW)
+        query = query.where(later)
+    result = await session.stream(query.execution_options(yield_per=STREAM_BATCH))
     async for row in result:
         yield Entry(
             kind=Kind(row.kind),
@@ -73,6 +101,24 @@ async def stream_active(session: AsyncSession) -> AsyncIterator[Entry]:
             expires_at=int(row.expires_at.timestamp()),
             cutoff_ms=row.cutoff_ms,
         )
+
+
+async def latest_seq(session: AsyncSession, *, recorded_before: datetime | None = None) -> int:
+    """The highest number of a recorded revocation (recorded before a moment); 0 if none."""
+    query = select(func.max(Revocation.seq))
+    if recorded_before is not None:
+        query = query.where(Revocation.created_at < recorded_before)
+    return int(await session.scalar(query) or 0)
+
+
+async def recorded_at(session: AsyncSession, *, seq: int) -> datetime | None:
+    """When the revocation numbered seq (or the last one before it) was recorded."""
+    return await session.scalar(
+        select(Revocation.created_at)
+        .where(Revocation.seq <= seq)
+        .order_by(Revocation.seq.desc())
+        .limit(1)
+    )
 
 
 async def purge_expired(session: AsyncSession) -> int:
