@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+import shlex
 import shutil
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -289,3 +292,47 @@ def captured_app(monkeypatch: pytest.MonkeyPatch) -> list[Flask]:
 
     monkeypatch.setattr(server, "create_app", create)
     return apps
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+DOCUMENTED = re.compile(r"^redis-cli (ACL SETUSER authsvc .*?)\n```", re.MULTILINE | re.DOTALL)
+
+
+def documented_acl() -> list[str]:
+    """The README's ACL SETUSER command, as arguments for the default user and prefix."""
+    found = DOCUMENTED.search(README.read_text())
+    assert found, "the README shows no ACL SETUSER command"
+    return shlex.split(found.group(1).replace("\\\n", " "))
+
+
+def for_user(arguments: list[str], user: str, password: str, prefix: str) -> list[str]:
+    """The documented command, for another user name, password and key prefix."""
+    replaced = {"authsvc": user, ">PASSWORD": f">{password}"}
+    out = [replaced.get(argument, argument) for argument in arguments]
+    return [re.sub(r"^([~&])authsvc:", rf"\g<1>{prefix}", argument) for argument in out]
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    """The Redis URL with these credentials in place of any it had."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = urlencode({**dict(parse_qsl(parts.query)), "username": user, "password": password})
+        return f"unix://{parts.path}?{query}"
+    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{credentials}@{f'[{host}]' if ':' in host else host}:{parts.port or 6379}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextmanager
+def acl_user(settings: Settings, prefix: str, *, without: tuple[str, ...] = ()) -> Iterator[str]:
+    """A Redis user with the documented rights (less some) on prefix; yields its URL."""
+    user, password = f"authsvc-test-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
+    arguments = [a for a in documented_acl() if a not in without]
+    admin = redis.Redis.from_url(str(settings.redis_url))
+    admin.execute_command(*for_user(arguments, user, password, prefix))
+    try:
+        yield with_user(str(settings.redis_url), user, password)
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()

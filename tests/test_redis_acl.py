@@ -3,62 +3,19 @@
 from __future__ import annotations
 
 import logging
-import re
-import secrets
-import shlex
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pytest
-import redis
 
 from service.config import Settings
-from tests.conftest import login, register, serve_in_process
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-DOCUMENTED = re.compile(r"^redis-cli (ACL SETUSER authsvc .*?)\n```", re.MULTILINE | re.DOTALL)
-
-
-def documented_acl() -> list[str]:
-    """The README's ACL SETUSER command, as arguments for the default user and prefix."""
-    found = DOCUMENTED.search(README.read_text())
-    assert found, "the README shows no ACL SETUSER command"
-    return shlex.split(found.group(1).replace("\\\n", " "))
-
-
-def for_user(arguments: list[str], user: str, password: str, prefix: str) -> list[str]:
-    """The documented command, for another user name, password and key prefix."""
-    replaced = {"authsvc": user, ">PASSWORD": f">{password}"}
-    out = [replaced.get(argument, argument) for argument in arguments]
-    return [re.sub(r"^([~&])authsvc:", rf"\g<1>{prefix}", argument) for argument in out]
-
-
-def with_user(url: str, user: str, password: str) -> str:
-    """The Redis URL with these credentials in place of any it had."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        query = urlencode({**dict(parse_qsl(parts.query)), "username": user, "password": password})
-        return f"unix://{parts.path}?{query}"
-    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"{credentials}@{f'[{host}]' if ':' in host else host}:{parts.port or 6379}"
-    return urlunsplit(parts._replace(netloc=netloc))
+from tests.conftest import acl_user, documented_acl, login, register, serve_in_process
 
 
 @pytest.fixture
 def acl_settings(settings: Settings, prefix: str) -> Iterator[Settings]:
     """Settings whose Redis user holds exactly the documented rights, on a prefix of its own."""
-    user, password = f"authsvc-test-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
-    admin = redis.Redis.from_url(str(settings.redis_url))
-    admin.execute_command(*for_user(documented_acl(), user, password, prefix))
-    try:
-        url = with_user(str(settings.redis_url), user, password)
+    with acl_user(settings, prefix) as url:
         yield settings.model_copy(update={"redis_url": url, "redis_prefix": prefix})
-    finally:
-        admin.execute_command("ACL", "DELUSER", user)
-        admin.close()
 
 
 def test_the_documented_acl_is_read_whole() -> None:

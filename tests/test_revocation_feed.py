@@ -119,6 +119,7 @@ def test_the_cache_stays_bounded() -> None:
 def test_messages_round_trip_and_garbage_is_refused() -> None:
     subjects = [("t", "a"), ("s", "line\nbreak"), ("u", '"quoted"')]
     assert parse_message(message(subjects, 42)) == (subjects, 42)
+    assert parse_message(message(None, 7)) == (None, 7)
     garbage_bodies = [
         b"",
         b"not json",

@@ -154,8 +154,8 @@ class Store:
             return True
         if went_back and state.loaded:
             log.error(
-                "Redis holds revocations up to #%d of #%d: an older copy of its data; "
-                "reloading, and every check fails closed until then",
+                "Redis holds revocations up to #%d, not #%d: it went back to older data or "
+                "a worker could not reach it; reloading, every check fails closed until then",
                 state.seq,
                 max(self.blocklist.floor, settled),
             )

@@ -66,8 +66,9 @@ end
 return 1
 """
 
-# Whoever still holds the lock marks the blocklist loaded; a Redis that restarted during
-# the load has lost the lock (and what was loaded), and the load starts over.
+# Whoever still holds the lock marks the blocklist loaded and tells every worker to drop
+# its kept verdicts (the load may change any); a Redis that restarted during the load has
+# lost the lock (and what was loaded), and the load starts over.
 FINISH_LOAD_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -75,6 +76,7 @@ if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[3]) then
   redis.call('SET', KEYS[3], ARGV[3])
 end
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 
@@ -513,7 +515,8 @@ class RedisBlocklist:
             if not await self._load(client, batch, token):
                 return False
             keys = (self._lock_key, self._ready_key, self._seq_key)
-            if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, token, run_id, seq):
+            finish = (token, run_id, seq, self._channel, message(None, seq))
+            if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, *finish):
                 return False
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc

@@ -79,20 +79,23 @@ def clock() -> float:
     return time.clock_gettime(BOOTTIME)
 
 
-def message(subjects: Iterable[Subject], seq: int) -> bytes:
-    """The payload announcing a write that covers these subjects, numbered seq."""
-    return json.dumps({"seq": seq, "subjects": [list(subject) for subject in subjects]}).encode()
+def message(subjects: Iterable[Subject] | None, seq: int) -> bytes:
+    """The payload announcing a write numbered seq that covers these subjects (None: any)."""
+    named = None if subjects is None else [list(subject) for subject in subjects]
+    return json.dumps({"seq": seq, "subjects": named}).encode()
 
 
-def parse_message(data: bytes) -> tuple[list[Subject], int] | None:
-    """The subjects and number a payload names, or None when it cannot be read."""
+def parse_message(data: bytes) -> tuple[list[Subject] | None, int] | None:
+    """The subjects (None: any) and number a payload names, or None when it is unreadable."""
     try:
         body = json.loads(data)
     except ValueError:
         return None
     if not isinstance(body, dict) or type(body.get("seq")) is not int:
         return None
-    items = body.get("subjects")
+    items = body.get("subjects", ())
+    if items is None:
+        return None, body["seq"]
     if not isinstance(items, list):
         return None
     subjects = []
@@ -192,11 +195,12 @@ class _Subscription(asyncio.Protocol):
         kind = reply[0] if isinstance(reply, list) and reply else None
         if kind == b"message":
             parsed = parse_message(reply[2])
-            if parsed is None:
-                # Unreadable: whatever it named, no kept verdict may be trusted now.
+            if parsed is None or parsed[0] is None:
+                # Unreadable, or a load that may change anything: no kept verdict holds.
                 self.cache.reset()
             else:
                 self.cache.drop(parsed[0])
+            if parsed is not None:
                 self.on_seq(parsed[1])
         elif kind == b"pong" and self.probes:
             self.cache.fresh_since = self.probes.popleft()
