@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     password_parallelism: int = Field(default=1, ge=1)
     password_hash_threads: int = Field(default=1, ge=1, le=64)
     password_hash_nice: int = Field(default=10, ge=0, le=19)
-    password_queue_limit: int = Field(default=64, ge=1)
+    # Requests that hash a password (login, register, password change, the OAuth login
+    # page), per worker, running or waiting; past it, 503 with Retry-After at once.
+    password_queue_limit: int = Field(default=64, ge=1, le=4096)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     request_body_timeout: float = Field(default=60.0, gt=0, le=3600)

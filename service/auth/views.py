@@ -6,7 +6,7 @@ from flask import Blueprint, Response, current_app
 from flask_jwt_extended import get_jwt, jwt_required
 
 from service.auth import accounts, sessions
-from service.auth.passwords import Passwords
+from service.auth.passwords import Passwords, hashes_password
 from service.auth.schemas import Credentials, PasswordChange, parse_body
 from service.oauth.scopes import first_party_only
 from service.store import get_store
@@ -22,6 +22,7 @@ def _passwords() -> Passwords:
 
 
 @bp.post("/register")
+@hashes_password
 async def register() -> tuple[dict[str, str], int]:
     """Create an account."""
     body = parse_body(Credentials)
@@ -32,6 +33,7 @@ async def register() -> tuple[dict[str, str], int]:
 
 
 @bp.post("/login")
+@hashes_password
 async def login() -> tuple[dict[str, object], int, dict[str, str]]:
     """Exchange credentials for an access and refresh token."""
     body = parse_body(Credentials)
@@ -70,6 +72,7 @@ async def logout_all() -> Response:
 
 
 @bp.post("/password")
+@hashes_password
 @jwt_required()
 @first_party_only
 async def change_password() -> Response:

@@ -20,7 +20,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from service.auth.passwords import Passwords
+from service.auth.passwords import Passwords, hashes_password
 from service.oauth import bridge, pages
 from service.oauth.server import Server, metadata
 from service.store.users import Account
@@ -77,6 +77,7 @@ def authorize() -> ResponseReturnValue:
 
 
 @bp.route("/oauth/login", methods=["GET", "POST"])
+@hashes_password
 def login() -> ResponseReturnValue:
     """The sign-in form of the authorization flow."""
     next_url = pages.safe_next(request.values.get("next"))
