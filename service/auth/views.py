@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from flask_jwt_extended import get_jwt, jwt_required
 
+from service.addresses import client_address
 from service.auth import accounts, sessions
 from service.auth.passwords import Passwords, hashes_password
 from service.auth.schemas import Credentials, PasswordChange, parse_body
 from service.oauth.scopes import first_party_only
 from service.store import get_store
+from service.store.throttle import get_throttle
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -38,7 +40,12 @@ async def login() -> tuple[dict[str, object], int, dict[str, str]]:
     """Exchange credentials for an access and refresh token."""
     body = parse_body(Credentials)
     pair = await sessions.login(
-        store=get_store(), passwords=_passwords(), username=body.username, password=body.password
+        store=get_store(),
+        passwords=_passwords(),
+        throttle=get_throttle(),
+        username=body.username,
+        password=body.password,
+        address=client_address(request.environ),
     )
     return pair.as_json(), 200, NO_STORE
 
@@ -78,12 +85,16 @@ async def logout_all() -> Response:
 async def change_password() -> Response:
     """Change the password; every session of the user ends."""
     body = parse_body(PasswordChange)
+    claims = get_jwt()
     await accounts.change_password(
         store=get_store(),
         passwords=_passwords(),
-        user_id=get_jwt()["sub"],
+        throttle=get_throttle(),
+        user_id=claims["sub"],
+        username=claims["name"],
         current=body.current_password,
         new=body.new_password,
+        address=client_address(request.environ),
     )
     return Response(status=204)
 
