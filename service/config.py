@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     login_failures_per_address: int = Field(default=100, ge=1)  # any accounts, one address
     # How long an address that signed in to an account stays exempt from that account's limit.
     login_known_address_ttl: int = Field(default=30 * 86400, ge=60, le=400 * 86400)
+    client_failures_per_client: int = Field(default=20, ge=1)  # OAuth client authentication
+    client_failures_per_address: int = Field(default=100, ge=1)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     request_body_timeout: float = Field(default=60.0, gt=0, le=3600)

@@ -1,8 +1,9 @@
-"""Failed sign-ins meet a 429; password hashing sheds with a 503 past a bounded queue."""
+"""Failed sign-ins and client authentications meet a 429; password hashing sheds with a 503."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,11 @@ from service import create_app
 from service.addresses import address_group
 from service.auth.passwords import hashing_lane
 from service.config import ConfigError, Settings, load_settings
+from service.loop import on_event_loop
+from service.oauth import client_throttle
+from service.oauth.clients import Registered, register_client
 from service.store import throttle as throttle_store
+from service.store.db import Database
 from service.store.throttle import Attempt, Counter, MemoryThrottle
 from tests.conftest import make_settings, register, serve_in_process
 from tests.proxy import TcpProxy
@@ -59,6 +64,8 @@ async def app(settings: Settings, tmp_path: Path, prefix: str) -> AsyncIterator[
         "login_failures_per_pair": 3,
         "login_failures_per_account": 5,
         "login_failures_per_address": 8,
+        "client_failures_per_client": 3,
+        "client_failures_per_address": 8,
     }
     server = serve_in_process(throttled(settings, tmp_path, prefix, **limits))
     async with server:
@@ -174,7 +181,7 @@ async def test_the_login_page_and_password_change_count_too(app: serve_in_proces
     assert "Too many failed sign-in attempts" in refused.text
 
 
-async def test_login_fails_closed_without_redis(
+async def test_login_fails_closed_and_client_auth_open_without_redis(
     settings: Settings, tmp_path: Path, prefix: str
 ) -> None:
     upstream = urlsplit(str(settings.redis_url))
@@ -190,11 +197,15 @@ async def test_login_fails_closed_without_redis(
         )
         async with serve_in_process(proxied) as http:
             username = await register(http, PASSWORD)
+            machine = await new_machine(proxied)
             proxy.stop()
             refused = await sign_in(http, username, PASSWORD)
             assert refused.status_code == 503
             assert refused.headers["content-type"] == PROBLEM
             assert int(refused.headers["retry-after"]) > 0
+            wrong = await ask_token(http, machine, WRONG)
+            assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
+            assert (await ask_token(http, machine)).status_code == 200
             proxy.start()
             deadline = time.monotonic() + 10
             while (await sign_in(http, username, PASSWORD)).status_code != 200:
@@ -202,6 +213,89 @@ async def test_login_fails_closed_without_redis(
                 await asyncio.sleep(0.2)
     finally:
         proxy.close()
+
+
+async def new_machine(settings: Settings) -> Registered:
+    """A confidential client_credentials client, registered straight in the database."""
+    database = Database(settings)
+    try:
+        return await register_client(
+            database=database,
+            name=f"machine-{uuid.uuid4().hex[:6]}",
+            grant_types=["client_credentials"],
+            scope="profile",
+        )
+    finally:
+        await database.dispose()
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    """HTTP Basic client credentials."""
+    raw = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {raw}"}
+
+
+async def ask_token(
+    http: httpx.AsyncClient, registered: Registered, secret: str | None = None
+) -> httpx.Response:
+    """A client_credentials token request, with the client's secret or another."""
+    headers = basic(registered.client.client_id, secret or registered.secret or "")
+    return await http.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, headers=headers
+    )
+
+
+@pytest.fixture
+def where_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where each failed client authentication was counted: "loop" or "thread"."""
+    seen: list[str] = []
+    original = client_throttle.counted
+
+    def recording(failure: Any) -> Any:
+        seen.append("loop" if on_event_loop() else "thread")
+        return original(failure)
+
+    monkeypatch.setattr(client_throttle, "counted", recording)
+    return seen
+
+
+async def test_failed_client_authentication_meets_slow_down(
+    app: serve_in_process, settings: Settings, where_counted: list[str]
+) -> None:
+    http = app.http
+    machine = await new_machine(settings)
+    for _ in range(3):
+        wrong = await ask_token(http, machine, WRONG)
+        assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
+    slowed = await ask_token(http, machine, WRONG)
+    assert slowed.status_code == 429
+    assert slowed.json()["error"] == "slow_down"
+    assert slowed.headers["content-type"].startswith("application/json")
+    assert slowed.headers["cache-control"] == "no-store"
+    assert 0 < int(slowed.headers["retry-after"]) <= 900
+    # client_credentials failures are counted on the event loop (the request runs inline).
+    assert "loop" in where_counted
+    # A secret nobody can guess is never refused, so nobody can lock the client out.
+    assert (await ask_token(http, machine)).status_code == 200
+    introspect = await http.post(
+        "/oauth/introspect",
+        data={"token": "whatever"},
+        headers=basic(machine.client.client_id, WRONG),
+    )
+    assert introspect.status_code == 429
+    assert introspect.json()["error"] == "slow_down"
+    assert "thread" in where_counted
+
+
+async def test_an_unknown_client_id_is_counted_alike(app: serve_in_process) -> None:
+    answers = [
+        await app.http.post(
+            "/oauth/introspect", data={"token": "x"}, headers=basic("no-such-client", WRONG)
+        )
+        for _ in range(4)
+    ]
+    assert [r.status_code for r in answers] == [401, 401, 401, 429]
+    assert answers[-1].json()["error"] == "slow_down"
 
 
 @pytest.mark.fault
