@@ -12,6 +12,7 @@ from service import errors, health, store
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
 from service.loop import LoopThread
+from service.store.throttle import Throttle, make_throttle
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     app.extensions["loop"] = loop
     app.extensions["settings"] = settings
     store.init_app(app, settings, loop)
+    app.extensions["throttle"] = make_throttle(settings)
     _init_passwords(app, settings)
     errors.init_app(app)
     _register_blueprints(app, settings)
@@ -83,8 +85,10 @@ def close_app(app: Flask) -> None:
     """Release the app's connections and stop its loop (at worker shutdown)."""
     loop: LoopThread = app.extensions["loop"]
     app_store: store.Store = app.extensions["store"]
+    throttle: Throttle = app.extensions["throttle"]
     try:
         loop.run(app_store.close(), timeout=5)
+        loop.run(throttle.close(), timeout=5)
     finally:
         app.extensions["passwords"].shutdown()
         loop.stop()

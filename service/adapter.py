@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import gc
 import io
+import json
 import logging
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -37,6 +39,71 @@ TOO_SLOW = (
     b'"detail":"The request body did not arrive in time."}'
 )
 PROBLEM = [(b"content-type", b"application/problem+json")]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class Lane:
+    """Threads of their own for one kind of costly request, and a bound on how many wait.
+
+    Past `limit` requests in the lane (running or queued), the adapter answers 503 with
+    Retry-After at once, without a thread: a storm of such requests neither queues without
+    end nor holds the request threads that every other request needs.
+    """
+
+    def __init__(
+        self,
+        *,
+        selects: Callable[[str, str], bool],
+        threads: int,
+        limit: int,
+        busy_detail: str,
+        retry_after: int = 2,
+    ) -> None:
+        self.selects = selects
+        self._threads = threads
+        self._limit = limit
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        body = {"type": "about:blank", "title": "Service Unavailable", "status": 503}
+        self.busy: Answer = (
+            503,
+            [
+                *PROBLEM,
+                (b"retry-after", str(retry_after).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+            json.dumps({**body, "detail": busy_detail}).encode(),
+        )
+
+    async def run(
+        self, call: Callable[[dict[str, Any]], Answer], environ: dict[str, Any]
+    ) -> Answer:
+        """Run call(environ) in the lane's threads, or answer 503 when the lane is full."""
+        with self._lock:
+            if self._pending >= self._limit:
+                return self.busy
+            self._pending += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lane")
+        # Released when the call ends, not when its waiter goes: an abandoned request that
+        # is still running keeps its place.
+        try:
+            future = self._pool.submit(call, environ)
+        except RuntimeError:  # shutting down
+            self._release(None)
+            raise
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
+
+    def _release(self, _future: Future[Answer] | None) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        """Stop the lane's threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class AsgiAdapter:
@@ -44,7 +111,8 @@ class AsgiAdapter:
 
     Views run in request threads, except on the event loop: those `inline` selects (after
     `prepare_inline`), and those for which `prefetch`, awaited before any other request
-    goes to a thread, fetched all they would wait for.
+    goes to a thread, fetched all they would wait for. Those the `lane` selects run in
+    its own threads, or are refused at once when it is full.
     """
 
     def __init__(
@@ -57,6 +125,7 @@ class AsgiAdapter:
         inline: Callable[[str, str], bool] | None = None,
         prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         prefetch: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
+        lane: Lane | None = None,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         on_loop_shutdown: Callable[[], Awaitable[None]] | None = None,
@@ -68,6 +137,7 @@ class AsgiAdapter:
         self._inline = inline
         self._prepare_inline = prepare_inline
         self._prefetch = prefetch
+        self._lane = lane
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._on_loop_shutdown = on_loop_shutdown
@@ -116,6 +186,8 @@ class AsgiAdapter:
                 log.exception("error during shutdown")
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        if self._lane is not None:
+            self._lane.shutdown()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -136,6 +208,8 @@ class AsgiAdapter:
         elif self._prefetch is not None and await self._prefetch(environ):
             # Everything the view would have waited for is in the environ: no thread needed.
             status, headers, chunks = self._call(environ)
+        elif self._lane is not None and self._lane.selects(scope["method"], environ["PATH_INFO"]):
+            status, headers, chunks = await self._lane.run(self._call, environ)
         else:
             loop = asyncio.get_running_loop()
             status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
@@ -175,7 +249,7 @@ class AsgiAdapter:
                 return b"".join(parts)
             message = await receive()
 
-    def _call(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _call(self, environ: dict[str, Any]) -> Answer:
         """Run the WSGI app to completion in a worker thread."""
         started: list[Any] = []
 

@@ -71,7 +71,20 @@ class Settings(BaseSettings):
     password_parallelism: int = Field(default=1, ge=1)
     password_hash_threads: int = Field(default=1, ge=1, le=64)
     password_hash_nice: int = Field(default=10, ge=0, le=19)
-    password_queue_limit: int = Field(default=64, ge=1)
+    # Requests that hash a password (login, register, password change, the OAuth login
+    # page), per worker, running or waiting; past it, 503 with Retry-After at once.
+    password_queue_limit: int = Field(default=64, ge=1, le=4096)
+
+    # Failed sign-ins are counted in Redis for THROTTLE_WINDOW seconds from the first one;
+    # past a limit, attempts are answered 429 until that window ends.
+    throttle_window: int = Field(default=900, ge=1, le=86400)
+    login_failures_per_pair: int = Field(default=5, ge=1)  # one account from one address
+    login_failures_per_account: int = Field(default=50, ge=1)  # from addresses new to it
+    login_failures_per_address: int = Field(default=100, ge=1)  # any accounts, one address
+    # How long an address that signed in to an account stays exempt from that account's limit.
+    login_known_address_ttl: int = Field(default=30 * 86400, ge=60, le=400 * 86400)
+    client_failures_per_client: int = Field(default=20, ge=1)  # OAuth client authentication
+    client_failures_per_address: int = Field(default=100, ge=1)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     request_body_timeout: float = Field(default=60.0, gt=0, le=3600)
@@ -94,6 +107,16 @@ class Settings(BaseSettings):
     def embedded_blocklist(self) -> bool:
         """Whether revocations live in process memory (development, one worker only)."""
         return self.redis_url is None
+
+    @model_validator(mode="after")
+    def _check_throttle_limits(self) -> Settings:
+        pair = self.login_failures_per_pair
+        if pair > self.login_failures_per_account or pair > self.login_failures_per_address:
+            raise ValueError(
+                "LOGIN_FAILURES_PER_PAIR must not exceed LOGIN_FAILURES_PER_ACCOUNT or "
+                "LOGIN_FAILURES_PER_ADDRESS: the per-pair limit is the strict one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _require_production_settings(self) -> Settings:

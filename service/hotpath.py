@@ -29,15 +29,20 @@ def runs_inline(view: F) -> F:
 
 def inline_policy(app: Flask) -> Callable[[str, str], bool]:
     """Return a (method, path) -> bool test for views marked with @runs_inline."""
+    return marked_views(app, "runs_inline")
+
+
+def marked_views(app: Flask, mark: str) -> Callable[[str, str], bool]:
+    """Return a (method, path) -> bool test for views carrying the attribute mark."""
     matcher = app.url_map.bind("localhost")
 
     @lru_cache(maxsize=ROUTE_CACHE_SIZE)
-    def is_inline(method: str, path: str) -> bool:
+    def is_marked(method: str, path: str) -> bool:
         try:
             endpoint, _ = matcher.match(path, method=method)
         except HTTPException:
             return False
         view = app.view_functions.get(str(endpoint))
-        return bool(getattr(view, "runs_inline", False))
+        return bool(getattr(view, mark, False))
 
-    return is_inline
+    return is_marked

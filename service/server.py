@@ -9,6 +9,7 @@ from typing import Any
 
 from service import close_app, create_app, transport, warm_up
 from service.adapter import AsgiAdapter
+from service.auth.passwords import hashing_lane
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
@@ -36,6 +37,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         inline=inline_policy(flask_app),
         prepare_inline=revocation_prefetch(flask_app),
         prefetch=clients,
+        lane=hashing_lane(flask_app, settings),
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
         on_loop_shutdown=clients.close,

@@ -40,6 +40,10 @@ async def test_every_flow_runs_under_the_documented_acl(
         assert refreshed.status_code == 200, refreshed.text
         assert (await http.post("/auth/logout", headers=session.bearer())).status_code == 204
         assert (await http.get("/api/hello", headers=session.bearer())).status_code == 401
+        # Failed sign-ins are counted (and refused past the limit) with the same rights.
+        wrong = {"username": "acl_nobody", "password": "not the password"}
+        answers = [await http.post("/auth/login", json=wrong) for _ in range(6)]
+        assert [a.status_code for a in answers] == [401] * 5 + [429]
         other = await login(http, username, password)
         assert (await http.post("/auth/logout-all", headers=other.bearer())).status_code == 204
         assert (await http.get("/api/hello", headers=other.bearer())).status_code == 401

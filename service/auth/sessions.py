@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from service.auth import attempts
 from service.auth.passwords import Passwords
 from service.auth.tokens import TokenPair, issue_pair
 from service.errors import ApiError, unauthorized
@@ -15,20 +16,36 @@ from service.store import Store
 from service.store import sessions as session_store
 from service.store import users as user_store
 from service.store.blocklist import Entry, Kind
+from service.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
 LOGIN_FAILED = "The username or password is wrong."
 
 
-async def login(*, store: Store, passwords: Passwords, username: str, password: str) -> TokenPair:
-    """Check credentials and open a session; unknown users and bad passwords look alike."""
+async def login(
+    *,
+    store: Store,
+    passwords: Passwords,
+    throttle: Throttle,
+    username: str,
+    password: str,
+    address: str,
+) -> TokenPair:
+    """Check credentials and open a session; unknown users and bad passwords look alike.
+
+    Failures are counted per account and address (attempts.py): past a limit, 429.
+    """
+    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
+    await attempts.check(throttle=throttle, attempt=attempt)
     async with store.db.session() as session:
         found = await user_store.find_credentials(session, username=username)
     account, password_hash = found if found else (None, None)
     verification = await passwords.verify(password_hash, password)
     if account is None or not verification.ok:
+        await attempts.failed(throttle=throttle, attempt=attempt)
         raise ApiError(401, LOGIN_FAILED, headers={"WWW-Authenticate": 'Basic realm="authsvc"'})
+    await attempts.succeeded(throttle=throttle, attempt=attempt)
     settings = store.settings
     sid = new_id()
     session_expires = int(time.time()) + settings.refresh_token_ttl

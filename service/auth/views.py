@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask_jwt_extended import get_jwt, jwt_required
 
+from service.addresses import client_address
 from service.auth import accounts, sessions
 from service.auth.jwt import revokes_presented_token
-from service.auth.passwords import Passwords
+from service.auth.passwords import Passwords, hashes_password
 from service.auth.schemas import Credentials, PasswordChange, parse_body
 from service.oauth.scopes import first_party_only
 from service.store import get_store
 from service.store.blocklist import BlocklistUnavailable
+from service.store.throttle import get_throttle
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -30,6 +32,7 @@ def _passwords() -> Passwords:
 
 
 @bp.post("/register")
+@hashes_password
 async def register() -> tuple[dict[str, str], int]:
     """Create an account."""
     body = parse_body(Credentials)
@@ -40,11 +43,17 @@ async def register() -> tuple[dict[str, str], int]:
 
 
 @bp.post("/login")
+@hashes_password
 async def login() -> tuple[dict[str, object], int, dict[str, str]]:
     """Exchange credentials for an access and refresh token."""
     body = parse_body(Credentials)
     pair = await sessions.login(
-        store=get_store(), passwords=_passwords(), username=body.username, password=body.password
+        store=get_store(),
+        passwords=_passwords(),
+        throttle=get_throttle(),
+        username=body.username,
+        password=body.password,
+        address=client_address(request.environ),
     )
     return pair.as_json(), 200, NO_STORE
 
@@ -93,17 +102,22 @@ async def _revoked(revocation: Awaitable[None]) -> Response:
 
 
 @bp.post("/password")
+@hashes_password
 @jwt_required()
 @first_party_only
 async def change_password() -> Response:
     """Change the password; every session of the user ends."""
     body = parse_body(PasswordChange)
+    claims = get_jwt()
     await accounts.change_password(
         store=get_store(),
         passwords=_passwords(),
-        user_id=get_jwt()["sub"],
+        throttle=get_throttle(),
+        user_id=claims["sub"],
+        username=claims["name"],
         current=body.current_password,
         new=body.new_password,
+        address=client_address(request.environ),
     )
     return Response(status=204)
 

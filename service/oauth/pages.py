@@ -11,11 +11,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flask import session
 
+from service.auth import attempts
 from service.auth.passwords import Passwords
 from service.errors import ApiError
 from service.store import Store
 from service.store import oauth as client_store
 from service.store import users as user_store
+from service.store.throttle import Throttle
 from service.store.users import Account
 
 USER_KEY = "oauth_user"
@@ -88,19 +90,32 @@ def safe_next(value: str | None) -> str:
 
 
 async def authenticate(
-    *, store: Store, passwords: Passwords, username: str, password: str
+    *,
+    store: Store,
+    passwords: Passwords,
+    throttle: Throttle,
+    username: str,
+    password: str,
+    address: str,
 ) -> Account | None:
     """Check a username and password; unknown users cost the same time as wrong passwords.
 
     A username no account can have (NUL, control characters, too long) is not looked up.
+    Failures count as failed sign-ins (auth/attempts.py): past a limit, TooManyAttempts.
     """
+    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
+    await attempts.check(throttle=throttle, attempt=attempt)
     found = None
     if username.isprintable() and len(username) <= MAX_USERNAME:
         async with store.db.session() as db:
             found = await user_store.find_credentials(db, username=username)
     account, password_hash = found if found else (None, None)
     verification = await passwords.verify(password_hash, password)
-    return account if account is not None and verification.ok else None
+    if account is None or not verification.ok:
+        await attempts.failed(throttle=throttle, attempt=attempt)
+        return None
+    await attempts.succeeded(throttle=throttle, attempt=attempt)
+    return account
 
 
 async def find_account(

@@ -10,7 +10,7 @@ from authlib.oauth2.rfc6749.errors import InvalidClientError
 from flask import Flask
 from flask import request as http_request
 
-from service.oauth import bridge, families, prefetch
+from service.oauth import bridge, client_throttle, families, prefetch
 from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
 from service.oauth.grants import (
@@ -32,9 +32,13 @@ class Server(AuthorizationServer):  # type: ignore[misc]
         except ValueError as exc:
             # Basic credentials that are not ASCII base64 of UTF-8, or a bare scheme, name
             # no client: Authlib raises on them instead of failing the authentication.
-            raise InvalidClientError(
+            unreadable = InvalidClientError(
                 description="The client credentials cannot be read.", status_code=401
-            ) from exc
+            )
+            raise client_throttle.counted(unreadable) from exc
+        except InvalidClientError as failure:
+            # Counted per client id and address: past a limit, 429 slow_down instead.
+            raise client_throttle.counted(failure) from None
 
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):

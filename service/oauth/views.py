@@ -20,9 +20,12 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from service.auth.passwords import Passwords
+from service.addresses import client_address
+from service.auth.attempts import TooManyAttempts
+from service.auth.passwords import Passwords, hashes_password
 from service.oauth import bridge, pages
 from service.oauth.server import Server, metadata
+from service.store.throttle import get_throttle
 from service.store.users import Account
 
 bp = Blueprint("oauth", __name__, template_folder="templates")
@@ -77,6 +80,7 @@ def authorize() -> ResponseReturnValue:
 
 
 @bp.route("/oauth/login", methods=["GET", "POST"])
+@hashes_password
 def login() -> ResponseReturnValue:
     """The sign-in form of the authorization flow."""
     next_url = pages.safe_next(request.values.get("next"))
@@ -84,14 +88,22 @@ def login() -> ResponseReturnValue:
         return _page("login.html", next=next_url, csrf_token=pages.csrf_token())
     pages.check_csrf(request.form.get("csrf_token"))
     passwords: Passwords = current_app.extensions["passwords"]
-    account = bridge.run(
-        pages.authenticate(
-            store=bridge.store(),
-            passwords=passwords,
-            username=request.form.get("username", ""),
-            password=request.form.get("password", ""),
+    try:
+        account = bridge.run(
+            pages.authenticate(
+                store=bridge.store(),
+                passwords=passwords,
+                throttle=get_throttle(),
+                username=request.form.get("username", ""),
+                password=request.form.get("password", ""),
+                address=client_address(request.environ),
+            )
         )
-    )
+    except TooManyAttempts as refused:
+        wait = f"Too many failed sign-in attempts; try again in {refused.retry_after} seconds."
+        page = _page("login.html", 429, next=next_url, csrf_token=pages.csrf_token(), error=wait)
+        page.headers.update(refused.headers)
+        return page
     if account is None:
         return _page(
             "login.html", 401, next=next_url, csrf_token=pages.csrf_token(), error=LOGIN_FAILED
