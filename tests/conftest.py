@@ -83,18 +83,24 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture(scope="session")
-def database_url(postgres_server: str) -> Iterator[str]:
-    """A fresh database for this test run, migrated to head, dropped afterwards."""
+@contextmanager
+def fresh_database(postgres_server: str) -> Iterator[str]:
+    """A database of its own on the server, dropped afterwards; yields its URL."""
     name = f"authsvc_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(postgres_server, name)
     try:
-        yield url
+        yield _with_database(postgres_server, name)
     finally:
         with psycopg.connect(postgres_server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database for this test run, migrated to head, dropped afterwards."""
+    with fresh_database(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 import redis
 
 from service.config import Settings
+from service.loop import LoopThread
+from service.store import Store
+from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
+from service.store.migrate import upgrade
 from tests.conftest import (
     Session,
     acl_user,
+    fresh_database,
     login,
     make_settings,
     register,
@@ -168,8 +175,9 @@ async def test_a_logout_during_a_redis_outage_is_recorded_and_in_force_on_return
 
 
 async def test_readyz_fails_when_the_redis_user_may_not_run_the_check(
-    settings: Settings, prefix: str, tmp_path: Path
+    settings: Settings, prefix: str, tmp_path: Path, client: httpx.AsyncClient
 ) -> None:
+    session = (await sessions(client, 1))[0]
     with acl_user(settings, prefix, without=("+evalsha",)) as url:
         own = make_settings(
             tmp_path,
@@ -183,7 +191,6 @@ async def test_readyz_fails_when_the_redis_user_may_not_run_the_check(
             ready = await http.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["checks"]["blocklist"] == "down"
-            session = (await sessions(http, 1))[0]
             assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
 
 
@@ -206,3 +213,51 @@ async def test_service_recovers_within_a_second_of_redis_returning(
     while set(await asyncio.gather(*map(me, users))) != {200}:
         assert time.monotonic() - back < 1.5, "stale connections held the service at 503"
         await asyncio.sleep(0.02)
+
+
+async def test_a_redis_restart_during_a_load_starts_the_load_over(
+    postgres_server: str, snapshotting_redis: SnapshottingRedis, tmp_path: Path
+) -> None:
+    count = 40_000
+    with fresh_database(postgres_server) as database:
+        own = make_settings(
+            tmp_path,
+            database_url=database,
+            redis_url=snapshotting_redis.url,
+            redis_prefix="load:",
+            revocation_propagation_ms=0,
+        )
+        await asyncio.to_thread(upgrade, own)
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO revocations (kind, subject, expires_at, created_at) "
+                "SELECT 'session', 's' || i, now() + interval '1 day', now() "
+                "FROM generate_series(1, %s) AS i",
+                (count,),
+            )
+        store = Store(own, LoopThread())
+        direct = redis.Redis.from_url(snapshotting_redis.url)
+        try:
+            loading = asyncio.ensure_future(store.recover())
+            while not direct.keys("load:s:*"):
+                assert not loading.done(), "the load ended before Redis could restart"
+                await asyncio.sleep(0.005)
+            snapshotting_redis.crash()  # an empty Redis comes back mid-load
+            snapshotting_redis.start()
+            with contextlib.suppress(BlocklistUnavailable):
+                assert not await loading
+            assert not (await store.blocklist.state()).loaded
+            assert await store.recover()
+            loaded = sum(direct.hlen(key) for key in direct.scan_iter("load:s:*", count=1000))
+            assert loaded == count
+            with psycopg.connect(database) as conn:
+                row = conn.execute(
+                    "SELECT extract(epoch FROM expires_at)::bigint FROM revocations "
+                    "WHERE subject = 's1'"
+                ).fetchone()
+            assert row is not None
+            anyone = TokenRef(jti="x", exp=row[0], sid="s1", sxp=row[0], sub="x")
+            assert await asyncio.to_thread(store.check, anyone) is Verdict.REVOKED
+        finally:
+            direct.close()
+            await store.close()

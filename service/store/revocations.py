@@ -94,13 +94,9 @@ async def stream_active(
             later = or_(later, Revocation.created_at >= recorded - COMMIT_SKEW)
         query = query.where(later)
     result = await session.stream(query.execution_options(yield_per=STREAM_BATCH))
-    async for row in result:
-        yield Entry(
-            kind=Kind(row.kind),
-            subject=row.subject,
-            expires_at=int(row.expires_at.timestamp()),
-            cutoff_ms=row.cutoff_ms,
-        )
+    async for rows in result.partitions():
+        for kind, subject, expires_at, cutoff_ms in rows:
+            yield Entry(Kind(kind), subject, int(expires_at.timestamp()), cutoff_ms)
 
 
 async def latest_seq(session: AsyncSession, *, recorded_before: datetime | None = None) -> int:
