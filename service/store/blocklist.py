@@ -505,14 +505,7 @@ class RedisBlocklist:
             if not await client.set(self._lock_key, token, nx=True, ex=REBUILD_LOCK_SECONDS):
                 return False
             run_id = parse_run_id(await client.info("server"))
-            batch: list[Entry] = []
-            async for entry in entries:
-                batch.append(entry)
-                if len(batch) >= LOAD_BATCH:
-                    if not await self._load(client, batch, token):
-                        return False
-                    batch = []
-            if not await self._load(client, batch, token):
+            if not await self._load_all(client, entries, token):
                 return False
             keys = (self._lock_key, self._ready_key, self._seq_key)
             finish = (token, run_id, seq, self._channel, message(None, seq))
@@ -522,6 +515,28 @@ class RedisBlocklist:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         self.raise_floor(seq)
         return True
+
+    async def _load_all(
+        self, client: aredis.Redis, entries: AsyncIterable[Entry], token: str
+    ) -> bool:
+        """Write entries in batches, each while the next is read; False once the lock is lost."""
+        writing: asyncio.Task[bool] | None = None
+        batch: list[Entry] = []
+        try:
+            async for entry in entries:
+                batch.append(entry)
+                if len(batch) >= LOAD_BATCH:
+                    if writing is not None and not await writing:
+                        return False
+                    writing = asyncio.ensure_future(self._load(client, batch, token))
+                    batch = []
+            if writing is not None and not await writing:
+                return False
+            writing = None
+            return await self._load(client, batch, token)
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
 
     async def _load(self, client: aredis.Redis, entries: list[Entry], token: str) -> bool:
         """Write one batch of a rebuild, unannounced; False once the lock is no longer ours."""
