@@ -60,6 +60,8 @@ def hypercorn_config(
         config.bind = bind
     if workers is not None:
         config.workers = workers
+    if config.workers < 1:
+        raise ConfigError("workers must be at least 1")
     if access_log:
         config.accesslog = "-"
     config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
@@ -95,9 +97,5 @@ def announce(settings: Settings) -> None:
 
 
 def serve(config: Any) -> int:
-    """Run Hypercorn until it is told to stop: one process, or workers with own sockets."""
-    from hypercorn.run import run
-
-    if config.workers > 1:
-        return run_workers(config)
-    return int(run(config) or 0)
+    """Run the workers, each with its own sockets, until told to stop; the exit status."""
+    return run_workers(config)
