@@ -10,6 +10,7 @@ from typing import Any
 from service import close_app, create_app, transport, warm_up
 from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
+from service.binds import BindError, check_binds
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -98,4 +99,9 @@ def announce(settings: Settings) -> None:
 
 def serve(config: Any) -> int:
     """Run the workers, each with its own sockets, until told to stop; the exit status."""
+    try:
+        check_binds(config)
+    except BindError as exc:
+        log.error("%s", exc)
+        return 1
     return run_workers(config)
