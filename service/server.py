@@ -11,6 +11,7 @@ from service import close_app, create_app, transport, warm_up
 from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
 from service.auth.prefetch import revocation_prefetch
+from service.binds import BindError, check_binds
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -62,6 +63,8 @@ def hypercorn_config(
         config.bind = bind
     if workers is not None:
         config.workers = workers
+    if config.workers < 1:
+        raise ConfigError("workers must be at least 1")
     if access_log:
         config.accesslog = "-"
     config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
@@ -97,9 +100,10 @@ def announce(settings: Settings) -> None:
 
 
 def serve(config: Any) -> int:
-    """Run Hypercorn until it is told to stop: one process, or workers with own sockets."""
-    from hypercorn.run import run
-
-    if config.workers > 1:
-        return run_workers(config)
-    return int(run(config) or 0)
+    """Run the workers, each with its own sockets, until told to stop; the exit status."""
+    try:
+        check_binds(config)
+    except BindError as exc:
+        log.error("%s", exc)
+        return 1
+    return run_workers(config)

@@ -63,20 +63,45 @@ def start_server(
     ready_path: str = "/readyz",
     timeout: float = 60.0,
     unset: tuple[str, ...] = (),
+    bind: str | None = None,
 ) -> RunningServer:
-    """Start the service on a free port and wait until ready_path answers 200."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-    ]
+    """Start the service (on a free port unless bind says where) and wait until it is ready."""
+    server = launch_server(
+        env,
+        bind=bind or f"127.0.0.1:{free_port()}",
+        workers=workers,
+        log_dir=log_dir,
+        dev=dev,
+        cwd=cwd,
+        unset=unset,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + ready_path, verify=False, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+def launch_server(
+    env: dict[str, str],
+    *,
+    bind: str,
+    workers: int,
+    log_dir: Path,
+    dev: bool = False,
+    cwd: Path | None = None,
+    unset: tuple[str, ...] = (),
+) -> RunningServer:
+    """Start `python -m service serve` on bind (host:port, [v6]:port) without waiting for it."""
+    log_path = log_dir / f"server-{bind.rsplit(':', 1)[1]}-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "service", "serve", "--bind", bind, "--workers", str(workers)]
     if dev:
         command.append("--dev")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
@@ -91,21 +116,33 @@ def start_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = RunningServer(
-        process=process, url=f"https://127.0.0.1:{port}", log_path=log_path, env=full_env
-    )
+    return RunningServer(process=process, url=f"https://{bind}", log_path=log_path, env=full_env)
+
+
+def wait_until_listening(server: RunningServer, workers: int, timeout: float = 30.0) -> None:
+    """Wait until that many sockets listen: start_server returns once the first one does."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url + ready_path, verify=False, timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+    while server.log().count("Running on https://") < workers:
+        assert server.process.poll() is None, server.log()
+        assert time.monotonic() < deadline, f"not {workers} workers listening:\n{server.log()}"
+        time.sleep(0.05)
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process with this pid exists and has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait until process pid has exited."""
+    deadline = time.monotonic() + timeout
+    while is_running(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.02)
 
 
 def server_env(settings: Settings, tmp: Path) -> dict[str, str]:

@@ -1,10 +1,12 @@
-"""Worker processes with a listening socket each: new connections reach every worker."""
+"""Workers with a listening socket each: spread, replaced when one dies, never in a loop."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,14 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.servers import RunningServer, server_env, start_server
+from tests.servers import (
+    RunningServer,
+    is_running,
+    server_env,
+    start_server,
+    wait_until_gone,
+    wait_until_listening,
+)
 
 WORKERS = 2
 CONNECTIONS = 16
@@ -28,15 +37,6 @@ def server(settings: Settings, tmp_path: Path) -> Iterator[RunningServer]:
         yield running
     finally:
         running.stop()
-
-
-def wait_until_listening(server: RunningServer, workers: int, timeout: float = 30.0) -> None:
-    """Wait for every worker's socket to listen: start_server returns once the first does."""
-    deadline = time.monotonic() + timeout
-    while server.log().count("Running on https://") < workers:
-        assert server.process.poll() is None, server.log()
-        assert time.monotonic() < deadline, f"not {workers} workers listening:\n{server.log()}"
-        time.sleep(0.05)
 
 
 async def worker_of_new_connection(server: RunningServer) -> int:
@@ -57,13 +57,16 @@ async def workers_of_simultaneous_connections(server: RunningServer) -> dict[int
     return {pid: pids.count(pid) for pid in set(pids)}
 
 
-def is_running(pid: int) -> bool:
-    """Whether a process with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def worker_of(http: httpx.Client) -> int:
+    """The pid of the worker that answers on this client's connection."""
+    response = http.get("/healthz")
+    assert response.status_code == 200, response.text
+    return int(response.json()["worker"])
+
+
+def new_connection(server: RunningServer) -> httpx.Client:
+    """A client whose first request opens a new connection (so any worker may take it)."""
+    return httpx.Client(base_url=server.url, verify=False, http2=True, http1=False)
 
 
 async def test_simultaneous_http2_connections_reach_both_workers(server: RunningServer) -> None:
@@ -73,11 +76,64 @@ async def test_simultaneous_http2_connections_reach_both_workers(server: Running
     assert "Traceback" not in server.log(), server.log()
 
 
-async def test_a_dead_worker_stops_the_others_and_the_server(server: RunningServer) -> None:
-    counts = await workers_of_simultaneous_connections(server)
-    assert len(counts) == WORKERS, f"{CONNECTIONS} connections served by {counts}"
-    killed, survivor = counts
-    os.kill(killed, signal.SIGKILL)
-    assert await asyncio.to_thread(server.process.wait, 15) == 1, server.log()
-    assert "worker exited" in server.log()
-    assert not is_running(survivor), "a worker outlived the server"
+@pytest.mark.fault
+def test_a_killed_worker_is_replaced_while_the_other_serves(server: RunningServer) -> None:
+    with new_connection(server) as kept:
+        survivor = worker_of(kept)
+        victim = next(pid for pid in _all_worker_pids(server) if pid != survivor)
+        os.kill(victim, signal.SIGKILL)
+        wait_until_gone(victim)
+        replacement = _serve_until_a_new_worker_answers(server, kept, {survivor, victim})
+        assert worker_of(kept) == survivor
+    assert is_running(survivor) and is_running(replacement)
+    assert re.search(rf"worker {victim} killed by SIGKILL\b", server.log()), server.log()
+    # A requested stop (here SIGTERM to the whole group, workers included) starts no one.
+    assert server.stop() == 0, server.log()
+    assert server.log().count("Running on https://") == WORKERS + 1, server.log()
+    assert len(re.findall(r"worker \d+ (killed by|exited)", server.log())) == 1, server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.mark.fault
+def test_a_worker_that_keeps_dying_at_start_stops_the_service(server: RunningServer) -> None:
+    pids = _all_worker_pids(server)
+    # New workers load the certificate when they start: now each of them fails at once.
+    Path(server.env["TLS_CERT_FILE"]).write_text("not a certificate\n")
+    victim, survivor = sorted(pids)
+    os.kill(victim, signal.SIGKILL)
+    try:
+        status = server.process.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the service did not give up:\n{server.log()}")
+    log = server.log()
+    assert status == 1, log
+    assert re.search(r"worker \d+ exited with status 1.*stopping the service", log), log
+    assert len(re.findall(r"worker \d+ (killed by|exited)", log)) >= 3, log
+    assert not is_running(survivor), "a worker outlived the service"
+
+
+def _all_worker_pids(server: RunningServer) -> set[int]:
+    """Open connections until every worker has answered one; their pids."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < WORKERS:
+        assert time.monotonic() < deadline, f"only workers {pids} answered"
+        with new_connection(server) as http:
+            pids.add(worker_of(http))
+    return pids
+
+
+def _serve_until_a_new_worker_answers(
+    server: RunningServer, kept: httpx.Client, known: set[int]
+) -> int:
+    """Every request on kept and on new connections succeeds until an unknown pid answers."""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.log()
+        worker_of(kept)
+        with new_connection(server) as http:
+            pid = worker_of(http)
+        if pid not in known:
+            return pid
+        time.sleep(0.05)
+    pytest.fail(f"no replacement worker answered:\n{server.log()}")
