@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.config import ConfigError, Settings, load_settings
+from service.config import DEV_ISSUER, ConfigError, Settings, load_settings
 
 log = logging.getLogger("service")
 
@@ -83,7 +83,25 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         access_log=args.access_log,
     )
+    if settings.is_development and not _issuer_configured():
+        # Workers read their settings from the environment: tell them too.
+        os.environ["JWT_ISSUER"] = development_issuer(getattr(config, "bind", []))
     return serve(config)
+
+
+def _issuer_configured() -> bool:
+    return any(name.upper() == "JWT_ISSUER" for name in os.environ)
+
+
+def development_issuer(binds: list[str]) -> str:
+    """The https URL of the first address served, for a development run without JWT_ISSUER."""
+    for bind in binds:
+        host, colon, port = bind.rpartition(":")
+        if not colon or not port.isdigit() or bind.startswith(("unix:", "fd://")):
+            continue
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+        return f"https://{host}:{port}"
+    return DEV_ISSUER
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,8 +6,9 @@ import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {
@@ -21,6 +22,8 @@ PLACEHOLDER_SECRETS = {
     "test",
 }
 MIN_SECRET_BYTES = 32
+# Development's issuer when neither JWT_ISSUER nor `serve --dev --bind` says otherwise.
+DEV_ISSUER = "https://127.0.0.1:8443"
 
 
 class Environment(StrEnum):
@@ -53,7 +56,10 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_private_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
-    jwt_issuer: str = "authsvc"
+    # The service's own https URL (RFC 8414 issuer): the metadata's base and every token's
+    # iss. Required in production; development defaults to DEV_ISSUER, or to the first
+    # address `serve --dev --bind` names.
+    jwt_issuer: str = ""
     jwt_audience: str = "authsvc"
     access_token_ttl: int = Field(default=900, ge=30, le=86400)
     refresh_token_ttl: int = Field(default=30 * 86400, ge=300, le=400 * 86400)
@@ -95,9 +101,17 @@ class Settings(BaseSettings):
         """Whether revocations live in process memory (development, one worker only)."""
         return self.redis_url is None
 
+    @field_validator("jwt_issuer")
+    @classmethod
+    def _issuer_is_an_https_url(cls, value: str) -> str:
+        if value:
+            _check_issuer(value)
+        return value
+
     @model_validator(mode="after")
     def _require_production_settings(self) -> Settings:
         if self.is_development:
+            self.jwt_issuer = self.jwt_issuer or DEV_ISSUER
             return self
         if not self.revocation_check:
             raise ValueError("REVOCATION_CHECK=false exists for benchmarks: development mode only")
@@ -114,6 +128,8 @@ class Settings(BaseSettings):
             missing.append("JWT_SECRET")
         if self.jwt_algorithm != "HS256" and not self.jwt_private_key_file:
             missing.append("JWT_PRIVATE_KEY_FILE")
+        if not self.jwt_issuer:
+            missing.append("JWT_ISSUER")
         if missing:
             raise ValueError(
                 "production mode requires "
@@ -132,6 +148,28 @@ def _check_secret_strength(name: str, value: str) -> None:
         raise ValueError(
             f"{name} must be a random value of at least {MIN_SECRET_BYTES} bytes "
             "(for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
+
+
+def _check_issuer(value: str) -> None:
+    """Refuse an issuer that is not an https URL without query or fragment (RFC 8414 2)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"JWT_ISSUER is not a URL: {exc}") from exc
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or parts.username is not None
+        or "?" in value
+        or "#" in value
+        or " " in value
+        or not value.isprintable()
+    ):
+        raise ValueError(
+            "JWT_ISSUER must be the service's https URL, without query or fragment "
+            "(for example https://auth.example.com)"
         )
 
 

@@ -28,6 +28,9 @@ from service.store.users import Account
 bp = Blueprint("oauth", __name__, template_folder="templates")
 
 LOGIN_FAILED = "The username or password is wrong."
+# Metadata changes only with a deployment; keys rotate, so the JWKS is kept briefly.
+METADATA_CACHE = "public, max-age=3600"
+JWKS_CACHE = "public, max-age=60"
 
 
 def _server() -> Server:
@@ -119,15 +122,16 @@ def introspect() -> Response:
 
 
 @bp.get("/.well-known/oauth-authorization-server")
-def server_metadata() -> dict[str, object]:
-    """RFC 8414 authorization server metadata."""
-    base_url = request.host_url.rstrip("/")
-    return metadata(issuer=bridge.settings().jwt_issuer, base_url=base_url)
+def server_metadata() -> ResponseReturnValue:
+    """RFC 8414 authorization server metadata, every URL under the configured issuer."""
+    response = current_app.json.response(metadata(issuer=bridge.settings().jwt_issuer))
+    response.headers["Cache-Control"] = METADATA_CACHE
+    return response
 
 
 @bp.get("/.well-known/jwks.json")
 def jwks() -> ResponseReturnValue:
     """Public keys of every access token that may still be alive."""
     response = current_app.json.response(bridge.keyring().jwks())
-    response.headers["Cache-Control"] = "public, max-age=60"
+    response.headers["Cache-Control"] = JWKS_CACHE
     return response
