@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import cast
 
 from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from flask import (
     Blueprint,
     Response,
@@ -22,12 +23,14 @@ from flask.typing import ResponseReturnValue
 
 from service.auth.passwords import Passwords
 from service.oauth import bridge, pages
+from service.oauth.parameters import repeated_parameter
 from service.oauth.server import Server, metadata
 from service.store.users import Account
 
 bp = Blueprint("oauth", __name__, template_folder="templates")
 
 LOGIN_FAILED = "The username or password is wrong."
+ONE_OF_EACH = frozenset({"oauth.authorize", "oauth.token", "oauth.revoke", "oauth.introspect"})
 # Metadata changes only with a deployment; keys rotate, so the JWKS is kept briefly.
 METADATA_CACHE = "public, max-age=3600"
 JWKS_CACHE = "public, max-age=60"
@@ -42,6 +45,18 @@ def _page(template: str, status: int = 200, **context: object) -> Response:
     response = Response(render_template(template, **context), status=status)
     response.headers.update(pages.PAGE_HEADERS)
     return response
+
+
+@bp.before_request
+def _parameters_once() -> ResponseReturnValue | None:
+    """Refuse a parameter sent twice (query and body together): which one counts is a guess."""
+    if request.endpoint not in ONE_OF_EACH:
+        return None
+    name = repeated_parameter(request.args.items(multi=True), request.form.items(multi=True))
+    if name is None:
+        return None
+    error = InvalidRequestError(description=f"The parameter {name} appears more than once.")
+    return cast(Response, _server().handle_error_response(None, error))
 
 
 def _current_user() -> Account | None:
