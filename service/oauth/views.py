@@ -98,7 +98,7 @@ def authorize() -> ResponseReturnValue:
 def login() -> ResponseReturnValue:
     """The sign-in form of the authorization flow."""
     next_url = pages.safe_next(request.values.get("next"))
-    if request.method == "GET":
+    if request.method != "POST":  # GET, and HEAD alike
         return _page("login.html", next=next_url, csrf_token=pages.csrf_token())
     pages.check_csrf(request.form.get("csrf_token"))
     passwords: Passwords = current_app.extensions["passwords"]
