@@ -59,6 +59,14 @@ def _parameters_once() -> ResponseReturnValue | None:
     return cast(Response, _server().handle_error_response(None, error))
 
 
+@bp.after_request
+def _strict_transport(response: Response) -> Response:
+    """Tell browsers to come back over HTTPS only (not in development: it may be localhost)."""
+    if not bridge.settings().is_development:
+        response.headers.setdefault("Strict-Transport-Security", pages.HSTS)
+    return response
+
+
 def _current_user() -> Account | None:
     found = pages.signed_in()
     if found is None:
