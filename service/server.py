@@ -13,7 +13,7 @@ from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
 from service.oauth.prefetch import ClientPrefetch
-from service.tls import ensure_dev_certificate
+from service.tls import TlsConfig, ensure_dev_certificate
 from service.workers import run_workers
 
 log = logging.getLogger("service")
@@ -51,10 +51,8 @@ def hypercorn_config(
     access_log: bool = False,
 ) -> object:
     """Build Hypercorn's Config from hypercorn.toml plus command-line overrides."""
-    from hypercorn.config import Config
-
     path = config_file or Path(os.environ.get("HYPERCORN_CONFIG", DEFAULT_CONFIG))
-    config = Config.from_toml(path) if path.exists() else Config()
+    config = TlsConfig.from_toml(path) if path.exists() else TlsConfig()
     config.application_path = APPLICATION_PATH
     if bind:
         config.bind = bind
