@@ -10,7 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from service.config import DEV_ISSUER, ConfigError, Settings, load_settings
+from service.config import (
+    DEV_ISSUER,
+    ConfigError,
+    DatabaseUnavailable,
+    Settings,
+    load_settings,
+)
 
 log = logging.getLogger("service")
 
@@ -29,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnavailable as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,14 +184,16 @@ def _create_user(args: argparse.Namespace, settings: Settings) -> int:
 async def _create_user_async(settings: Settings, username: str, password: str) -> int:
     from service.auth.passwords import Passwords
     from service.store.db import Database
+    from service.store.migrate import database_errors
     from service.store.users import UsernameTaken, create_user
 
     passwords = Passwords(settings)
     database = Database(settings)
     try:
         password_hash = await passwords.hash(password)
-        async with database.session() as session:
-            account = await create_user(session, username=username, password_hash=password_hash)
+        with database_errors(settings):
+            async with database.session() as session:
+                account = await create_user(session, username=username, password_hash=password_hash)
     except UsernameTaken:
         print(f"username {username!r} is taken", file=sys.stderr)
         return 1

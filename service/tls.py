@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypercorn.config import Config
+
+from service.config import ConfigError, read_file
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,30 @@ log = logging.getLogger(__name__)
 GROUPS = "X25519:P-256:P-384"
 SSL_CTRL_SET_GROUPS_LIST = 92  # OpenSSL's ssl.h; SSL_CTX_set1_groups_list is a macro over it
 _warned = False
+
+
+def check_certificate(cert_file: Path, key_file: Path) -> None:
+    """Refuse, naming the file and why, a certificate or key the server could not load."""
+    try:
+        cert = read_file("TLS_CERT_FILE", cert_file)
+        key = read_file("TLS_KEY_FILE", key_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        x509.load_pem_x509_certificates(cert)
+    except ValueError:
+        raise ConfigError(f"TLS_CERT_FILE {cert_file}: no PEM certificate in it") from None
+    try:
+        serialization.load_pem_private_key(key, password=None)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"TLS_KEY_FILE {key_file}: not an unencrypted PEM private key") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"TLS_CERT_FILE {cert_file} and TLS_KEY_FILE {key_file} do not go together "
+            f"({exc.reason or exc})"
+        ) from None
 
 
 def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
