@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic announces its plugins as it is imported: noise before a one-line error.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     if getattr(args, "dev", False):
         os.environ["SERVICE_ENV"] = "development"
     try:
