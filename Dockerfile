@@ -15,6 +15,8 @@ COPY hypercorn.toml ./
 COPY docker/entrypoint.sh /usr/local/bin/authsvc-entrypoint
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     SERVICE_ENV=production HYPERCORN_CONFIG=/app/hypercorn.toml INSTANCE_DIR=/tmp/authsvc
+# Set at run time (see README, "In production"): DATABASE_URL, REDIS_URL, SECRET_KEY,
+# JWT_SECRET, TLS_CERT_FILE, TLS_KEY_FILE, and JWT_ISSUER (the service's https URL).
 USER authsvc
 EXPOSE 8443
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \

@@ -69,6 +69,7 @@ def ours(backends: Backends, service_src: Path, extra: dict[str, str] | None = N
             "REDIS_PREFIX": backends.redis_prefix("svc"),
             "JWT_SECRET": secrets.token_urlsafe(48),
             "SECRET_KEY": secrets.token_urlsafe(48),
+            "JWT_ISSUER": f"https://127.0.0.1:{port}",
             "TLS_CERT_FILE": str(backends.cert),
             "TLS_KEY_FILE": str(backends.key),
             "EXPOSE_WORKER_ID": "true",

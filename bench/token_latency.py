@@ -51,6 +51,7 @@ def main() -> None:
         "REDIS_PREFIX": run.redis_prefix("svc"),
         "JWT_SECRET": secrets.token_urlsafe(48),
         "SECRET_KEY": secrets.token_urlsafe(48),
+        "JWT_ISSUER": "https://127.0.0.1",
         "TLS_CERT_FILE": str(run.cert),
         "TLS_KEY_FILE": str(run.key),
         "INSTANCE_DIR": str(workdir),
@@ -66,7 +67,11 @@ def main() -> None:
             servers.append(
                 subprocess.Popen(
                     [*command, "--workers", "1"],
-                    env=env | {"PYTHONPATH": str(tree.resolve())},
+                    env=env
+                    | {
+                        "PYTHONPATH": str(tree.resolve()),
+                        "JWT_ISSUER": f"https://127.0.0.1:{port}",
+                    },
                     cwd=tree,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -10,7 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from service.config import ConfigError, Settings, load_settings
+from service.config import (
+    DEV_ISSUER,
+    ConfigError,
+    DatabaseUnavailable,
+    Settings,
+    load_settings,
+)
 
 log = logging.getLogger("service")
 
@@ -21,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic announces its plugins as it is imported: noise before a one-line error.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     if getattr(args, "dev", False):
         os.environ["SERVICE_ENV"] = "development"
     try:
@@ -29,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnavailable as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +94,25 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         access_log=args.access_log,
     )
+    if settings.is_development and not _issuer_configured():
+        # Workers read their settings from the environment: tell them too.
+        os.environ["JWT_ISSUER"] = development_issuer(getattr(config, "bind", []))
     return serve(config)
+
+
+def _issuer_configured() -> bool:
+    return any(name.upper() == "JWT_ISSUER" for name in os.environ)
+
+
+def development_issuer(binds: list[str]) -> str:
+    """The https URL of the first address served, for a development run without JWT_ISSUER."""
+    for bind in binds:
+        host, colon, port = bind.rpartition(":")
+        if not colon or not port.isdigit() or bind.startswith(("unix:", "fd://")):
+            continue
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+        return f"https://{host}:{port}"
+    return DEV_ISSUER
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,14 +186,16 @@ def _create_user(args: argparse.Namespace, settings: Settings) -> int:
 async def _create_user_async(settings: Settings, username: str, password: str) -> int:
     from service.auth.passwords import Passwords
     from service.store.db import Database
+    from service.store.migrate import database_errors
     from service.store.users import UsernameTaken, create_user
 
     passwords = Passwords(settings)
     database = Database(settings)
     try:
         password_hash = await passwords.hash(password)
-        async with database.session() as session:
-            account = await create_user(session, username=username, password_hash=password_hash)
+        with database_errors(settings):
+            async with database.session() as session:
+                account = await create_user(session, username=username, password_hash=password_hash)
     except UsernameTaken:
         print(f"username {username!r} is taken", file=sys.stderr)
         return 1

@@ -6,8 +6,9 @@ import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {
@@ -21,6 +22,8 @@ PLACEHOLDER_SECRETS = {
     "test",
 }
 MIN_SECRET_BYTES = 32
+# Development's issuer when neither JWT_ISSUER nor `serve --dev --bind` says otherwise.
+DEV_ISSUER = "https://127.0.0.1:8443"
 
 
 class Environment(StrEnum):
@@ -34,13 +37,25 @@ class ConfigError(RuntimeError):
     """The configuration cannot run safely; the message says what to set."""
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be reached or used; the message says why, in one line."""
+
+
+def _default_instance_dir() -> Path:
+    """The source checkout's instance folder; for an installed package, ./instance."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout / "instance" if (checkout / "pyproject.toml").exists() else Path("instance")
+
+
 class Settings(BaseSettings):
     """Every knob of the service; secrets have no working default outside development."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     service_env: Environment = Environment.PRODUCTION
-    instance_dir: Path = Path("instance")
+    # Development's files (SQLite, secrets, certificate): the checkout's instance folder,
+    # whatever directory a command runs from.
+    instance_dir: Path = Field(default_factory=_default_instance_dir)
 
     database_url: str | None = None
     database_pool_size: int = Field(default=10, ge=1, le=200)
@@ -53,7 +68,10 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_private_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
-    jwt_issuer: str = "authsvc"
+    # The service's own https URL (RFC 8414 issuer): the metadata's base and every token's
+    # iss. Required in production; development defaults to DEV_ISSUER, or to the first
+    # address `serve --dev --bind` names.
+    jwt_issuer: str = ""
     jwt_audience: str = "authsvc"
     access_token_ttl: int = Field(default=900, ge=30, le=86400)
     refresh_token_ttl: int = Field(default=30 * 86400, ge=300, le=400 * 86400)
@@ -108,6 +126,36 @@ class Settings(BaseSettings):
         """Whether revocations live in process memory (development, one worker only)."""
         return self.redis_url is None
 
+    @field_validator("jwt_issuer")
+    @classmethod
+    def _issuer_is_an_https_url(cls, value: str) -> str:
+        if value:
+            _check_issuer(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_database_url(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_redis_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _key_files_are_readable(self) -> Settings:
+        if self.jwt_algorithm != "HS256":
+            if self.jwt_private_key_file is not None:
+                _check_pem_key("JWT_PRIVATE_KEY_FILE", self.jwt_private_key_file, private=True)
+            if self.jwt_public_key_file is not None:
+                _check_pem_key("JWT_PUBLIC_KEY_FILE", self.jwt_public_key_file, private=False)
+        return self
+
     @model_validator(mode="after")
     def _check_throttle_limits(self) -> Settings:
         pair = self.login_failures_per_pair
@@ -121,6 +169,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _require_production_settings(self) -> Settings:
         if self.is_development:
+            self.jwt_issuer = self.jwt_issuer or DEV_ISSUER
             return self
         if not self.revocation_check:
             raise ValueError("REVOCATION_CHECK=false exists for benchmarks: development mode only")
@@ -137,6 +186,8 @@ class Settings(BaseSettings):
             missing.append("JWT_SECRET")
         if self.jwt_algorithm != "HS256" and not self.jwt_private_key_file:
             missing.append("JWT_PRIVATE_KEY_FILE")
+        if not self.jwt_issuer:
+            missing.append("JWT_ISSUER")
         if missing:
             raise ValueError(
                 "production mode requires "
@@ -158,15 +209,103 @@ def _check_secret_strength(name: str, value: str) -> None:
         )
 
 
+def _check_issuer(value: str) -> None:
+    """Refuse an issuer that is not an https URL without query or fragment (RFC 8414 2)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"JWT_ISSUER is not a URL: {exc}") from exc
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or parts.username is not None
+        or "?" in value
+        or "#" in value
+        or " " in value
+        or not value.isprintable()
+    ):
+        raise ValueError(
+            "JWT_ISSUER must be the service's https URL, without query or fragment "
+            "(for example https://auth.example.com)"
+        )
+
+
+def read_file(setting: str, path: Path) -> bytes:
+    """A configured file's bytes, or a ValueError naming the setting, the file and why not."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting} {path}: {exc.strerror or exc}") from None
+
+
+def _check_pem_key(setting: str, path: Path, *, private: bool) -> None:
+    """Refuse a key file that cannot be read or holds no unencrypted PEM key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    data = read_file(setting, path)
+    try:
+        if private:
+            serialization.load_pem_private_key(data, password=None)
+        else:
+            serialization.load_pem_public_key(data)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        kind = "private" if private else "public"
+        raise ValueError(f"{setting} {path}: not an unencrypted PEM {kind} key") from None
+
+
+def _check_database_url(value: str) -> None:
+    """Refuse a DATABASE_URL that cannot be parsed, before anything tries to connect."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+        port = url.port
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "DATABASE_URL is not a database URL "
+            "(for example postgresql://user:password@host:5432/authsvc)"
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"DATABASE_URL has port {port}, outside 1-65535")
+
+
+def _check_redis_url(value: str) -> None:
+    """Refuse a REDIS_URL that redis-py would refuse, or read other than it says."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(value)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"REDIS_URL is not usable: {exc}") from None
+    parts = urlsplit(value)
+    database = parts.path.lstrip("/")
+    if parts.scheme in {"redis", "rediss"} and database and not database.isdigit():
+        raise ValueError(f"REDIS_URL names database {database!r}: it must be a number")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (plus overrides), raising ConfigError when unsafe."""
     try:
         settings = Settings(**overrides)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
     if settings.is_development:
         settings = _fill_development_secrets(settings)
     return settings
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming each refused setting, never echoing a value (it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        cause = (error.get("ctx") or {}).get("error")
+        message = str(cause) if cause is not None else error["msg"]
+        names = ".".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{names}: {message}" if names and names not in message else message)
+    return "; ".join(problems)
 
 
 def _fill_development_secrets(settings: Settings) -> Settings:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from service import close_app, create_app, transport, warm_up
 from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
 from service.auth.prefetch import revocation_prefetch
 from service.binds import BindError, check_binds
-from service.config import ConfigError, Settings
+from service.config import ConfigError, Settings, read_file
 from service.hotpath import inline_policy
 from service.oauth.prefetch import ClientPrefetch
-from service.tls import ensure_dev_certificate
+from service.tls import TlsConfig, check_certificate, ensure_dev_certificate
 from service.workers import run_workers
 
 log = logging.getLogger("service")
@@ -54,10 +54,7 @@ def hypercorn_config(
     access_log: bool = False,
 ) -> object:
     """Build Hypercorn's Config from hypercorn.toml plus command-line overrides."""
-    from hypercorn.config import Config
-
-    path = config_file or Path(os.environ.get("HYPERCORN_CONFIG", DEFAULT_CONFIG))
-    config = Config.from_toml(path) if path.exists() else Config()
+    config = _load_config(config_file)
     config.application_path = APPLICATION_PATH
     if bind:
         config.bind = bind
@@ -74,8 +71,26 @@ def hypercorn_config(
     return config
 
 
+def _load_config(config_file: Path | None) -> TlsConfig:
+    """Read the TOML file named (which must exist), else the repository's if there is one."""
+    named = config_file or os.environ.get("HYPERCORN_CONFIG")
+    if named is None and not DEFAULT_CONFIG.exists():
+        return TlsConfig()  # an installed package: Hypercorn's defaults
+    setting = "--config" if config_file else "HYPERCORN_CONFIG"
+    path = Path(named) if named else DEFAULT_CONFIG
+    try:
+        read_file(setting, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return cast(TlsConfig, TlsConfig.from_toml(path))
+    except ValueError as exc:  # tomllib.TOMLDecodeError
+        raise ConfigError(f"{setting} {path}: {exc}") from None
+
+
 def _certificates(settings: Settings) -> tuple[Path, Path]:
     if settings.tls_cert_file and settings.tls_key_file:
+        check_certificate(settings.tls_cert_file, settings.tls_key_file)
         return settings.tls_cert_file, settings.tls_key_file
     if not settings.is_development:
         raise ConfigError("production mode requires TLS_CERT_FILE and TLS_KEY_FILE")

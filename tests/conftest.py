@@ -139,6 +139,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "instance_dir": tmp,
         "jwt_secret": secrets.token_urlsafe(48),
         "secret_key": secrets.token_urlsafe(48),
+        "jwt_issuer": "https://testserver",
         "password_memory_kib": 7168,
         "password_time_cost": 1,
         "password_queue_limit": 256,

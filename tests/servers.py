@@ -155,6 +155,7 @@ def server_env(settings: Settings, tmp: Path) -> dict[str, str]:
         "REDIS_PREFIX": settings.redis_prefix,
         "JWT_SECRET": str(settings.jwt_secret),
         "SECRET_KEY": str(settings.secret_key),
+        "JWT_ISSUER": settings.jwt_issuer,
         "TLS_CERT_FILE": str(cert),
         "TLS_KEY_FILE": str(key),
         "INSTANCE_DIR": str(tmp),

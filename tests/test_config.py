@@ -13,7 +13,12 @@ from service.config import ConfigError, load_settings
 from tests.servers import ROOT
 
 STRONG = "x9" * 24
-BASE = {"database_url": "postgresql://db/x", "redis_url": "redis://r", "secret_key": STRONG}
+BASE = {
+    "database_url": "postgresql://db/x",
+    "redis_url": "redis://r",
+    "secret_key": STRONG,
+    "jwt_issuer": "https://auth.example",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -78,6 +78,7 @@ def create_user(
         "DATABASE_URL": str(settings.database_url),
         "REDIS_URL": str(settings.redis_url),
         "SECRET_KEY": str(settings.secret_key),
+        "JWT_ISSUER": settings.jwt_issuer,
         "JWT_SECRET": str(settings.jwt_secret),
         "PASSWORD_MEMORY_KIB": "7168",
     }

@@ -116,6 +116,7 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "REDIS_URL": str(settings.redis_url),
         "REDIS_PREFIX": settings.redis_prefix,
         "SECRET_KEY": str(settings.secret_key),
+        "JWT_ISSUER": settings.jwt_issuer,
         "JWT_SECRET": str(settings.jwt_secret),
         "INSTANCE_DIR": str(settings.instance_dir),
         "PATH": "/usr/bin:/bin",

@@ -17,6 +17,7 @@ from service.oauth.models import Client
 from service.store import Store
 from service.store import oauth_keys as key_store
 from service.store.db import Database
+from service.store.migrate import database_errors
 from service.store.models import utcnow
 
 Command = Callable[[argparse.Namespace, Database, Settings], Awaitable[int]]
@@ -71,7 +72,8 @@ def _action(sub: Any, name: str, help_text: str, command: Command) -> argparse.A
 async def _run(command: Command, args: argparse.Namespace, settings: Settings) -> int:
     database = Database(settings)
     try:
-        return await command(args, database, settings)
+        with database_errors(settings):
+            return await command(args, database, settings)
     finally:
         await database.dispose()
 

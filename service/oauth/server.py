@@ -79,9 +79,13 @@ def create_server(app: Flask) -> Server:
     return server
 
 
-def metadata(*, issuer: str, base_url: str) -> dict[str, Any]:
-    """RFC 8414 metadata describing exactly what create_server() registers."""
+def metadata(*, issuer: str) -> dict[str, Any]:
+    """RFC 8414 metadata describing exactly what create_server() registers.
+
+    Every URL is built from the configured issuer, never from the request's Host header.
+    """
     secret_auth = ["client_secret_basic", "client_secret_post"]
+    base_url = issuer.rstrip("/")
     return {
         "issuer": issuer,
         "authorization_endpoint": f"{base_url}/oauth/authorize",

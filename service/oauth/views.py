@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import cast
 
 from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from flask import (
     Blueprint,
     Response,
@@ -24,6 +25,7 @@ from service.addresses import client_address
 from service.auth.attempts import TooManyAttempts
 from service.auth.passwords import Passwords, hashes_password
 from service.oauth import bridge, pages
+from service.oauth.parameters import repeated_parameter
 from service.oauth.server import Server, metadata
 from service.store.throttle import get_throttle
 from service.store.users import Account
@@ -31,6 +33,10 @@ from service.store.users import Account
 bp = Blueprint("oauth", __name__, template_folder="templates")
 
 LOGIN_FAILED = "The username or password is wrong."
+ONE_OF_EACH = frozenset({"oauth.authorize", "oauth.token", "oauth.revoke", "oauth.introspect"})
+# Metadata changes only with a deployment; keys rotate, so the JWKS is kept briefly.
+METADATA_CACHE = "public, max-age=3600"
+JWKS_CACHE = "public, max-age=60"
 
 
 def _server() -> Server:
@@ -41,6 +47,26 @@ def _server() -> Server:
 def _page(template: str, status: int = 200, **context: object) -> Response:
     response = Response(render_template(template, **context), status=status)
     response.headers.update(pages.PAGE_HEADERS)
+    return response
+
+
+@bp.before_request
+def _parameters_once() -> ResponseReturnValue | None:
+    """Refuse a parameter sent twice (query and body together): which one counts is a guess."""
+    if request.endpoint not in ONE_OF_EACH:
+        return None
+    name = repeated_parameter(request.args.items(multi=True), request.form.items(multi=True))
+    if name is None:
+        return None
+    error = InvalidRequestError(description=f"The parameter {name} appears more than once.")
+    return cast(Response, _server().handle_error_response(None, error))
+
+
+@bp.after_request
+def _strict_transport(response: Response) -> Response:
+    """Tell browsers to come back over HTTPS only (not in development: it may be localhost)."""
+    if not bridge.settings().is_development:
+        response.headers.setdefault("Strict-Transport-Security", pages.HSTS)
     return response
 
 
@@ -84,7 +110,7 @@ def authorize() -> ResponseReturnValue:
 def login() -> ResponseReturnValue:
     """The sign-in form of the authorization flow."""
     next_url = pages.safe_next(request.values.get("next"))
-    if request.method == "GET":
+    if request.method != "POST":  # GET, and HEAD alike
         return _page("login.html", next=next_url, csrf_token=pages.csrf_token())
     pages.check_csrf(request.form.get("csrf_token"))
     passwords: Passwords = current_app.extensions["passwords"]
@@ -131,15 +157,16 @@ def introspect() -> Response:
 
 
 @bp.get("/.well-known/oauth-authorization-server")
-def server_metadata() -> dict[str, object]:
-    """RFC 8414 authorization server metadata."""
-    base_url = request.host_url.rstrip("/")
-    return metadata(issuer=bridge.settings().jwt_issuer, base_url=base_url)
+def server_metadata() -> ResponseReturnValue:
+    """RFC 8414 authorization server metadata, every URL under the configured issuer."""
+    response = current_app.json.response(metadata(issuer=bridge.settings().jwt_issuer))
+    response.headers["Cache-Control"] = METADATA_CACHE
+    return response
 
 
 @bp.get("/.well-known/jwks.json")
 def jwks() -> ResponseReturnValue:
     """Public keys of every access token that may still be alive."""
     response = current_app.json.response(bridge.keyring().jwks())
-    response.headers["Cache-Control"] = "public, max-age=60"
+    response.headers["Cache-Control"] = JWKS_CACHE
     return response

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
 
-from service.config import Settings
+from service.config import DatabaseUnavailable, Settings
 from service.store.db import database_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -24,4 +29,42 @@ def alembic_config(settings: Settings) -> Config:
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Bring the schema up to revision (blocking; call it outside a running event loop)."""
-    command.upgrade(alembic_config(settings), revision)
+    with database_errors(settings):
+        command.upgrade(alembic_config(settings), revision)
+
+
+@contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """Turn a failure to reach or use the database into DatabaseUnavailable."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError) as exc:
+        raise DatabaseUnavailable(describe(exc, settings)) from exc
+
+
+def describe(exc: BaseException, settings: Settings) -> str:
+    """What went wrong, naming the database but never its password."""
+    url = make_url(database_url(settings))
+    where = (
+        f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+        if url.get_backend_name() == "postgresql"
+        else str(url.database)
+    )
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the database host {url.host!r}: {exc.strerror}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect to the database at {where}: connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"cannot connect to the database at {where}: timed out"
+    if isinstance(exc, OSError):
+        return f"cannot connect to the database at {where}: {exc.strerror or exc}"
+    if isinstance(exc, NoSuchModuleError):
+        return f"DATABASE_URL names a driver that is not installed: {url.drivername}"
+    if isinstance(exc, DBAPIError):
+        return f"the database at {where} answered: {_first_line(exc.orig)}"
+    return f"the database at {where} failed: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException | None) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
