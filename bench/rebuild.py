@@ -37,6 +37,7 @@ def _settings(database: str, prefix: str, workdir: Path):
         secret_key=secrets.token_urlsafe(48),
         jwt_secret=secrets.token_urlsafe(48),
         revocation_propagation_ms=0,
+        jwt_issuer="https://127.0.0.1:8443",
     )
 
 
