@@ -17,8 +17,8 @@ import pytest
 
 from service.config import Settings
 from service.oauth.clients import Registered
+from tests.oauth_helpers import new_client, pkce
 from tests.servers import RunningServer, server_env, start_server
-from tests.test_oauth_support import new_client, pkce
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -14,10 +13,11 @@ from authlib.integrations.base_client import OAuthError
 
 from service.config import Settings
 from tests.conftest import Session
-from tests.test_oauth_support import (
+from tests.oauth_helpers import (
     BASE,
     REDIRECT,
     AsyncOAuth2Client,
+    authorize_url,
     bearer,
     browser,
     claims_of,
@@ -44,13 +44,6 @@ async def authorize(
         response = await sign_in_and_consent(agent, url, user.username, user.password)
     assert response.status_code == 302, response.text
     return response.headers["location"], verifier
-
-
-def authorize_url(client_id: str, **params: str) -> str:
-    """A hand-built authorization request (for the cases a library refuses to build)."""
-    query = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT}
-    query.update({"scope": "profile", "state": "xyz"}, **params)
-    return f"/oauth/authorize?{urlencode({k: v for k, v in query.items() if v})}"
 
 
 async def test_confidential_client_code_flow(

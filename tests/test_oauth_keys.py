@@ -32,7 +32,7 @@ from service.store.db import Database
 from service.store.models import utcnow
 from service.store.oauth_models import SigningKey
 from tests.conftest import Session, serve_in_process, wait_for_status
-from tests.test_oauth_support import bearer, header_of, new_client
+from tests.oauth_helpers import bearer, header_of, new_client
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,7 +33,7 @@ from service.store import Store
 from service.store.client_reader import ClientReader, connect_args
 from service.store.db import Database
 from tests.conftest import serve_in_process
-from tests.test_oauth_support import new_client
+from tests.oauth_helpers import new_client
 
 TOKEN = "/oauth/token"
 FORM = "application/x-www-form-urlencoded"

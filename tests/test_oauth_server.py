@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from service.config import Settings
+from tests.oauth_helpers import new_client
 from tests.servers import RunningServer, server_env, start_server
-from tests.test_oauth_support import new_client
 
 
 @pytest.fixture

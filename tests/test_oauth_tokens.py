@@ -25,8 +25,7 @@ from service.store.models import utcnow
 from service.store.oauth_keys import list_keys
 from service.store.oauth_models import OAuthCode
 from tests.conftest import Session, login, register
-from tests.proxy import TcpProxy
-from tests.test_oauth_support import (
+from tests.oauth_helpers import (
     REDIRECT,
     bearer,
     browser,
@@ -36,6 +35,7 @@ from tests.test_oauth_support import (
     query_of,
     sign_in_and_consent,
 )
+from tests.proxy import TcpProxy
 
 TOKEN = "/oauth/token"
 

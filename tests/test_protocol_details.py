@@ -17,10 +17,9 @@ import pytest
 from service import tls
 from service.config import Settings
 from tests.conftest import Session
-from tests.servers import RunningServer, server_env, start_server
-from tests.test_oauth import authorize_url
-from tests.test_oauth_support import (
+from tests.oauth_helpers import (
     REDIRECT,
+    authorize_url,
     browser,
     claims_of,
     csrf_of,
@@ -28,6 +27,7 @@ from tests.test_oauth_support import (
     pkce,
     sign_in_and_consent,
 )
+from tests.servers import RunningServer, server_env, start_server
 
 EVIL = {"Host": "evil.example"}
 URL_FIELDS = (

@@ -23,8 +23,8 @@ from service.store.revocation_feed import (
     message,
     parse_message,
 )
+from tests.blocklist_helpers import durable, make_blocklist, new_ref
 from tests.proxy import TcpProxy
-from tests.test_prefetch import durable, make_blocklist, new_ref
 
 WINDOW = 0.025
 
