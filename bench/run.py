@@ -32,6 +32,7 @@ import client
 import cpu
 import drivers
 import h2post
+import readme
 import revmem
 import spy
 import stacks
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.md").write_text(text)
     dump_json(report, RESULTS / "latest.json")
+    if not args.quick:  # a quick run is too short to stand for the service
+        readme.publish(text)
     log(f"wrote {RESULTS / 'latest.md'}; {time.monotonic() - started:.0f} s in all")
     return 0
 

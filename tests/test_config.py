@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, load_settings
+from service.config import ConfigError, Settings, load_settings
 from tests.servers import ROOT
 
 STRONG = "x9" * 24
@@ -86,3 +87,10 @@ def test_serve_refuses_to_start_in_production_without_config(tmp_path: Path) -> 
 def test_the_revocation_check_cannot_be_switched_off_in_production() -> None:
     with pytest.raises(ConfigError, match="REVOCATION_CHECK"):
         load_settings(**BASE, jwt_secret=STRONG, revocation_check=False)
+
+
+def test_every_setting_is_in_the_readme_reference() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme[readme.index("## Configuration reference") :]
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", reference, re.MULTILINE))
+    assert documented == {name.upper() for name in Settings.model_fields}
