@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,13 +10,20 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import pool, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from service.config import DatabaseUnavailable, Settings
+from service.loop import LoopThread
 from service.store.db import database_url
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The PostgreSQL advisory lock key that every `migrate` run of this service takes ("authsvc").
+MIGRATION_LOCK_KEY = int.from_bytes(b"authsvc")
 
 
 def alembic_config(settings: Settings) -> Config:
@@ -29,7 +37,7 @@ def alembic_config(settings: Settings) -> Config:
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Bring the schema up to revision (blocking; call it outside a running event loop)."""
-    with database_errors(settings):
+    with database_errors(settings), migration_lock(settings):
         command.upgrade(alembic_config(settings), revision)
 
 
@@ -68,3 +76,31 @@ def describe(exc: BaseException, settings: Settings) -> str:
 def _first_line(exc: BaseException | None) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def migration_lock(settings: Settings) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock, so replicas migrating at once apply each step once."""
+    url = database_url(settings)
+    if not url.startswith("postgresql"):
+        yield
+        return
+    # Alembic runs an event loop of its own in this thread: the lock's connection needs another.
+    thread = LoopThread("migration-lock")
+    try:
+        conn = thread.run(_lock(url))
+        try:
+            yield
+        finally:
+            thread.run(conn.close())  # ending the session releases the lock
+    finally:
+        thread.stop()
+
+
+async def _lock(url: str) -> AsyncConnection:
+    conn = await create_async_engine(url, poolclass=pool.NullPool).connect()
+    key = {"key": MIGRATION_LOCK_KEY}
+    if not (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key)).scalar():
+        log.info("another process is migrating this database: waiting for it to finish")
+        await conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
+    return conn
