@@ -39,6 +39,7 @@ def test_concurrent_migrate_runs_wait_for_each_other_and_all_succeed(
         "REDIS_URL": "redis://127.0.0.1:6379/0",  # required by the settings; migrate never calls it
         "SECRET_KEY": secrets.token_urlsafe(48),
         "JWT_SECRET": secrets.token_urlsafe(48),
+        "JWT_ISSUER": "https://127.0.0.1:8443",
     }
     with (
         fresh_database(postgres_server) as url,
