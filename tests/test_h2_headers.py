@@ -121,6 +121,20 @@ def test_unhashable_headers_get_h2s_answer() -> None:
     assert [tuple(header) for header in normalized] == [(b":status", b"200")]
 
 
+def test_distinct_lists_stay_within_the_memo_bytes() -> None:
+    kept = h2_headers._accepted
+    for number in range(800):  # 4-12 KiB each: about twice the budget
+        headers = [*GOOD, (b"x-pad", b"%06d" % number * (700 + number % 1400))]
+        assert h2_headers.memo_validate_headers(headers, REQUEST) == tuple(headers)
+        assert kept.used <= h2_headers.MEMO_BYTES
+    assert kept.used > h2_headers.MEMO_BYTES - h2_headers.ENTRY_BYTES
+    large = [*GOOD, (b"x-pad", b"z" * h2_headers.ENTRY_BYTES)]
+    assert h2_headers.memo_validate_headers(large, REQUEST) == tuple(large)
+    assert kept.get((validate_headers, tuple(large), REQUEST)) is None  # checked, not kept
+    with pytest.raises(ProtocolError):  # and checked every time
+        h2_headers.memo_validate_headers([*large, (b"Upper", b"x")], REQUEST)
+
+
 async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """200 with an empty body for every request."""
     if scope["type"] == "http":
