@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 F = TypeVar("F", bound=Callable[..., Any])
 
 ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_LONGEST = 256  # longer paths are matched each time: the memo stays under 4 MiB
 
 
 def runs_inline(view: F) -> F:
@@ -31,8 +32,12 @@ def inline_policy(app: Flask) -> Callable[[str, str], bool]:
     """Return a (method, path) -> bool test for views marked with @runs_inline."""
     matcher = app.url_map.bind("localhost")
 
-    @lru_cache(maxsize=ROUTE_CACHE_SIZE)
     def is_inline(method: str, path: str) -> bool:
+        if len(path) > ROUTE_CACHE_LONGEST:
+            return matches(method, path)
+        return remembered(method, path)
+
+    def matches(method: str, path: str) -> bool:
         try:
             endpoint, _ = matcher.match(path, method=method)
         except HTTPException:
@@ -40,4 +45,5 @@ def inline_policy(app: Flask) -> Callable[[str, str], bool]:
         view = app.view_functions.get(str(endpoint))
         return bool(getattr(view, "runs_inline", False))
 
+    remembered = lru_cache(maxsize=ROUTE_CACHE_SIZE)(matches)
     return is_inline
