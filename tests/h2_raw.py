@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import hpack
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -119,16 +123,20 @@ class RawH2:
 
     @classmethod
     async def open(cls, url: str) -> RawH2:
-        """Connect (TLS, ALPN h2) and send the preface with empty SETTINGS."""
-        host, port = url.removeprefix("https://").rsplit(":", 1)
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.set_alpn_protocols(["h2"])
-        reader, writer = await asyncio.open_connection(
-            host, int(port), ssl=context, server_hostname=host, limit=1 << 20
-        )
-        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        """Connect (https: TLS with ALPN h2; http: h2c) and send the preface."""
+        scheme, _, address = url.rstrip("/").partition("://")
+        host, port = address.rsplit(":", 1)
+        if scheme == "http":
+            reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["h2"])
+            reader, writer = await asyncio.open_connection(
+                host, int(port), ssl=context, server_hostname=host, limit=1 << 20
+            )
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         connection = cls(reader, writer)
         await connection.send(PREFACE + SettingsFrame(0).serialize())
         return connection
@@ -145,12 +153,17 @@ class RawH2:
         return True
 
     def headers(
-        self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = True, plain: int = 4096
+        self,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        end_stream: bool = True,
+        plain: int = 4096,
+        depends_on: int | None = None,
     ) -> tuple[int, bytes]:
         """A new stream's id and its HEADERS (+ CONTINUATION) frames.
 
         Values longer than `plain` bytes go as plain literals (quick to decode), the rest
-        Huffman-coded, as browsers send them.
+        Huffman-coded, as browsers send them. With depends_on, the HEADERS carries a priority.
         """
         stream_id = self.next_stream_id
         self.next_stream_id += 2
@@ -161,6 +174,9 @@ class RawH2:
         chunks = [block[at : at + FRAME_BYTES] for at in range(0, len(block), FRAME_BYTES)]
         first = HeadersFrame(stream_id, flags=["END_STREAM"] if end_stream else [])
         first.data = chunks[0]
+        if depends_on is not None:
+            first.flags.add("PRIORITY")
+            first.depends_on, first.stream_weight = depends_on, 16
         frames = [first]
         for chunk in chunks[1:]:
             frames.append(ContinuationFrame(stream_id))
@@ -232,3 +248,28 @@ class RawH2:
         future = self.done.get(stream_id)
         if future is not None and not future.done():
             future.set_result(outcome)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **settings: Any) -> AsyncIterator[str]:
+    """Hypercorn serving an ASGI app over h2c on a free port, in this loop; its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    for name, value in settings.items():
+        setattr(config, name, value)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            break
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        await task

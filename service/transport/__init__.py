@@ -7,7 +7,15 @@ docstring what it saves. The library versions are pinned in pyproject.toml.
 
 from __future__ import annotations
 
-from service.transport import coalesce, date_header, h2_direct, h2_headers, hpack_memo, idle_timer
+from service.transport import (
+    coalesce,
+    date_header,
+    h2_direct,
+    h2_guard,
+    h2_headers,
+    hpack_memo,
+    idle_timer,
+)
 
 
 def install() -> None:
@@ -18,3 +26,4 @@ def install() -> None:
     idle_timer.install()
     coalesce.install()
     h2_direct.install()
+    h2_guard.install()

@@ -1,0 +1,388 @@
+"""Per-connection limits on HTTP/2 frames that make the server work and give a client nothing.
+
+Hypercorn with h2 answers every SETTINGS and PING, starts the application for every
+stream however soon the client resets it, and lets one connection send as many of
+those frames as it likes: a PING or SETTINGS flood on one connection stalled a worker,
+and a rapid-reset client (CVE-2023-44487) was stopped only by an unhandled
+`TooManyStreamsError`. As nghttp2, Go and h2o do, each connection now gets a
+token bucket per kind of frame (BUDGETS); a client that empties one is sent GOAWAY
+ENHANCE_YOUR_CALM and its connection is closed, with one line in the log.
+
+Besides: a stream opened past the advertised MAX_CONCURRENT_STREAMS is refused alone
+(RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2) where h2 ended the whole connection;
+streams a client resets while their application still runs keep counting against that
+limit until it returns (as Go's server counts them), so resets cannot pile up work; a
+stream reset in the same read that opened it never starts its application; PRIORITY
+signals name only streams that exist (RFC 9113 deprecates them, and a tree of phantom
+streams is what overflowed); and the priority tree's errors no longer escape Hypercorn's
+send task. The library versions are pinned; `shapes_differ` checks at start-up that the
+internals used here are still there, and otherwise the libraries keep their behaviour.
+See docs/performance.md, "Library changes".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.stream
+import hypercorn.asyncio.task_group
+from hypercorn.protocol.h2 import H2Protocol
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from priority.priority import PriorityError, TooManyStreamsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A token bucket: `burst` frames at once, refilled at `per_second`."""
+
+    burst: float
+    per_second: float
+
+
+# A browser or API client sends a handful of each per connection; floods send thousands
+# per second. nghttp2 allows 1,000 resets at 33/s, Netty 200 per 30 s.
+BUDGETS = {
+    "SETTINGS": Budget(burst=100, per_second=10),
+    "PING": Budget(burst=100, per_second=10),
+    "RST_STREAM": Budget(burst=200, per_second=20),  # client resets and refused streams
+    "PRIORITY": Budget(burst=500, per_second=50),
+    "empty": Budget(burst=1000, per_second=100),  # empty DATA, WINDOW_UPDATE, unknown types
+}
+# Each stream a client opens earns it a few more frames that go with requests: a client
+# may return flow-control credit for every response it reads (stream and connection).
+STREAM_CREDIT = {"empty": 4, "PRIORITY": 2}
+FRAME_KINDS: dict[type[Frame], tuple[str, str]] = {  # frame type: its budget, its name
+    SettingsFrame: ("SETTINGS", "SETTINGS"),
+    PingFrame: ("PING", "PING"),
+    RstStreamFrame: ("RST_STREAM", "RST_STREAM"),
+    PriorityFrame: ("PRIORITY", "PRIORITY"),
+    WindowUpdateFrame: ("empty", "WINDOW_UPDATE"),
+    ExtensionFrame: ("empty", "unknown-type"),
+    GoAwayFrame: ("empty", "GOAWAY"),
+}
+EMPTY_DATA = ("empty", "empty DATA")
+REFUSED = ("RST_STREAM", "refused-stream HEADERS")
+LOG_INTERVAL = 1.0  # seconds between two log lines about one frame's floods, per worker
+GUARD = "_h2_guard"
+_REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+
+_original: dict[str, Callable[..., Any]] = {
+    "protocol_init": H2Protocol.__init__,
+    "handle_events": H2Protocol._handle_events,
+    "create_stream": H2Protocol._create_stream,
+    "priority_updated": H2Protocol._priority_updated,
+    "send_data": H2Protocol._send_data,
+    "receive_frame": h2.connection.H2Connection._receive_frame,
+    "receive_headers_frame": h2.connection.H2Connection._receive_headers_frame,
+    "handle_app": hypercorn.asyncio.task_group._handle,
+}
+
+
+class ConnectionGuard:
+    """One connection's budgets, and its streams whose application is still running."""
+
+    __slots__ = ("breach", "buckets", "orphans", "peer", "resets_seen", "running")
+
+    def __init__(self, peer: Any) -> None:
+        now = time.monotonic()
+        self.peer = peer
+        self.buckets = {kind: [budget.burst, now] for kind, budget in BUDGETS.items()}
+        self.running: set[int] = set()  # streams whose application has not returned
+        self.orphans: set[int] = set()  # ... among them, those the client has reset
+        self.resets_seen = False  # since the last batch of events was screened
+        self.breach: str | None = None
+
+    def spend(self, kind: tuple[str, str]) -> None:
+        """Take one frame from its budget; DenialOfServiceError once that is spent."""
+        budget, bucket = BUDGETS[kind[0]], self.buckets[kind[0]]
+        now = time.monotonic()
+        bucket[0] = min(budget.burst, bucket[0] + (now - bucket[1]) * budget.per_second) - 1
+        bucket[1] = now
+        if bucket[0] < 0:
+            if self.breach is None:
+                self.breach = kind[1]
+                _log_breach(self.peer, kind[1])
+            raise h2.exceptions.DenialOfServiceError(f"too many {kind[1]} frames")
+
+    def credit(self) -> None:
+        """A stream opened: add its share to the budgets of frames that go with requests."""
+        for kind, tokens in STREAM_CREDIT.items():
+            bucket = self.buckets[kind]
+            bucket[0] = min(BUDGETS[kind].burst, bucket[0] + tokens)
+
+    def screen(self, protocol: Any, events: list[h2.events.Event]) -> list[h2.events.Event]:
+        """The events Hypercorn should see: none for streams it need not start or no longer has."""
+        reset = set()
+        if self.resets_seen:
+            self.resets_seen = False
+            reset = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
+        kept, opened, skipped = [], set(), set()
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                if event.stream_id in reset:  # opened and cancelled at once: never started
+                    skipped.add(event.stream_id)
+                    continue
+                opened.add(event.stream_id)
+            elif isinstance(event, h2.events.DataReceived | h2.events.StreamEnded):
+                stream_id = event.stream_id
+                if stream_id in skipped or (
+                    stream_id not in protocol.streams and stream_id not in opened
+                ):
+                    if isinstance(event, h2.events.DataReceived):  # Hypercorn would KeyError
+                        protocol.connection.acknowledge_received_data(
+                            event.flow_controlled_length, stream_id
+                        )
+                    continue
+            kept.append(event)
+        return kept
+
+
+_last_logged: dict[str, tuple[float, int]] = {}  # name: (when, connections closed since)
+
+
+def _log_breach(peer: Any, kind: str) -> None:
+    """One line per closed connection, at most one per frame and LOG_INTERVAL (with a count)."""
+    now = time.monotonic()
+    at, unlogged = _last_logged.get(kind, (-LOG_INTERVAL, 0))
+    if now - at < LOG_INTERVAL:
+        _last_logged[kind] = (at, unlogged + 1)
+        return
+    _last_logged[kind] = (now, 0)
+    host = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+    more = f" (and {unlogged} more since the last such line)" if unlogged else ""
+    log.warning(
+        "HTTP/2 client %s sent too many %s frames: GOAWAY ENHANCE_YOUR_CALM, connection closed%s",
+        host,
+        kind,
+        more,
+    )
+
+
+def protocol_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Hypercorn's H2Protocol, with a guard for its connection."""
+    _original["protocol_init"](self, *args, **kwargs)
+    guard = ConnectionGuard(self.client)
+    self.__dict__[GUARD] = guard
+    self.connection.__dict__[GUARD] = guard
+
+
+def receive_frame(self: Any, frame: Frame) -> list[h2.events.Event]:
+    """h2's frame dispatch, after taking the frame from its budget."""
+    guard = self.__dict__.get(GUARD)
+    if guard is not None:
+        kind = FRAME_KINDS.get(type(frame))
+        if kind is None and type(frame) is DataFrame:
+            if not frame.data and "END_STREAM" not in frame.flags:
+                guard.spend(EMPTY_DATA)
+        elif kind is not None:
+            guard.spend(kind)
+            if kind[0] == "RST_STREAM":
+                guard.resets_seen = True
+                if frame.stream_id in guard.running:  # before the next HEADERS is counted
+                    guard.orphans.add(frame.stream_id)
+    events: list[h2.events.Event] = _original["receive_frame"](self, frame)
+    return events
+
+
+def receive_headers_frame(self: Any, frame: Any) -> tuple[list[Frame], list[h2.events.Event]]:
+    """h2's HEADERS handling; a stream past the concurrency limit is refused, alone."""
+    guard = self.__dict__.get(GUARD)
+    original = _original["receive_headers_frame"]
+    if guard is None or frame.stream_id in self.streams:
+        return original(self, frame)  # type: ignore[no-any-return]
+    limit = self.local_settings.max_concurrent_streams
+    # self.streams holds the open streams and more: counting those is rarely needed.
+    if len(self.streams) + len(guard.orphans) < limit or (
+        self.open_inbound_streams + len(guard.orphans) < limit
+    ):
+        guard.credit()
+        return original(self, frame)  # type: ignore[no-any-return]
+    guard.spend(REFUSED)
+    # Opened first, so that h2 neither refuses the whole connection nor skips the header
+    # block (HPACK state is the connection's); then reset, and no event reaches Hypercorn.
+    self._begin_new_stream(frame.stream_id, h2.connection.AllowedStreamIDs.ODD)
+    frames, events = original(self, frame)
+    frames = [*frames, *self.streams[frame.stream_id].reset_stream(_REFUSED)]
+    return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+
+async def handle_events(self: Any, events: list[h2.events.Event]) -> None:
+    """Hypercorn's event handling, for the events the guard lets through."""
+    guard = self.__dict__.get(GUARD)
+    if guard is not None:
+        events = guard.screen(self, events)
+    await _original["handle_events"](self, events)
+
+
+async def create_stream(self: Any, request: h2.events.RequestReceived) -> None:
+    """Hypercorn's stream creation; a stream its scheduler cannot take is refused."""
+    try:
+        await _original["create_stream"](self, request)
+    except TooManyStreamsError:
+        self.streams.pop(request.stream_id, None)
+        self.stream_buffers.pop(request.stream_id, None)
+        self.connection.reset_stream(request.stream_id, _REFUSED)
+
+
+async def priority_updated(self: Any, event: h2.events.PriorityUpdated) -> None:
+    """Hypercorn's reprioritisation, for streams it sends on and parents that exist."""
+    if event.stream_id not in self.stream_buffers:
+        return  # an idle or finished stream: nothing to schedule
+    if event.depends_on and event.depends_on not in self.stream_buffers:
+        event.depends_on = 0  # the tree would grow a phantom parent
+    with contextlib.suppress(PriorityError):
+        await _original["priority_updated"](self, event)
+
+
+async def send_data(self: Any, stream_id: int) -> None:
+    """Hypercorn's send step; a stream its own clean-up finds gone leaves quietly."""
+    try:
+        await _original["send_data"](self, stream_id)
+    except (KeyError, PriorityError):  # MissingStreamError is a KeyError
+        self.stream_buffers.pop(stream_id, None)
+        with contextlib.suppress(PriorityError):
+            self.priority.remove_stream(stream_id)
+
+
+async def handle_app(
+    app: Any, config: Any, scope: Any, receive: Any, send: Any, *rest: Any
+) -> None:
+    """Hypercorn's application task, noting while it runs for which HTTP/2 stream."""
+    stream = getattr(send, "__self__", None)
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    guard = getattr(protocol, "__dict__", {}).get(GUARD)
+    if guard is None:
+        await _original["handle_app"](app, config, scope, receive, send, *rest)
+        return
+    stream_id = stream.stream_id  # type: ignore[union-attr]
+    guard.running.add(stream_id)
+    try:
+        await _original["handle_app"](app, config, scope, receive, send, *rest)
+    finally:
+        guard.running.discard(stream_id)
+        guard.orphans.discard(stream_id)
+
+
+# What the replacements rely on: each original's parameters, and the names its code uses.
+SHAPES: dict[str, tuple[Callable[..., Any], list[str], set[str]]] = {
+    "protocol_init": (
+        _original["protocol_init"],
+        [
+            "self",
+            "app",
+            "config",
+            "context",
+            "task_group",
+            "connection_state",
+            "ssl",
+            "client",
+            "server",
+            "send",
+        ],
+        {"connection", "client", "streams", "stream_buffers", "priority"},
+    ),
+    "handle_events": (_original["handle_events"], ["self", "events"], {"streams"}),
+    "create_stream": (
+        _original["create_stream"],
+        ["self", "request"],
+        {"streams", "stream_buffers", "priority", "insert_stream"},
+    ),
+    "priority_updated": (
+        _original["priority_updated"],
+        ["self", "event"],
+        {"reprioritize", "insert_stream", "depends_on"},
+    ),
+    "send_data": (
+        _original["send_data"],
+        ["self", "stream_id"],
+        {"stream_buffers", "priority", "remove_stream"},
+    ),
+    "receive_frame": (
+        _original["receive_frame"],
+        ["self", "frame"],
+        {"_frame_dispatch_table"},
+    ),
+    "receive_headers_frame": (
+        _original["receive_headers_frame"],
+        ["self", "frame"],
+        {"TooManyStreamsError", "max_concurrent_streams", "_get_or_create_stream"},
+    ),
+    "handle_app": (
+        _original["handle_app"],
+        ["app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"],
+        set(),
+    ),
+}
+
+
+def shapes_differ() -> list[str]:
+    """What of the libraries' internals the guard relies on is not as it expects."""
+    differ = []
+    for name, (function, parameters, names) in SHAPES.items():
+        code = getattr(function, "__code__", None)
+        if code is None or list(inspect.signature(function).parameters) != parameters:
+            differ.append(f"{name}: parameters")
+        elif not names <= set(code.co_names):
+            differ.append(f"{name}: uses {sorted(names - set(code.co_names))}")
+    checks = {
+        "spawn_app calls _handle": "_handle"
+        in hypercorn.asyncio.task_group.TaskGroup.spawn_app.__code__.co_names,
+        "receive_data sends GOAWAY on ProtocolError": "_terminate_connection"
+        in h2.connection.H2Connection.receive_data.__code__.co_names,
+        "DenialOfServiceError is ENHANCE_YOUR_CALM": h2.exceptions.DenialOfServiceError.error_code
+        == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+        "H2Connection._begin_new_stream, open_inbound_streams": all(
+            hasattr(h2.connection.H2Connection, attr)
+            for attr in ("_begin_new_stream", "open_inbound_streams")
+        ),
+        "AllowedStreamIDs.ODD": hasattr(h2.connection, "AllowedStreamIDs"),
+        "H2Stream.reset_stream": hasattr(h2.stream.H2Stream, "reset_stream"),
+    }
+    return differ + [name for name, holds in checks.items() if not holds]
+
+
+def install() -> None:
+    """Guard Hypercorn's HTTP/2 connections (idempotent; per process), if the shapes hold."""
+    differ = shapes_differ()
+    if differ:
+        versions = ", ".join(
+            f"{name} {version(name)}" for name in ("hypercorn", "h2", "hyperframe", "priority")
+        )
+        log.warning(
+            "HTTP/2 abuse guard NOT installed: library internals differ (%s; %s); "
+            "the libraries' own behaviour applies",
+            "; ".join(differ),
+            versions,
+        )
+        return
+    H2Protocol.__init__ = protocol_init  # type: ignore[method-assign]
+    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
+    H2Protocol._create_stream = create_stream  # type: ignore[method-assign]
+    H2Protocol._priority_updated = priority_updated  # type: ignore[method-assign]
+    H2Protocol._send_data = send_data  # type: ignore[method-assign]
+    h2.connection.H2Connection._receive_frame = receive_frame  # type: ignore[method-assign]
+    h2.connection.H2Connection._receive_headers_frame = receive_headers_frame  # type: ignore[method-assign]
+    hypercorn.asyncio.task_group._handle = handle_app  # type: ignore[assignment]
