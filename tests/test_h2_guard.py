@@ -84,6 +84,7 @@ async def flood(connection: RawH2, frames: Iterator[bytes], batch: int = 500) ->
         if not chunk or not await connection.send(b"".join(chunk)):
             break
         sent += len(chunk)
+        await asyncio.sleep(0)  # a client that also reads what the server says
     return sent
 
 
@@ -307,6 +308,53 @@ async def test_priorities_naming_phantom_streams_grow_nothing() -> None:
             await connection.close()
 
 
+async def test_large_reads_are_handled_whole_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    h2_guard.install()
+    handed: list[int] = []
+    original = h2_guard._original["handle"]
+
+    async def counting(self: Any, event: Any) -> None:
+        handed.append(len(getattr(event, "data", b"")))
+        await original(self, event)
+
+    monkeypatch.setitem(h2_guard._original, "handle", counting)
+
+    async def echo_length(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % size})
+
+    body = bytes(range(256)) * 1200  # 300 KiB: many reads, each many slices
+    async with serving(echo_length) as url, httpx.AsyncClient(http1=False, http2=True) as http:
+        replies = await asyncio.gather(*(http.post(url, content=body) for _ in range(4)))
+    assert [reply.content for reply in replies] == [b"%d" % len(body)] * 4
+    assert {reply.http_version for reply in replies} == {"HTTP/2"}
+    assert max(handed) == h2_guard.READ_SLICE  # h2 never got more at once
+
+
+def test_streams_opened_earn_frames_that_go_with_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(h2_guard.time, "monotonic", lambda: 1000.0)
+    guard = h2_guard.ConnectionGuard(("192.0.2.1", 4711))
+    update = h2_guard.FRAME_KINDS[WindowUpdateFrame]
+    streams = 50
+    for _ in range(streams):
+        guard.credit()
+    allowed = int(h2_guard.BUDGETS["empty"].burst) + streams * h2_guard.STREAM_CREDIT["empty"]
+    for _ in range(allowed):
+        guard.spend(update)
+    with pytest.raises(DenialOfServiceError):
+        guard.spend(update)
+    assert guard.breach == "WINDOW_UPDATE"
+
+
 def test_a_budget_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(h2_guard.time, "monotonic", lambda: now[0])
@@ -317,7 +365,7 @@ def test_a_budget_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
         guard.spend(ping)
     with pytest.raises(DenialOfServiceError):
         guard.spend(ping)
-    now[0] += 2 / budget.per_second  # two frames' worth (and the one refused is owed)
+    now[0] += 2.5 / budget.per_second  # two frames' worth (and the one refused is owed)
     guard.spend(ping)
     with pytest.raises(DenialOfServiceError):
         guard.spend(ping)

@@ -22,6 +22,7 @@ See docs/performance.md, "Library changes".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -37,6 +38,7 @@ import h2.events
 import h2.exceptions
 import h2.stream
 import hypercorn.asyncio.task_group
+from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hyperframe.frame import (
     DataFrame,
@@ -62,18 +64,25 @@ class Budget:
     per_second: float
 
 
-# A browser or API client sends a handful of each per connection; floods send thousands
-# per second. nghttp2 allows 1,000 resets at 33/s, Netty 200 per 30 s.
+# A browser or API client sends a handful of each per connection; floods send thousands a
+# second. nghttp2 allows 1,000 resets at 33/s, Netty 200 per 30 s; h2 spends 10-100 us of
+# this worker's time on each of these frames, so a budget is also the most one attacking
+# connection costs before it is closed (a few ms).
 BUDGETS = {
-    "SETTINGS": Budget(burst=100, per_second=10),
-    "PING": Budget(burst=100, per_second=10),
-    "RST_STREAM": Budget(burst=200, per_second=20),  # client resets and refused streams
-    "PRIORITY": Budget(burst=500, per_second=50),
-    "empty": Budget(burst=1000, per_second=100),  # empty DATA, WINDOW_UPDATE, unknown types
+    "SETTINGS": Budget(burst=50, per_second=5),
+    "PING": Budget(burst=50, per_second=5),
+    "RST_STREAM": Budget(burst=100, per_second=10),  # client resets and refused streams
+    "PRIORITY": Budget(burst=100, per_second=10),
+    "empty": Budget(burst=100, per_second=10),  # empty DATA, WINDOW_UPDATE, unknown types
 }
 # Each stream a client opens earns it a few more frames that go with requests: a client
 # may return flow-control credit for every response it reads (stream and connection).
+# Such credit is kept for at most CREDIT_STREAMS streams beyond the burst.
 STREAM_CREDIT = {"empty": 4, "PRIORITY": 2}
+CREDIT_STREAMS = 256
+# h2 handles all the frames of one read before anything else runs: 64 KiB of small frames
+# held the event loop for tens of ms. Larger reads are handed over in slices.
+READ_SLICE = 2048
 FRAME_KINDS: dict[type[Frame], tuple[str, str]] = {  # frame type: its budget, its name
     SettingsFrame: ("SETTINGS", "SETTINGS"),
     PingFrame: ("PING", "PING"),
@@ -85,12 +94,17 @@ FRAME_KINDS: dict[type[Frame], tuple[str, str]] = {  # frame type: its budget, i
 }
 EMPTY_DATA = ("empty", "empty DATA")
 REFUSED = ("RST_STREAM", "refused-stream HEADERS")
+# After GOAWAY, the connection is cut (not closed politely: a TLS close waits for the
+# client's close_notify, decrypting whatever else it sends) once GOAWAY has had this long.
+ABORT_AFTER = 1.0
 LOG_INTERVAL = 1.0  # seconds between two log lines about one frame's floods, per worker
 GUARD = "_h2_guard"
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+_CLOSED = h2.connection.ConnectionState.CLOSED
 
 _original: dict[str, Callable[..., Any]] = {
     "protocol_init": H2Protocol.__init__,
+    "handle": H2Protocol.handle,
     "handle_events": H2Protocol._handle_events,
     "create_stream": H2Protocol._create_stream,
     "priority_updated": H2Protocol._priority_updated,
@@ -104,11 +118,12 @@ _original: dict[str, Callable[..., Any]] = {
 class ConnectionGuard:
     """One connection's budgets, and its streams whose application is still running."""
 
-    __slots__ = ("breach", "buckets", "orphans", "peer", "resets_seen", "running")
+    __slots__ = ("breach", "buckets", "orphans", "peer", "resets_seen", "running", "transport")
 
-    def __init__(self, peer: Any) -> None:
+    def __init__(self, peer: Any, transport: Any = None) -> None:
         now = time.monotonic()
         self.peer = peer
+        self.transport = transport
         self.buckets = {kind: [budget.burst, now] for kind, budget in BUDGETS.items()}
         self.running: set[int] = set()  # streams whose application has not returned
         self.orphans: set[int] = set()  # ... among them, those the client has reset
@@ -119,19 +134,23 @@ class ConnectionGuard:
         """Take one frame from its budget; DenialOfServiceError once that is spent."""
         budget, bucket = BUDGETS[kind[0]], self.buckets[kind[0]]
         now = time.monotonic()
-        bucket[0] = min(budget.burst, bucket[0] + (now - bucket[1]) * budget.per_second) - 1
+        if bucket[0] < budget.burst:  # time refills up to the burst; credit may go beyond
+            bucket[0] = min(budget.burst, bucket[0] + (now - bucket[1]) * budget.per_second)
+        bucket[0] -= 1
         bucket[1] = now
         if bucket[0] < 0:
             if self.breach is None:
                 self.breach = kind[1]
                 _log_breach(self.peer, kind[1])
+                if self.transport is not None:
+                    asyncio.get_running_loop().call_later(ABORT_AFTER, self.transport.abort)
             raise h2.exceptions.DenialOfServiceError(f"too many {kind[1]} frames")
 
     def credit(self) -> None:
         """A stream opened: add its share to the budgets of frames that go with requests."""
         for kind, tokens in STREAM_CREDIT.items():
             bucket = self.buckets[kind]
-            bucket[0] = min(BUDGETS[kind].burst, bucket[0] + tokens)
+            bucket[0] = min(BUDGETS[kind].burst + tokens * CREDIT_STREAMS, bucket[0] + tokens)
 
     def screen(self, protocol: Any, events: list[h2.events.Event]) -> list[h2.events.Event]:
         """The events Hypercorn should see: none for streams it need not start or no longer has."""
@@ -184,7 +203,10 @@ def _log_breach(peer: Any, kind: str) -> None:
 def protocol_init(self: Any, *args: Any, **kwargs: Any) -> None:
     """Hypercorn's H2Protocol, with a guard for its connection."""
     _original["protocol_init"](self, *args, **kwargs)
-    guard = ConnectionGuard(self.client)
+    server = getattr(self.send, "__self__", None)  # Hypercorn's TCPServer
+    guard = ConnectionGuard(
+        self.client, getattr(getattr(server, "writer", None), "transport", None)
+    )
     self.__dict__[GUARD] = guard
     self.connection.__dict__[GUARD] = guard
 
@@ -227,6 +249,20 @@ def receive_headers_frame(self: Any, frame: Any) -> tuple[list[Frame], list[h2.e
     frames, events = original(self, frame)
     frames = [*frames, *self.streams[frame.stream_id].reset_stream(_REFUSED)]
     return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+
+async def handle(self: Any, event: Any) -> None:
+    """Hypercorn's handling of a read, in slices of READ_SLICE bytes, yielding in between."""
+    handle_original = _original["handle"]
+    if type(event) is not RawData or len(event.data) <= READ_SLICE or self.closed:
+        await handle_original(self, event)
+        return
+    data = event.data
+    for start in range(0, len(data), READ_SLICE):
+        await handle_original(self, RawData(data=data[start : start + READ_SLICE]))
+        if self.closed or self.connection.state_machine.state is _CLOSED:
+            return  # the rest would only meet the closed connection's error again
+        await asyncio.sleep(0)
 
 
 async def handle_events(self: Any, events: list[h2.events.Event]) -> None:
@@ -302,7 +338,12 @@ SHAPES: dict[str, tuple[Callable[..., Any], list[str], set[str]]] = {
             "server",
             "send",
         ],
-        {"connection", "client", "streams", "stream_buffers", "priority"},
+        {"connection", "client", "send", "streams", "stream_buffers", "priority"},
+    ),
+    "handle": (
+        _original["handle"],
+        ["self", "event"],
+        {"RawData", "receive_data", "data", "closed"},
     ),
     "handle_events": (_original["handle_events"], ["self", "events"], {"streams"}),
     "create_stream": (
@@ -359,6 +400,8 @@ def shapes_differ() -> list[str]:
             for attr in ("_begin_new_stream", "open_inbound_streams")
         ),
         "AllowedStreamIDs.ODD": hasattr(h2.connection, "AllowedStreamIDs"),
+        "ConnectionState.CLOSED": "state_machine"
+        in h2.connection.H2Connection.__init__.__code__.co_names,
         "H2Stream.reset_stream": hasattr(h2.stream.H2Stream, "reset_stream"),
     }
     return differ + [name for name, holds in checks.items() if not holds]
@@ -379,6 +422,7 @@ def install() -> None:
         )
         return
     H2Protocol.__init__ = protocol_init  # type: ignore[method-assign]
+    H2Protocol.handle = handle  # type: ignore[method-assign]
     H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
     H2Protocol._create_stream = create_stream  # type: ignore[method-assign]
     H2Protocol._priority_updated = priority_updated  # type: ignore[method-assign]
