@@ -26,7 +26,7 @@ from hyperframe.frame import (
 )
 
 from service.config import Settings
-from service.transport import h2_guard
+from service.transport import h2_budgets, h2_guard
 from tests.h2_raw import RawH2, serving
 from tests.servers import RunningServer, server_env, start_server
 
@@ -341,13 +341,13 @@ async def test_large_reads_are_handled_whole_in_slices(monkeypatch: pytest.Monke
 def test_streams_opened_earn_frames_that_go_with_requests(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(h2_guard.time, "monotonic", lambda: 1000.0)
-    guard = h2_guard.ConnectionGuard(("192.0.2.1", 4711))
-    update = h2_guard.FRAME_KINDS[WindowUpdateFrame]
+    monkeypatch.setattr(h2_budgets.time, "monotonic", lambda: 1000.0)
+    guard = h2_budgets.ConnectionGuard(("192.0.2.1", 4711))
+    update = h2_budgets.FRAME_KINDS[WindowUpdateFrame]
     streams = 50
     for _ in range(streams):
         guard.credit()
-    allowed = int(h2_guard.BUDGETS["empty"].burst) + streams * h2_guard.STREAM_CREDIT["empty"]
+    allowed = int(h2_budgets.BUDGETS["empty"].burst) + streams * h2_budgets.STREAM_CREDIT["empty"]
     for _ in range(allowed):
         guard.spend(update)
     with pytest.raises(DenialOfServiceError):
@@ -357,10 +357,10 @@ def test_streams_opened_earn_frames_that_go_with_requests(
 
 def test_a_budget_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr(h2_guard.time, "monotonic", lambda: now[0])
-    guard = h2_guard.ConnectionGuard(("192.0.2.1", 4711))
-    ping = h2_guard.FRAME_KINDS[PingFrame]
-    budget = h2_guard.BUDGETS["PING"]
+    monkeypatch.setattr(h2_budgets.time, "monotonic", lambda: now[0])
+    guard = h2_budgets.ConnectionGuard(("192.0.2.1", 4711))
+    ping = h2_budgets.FRAME_KINDS[PingFrame]
+    budget = h2_budgets.BUDGETS["PING"]
     for _ in range(int(budget.burst)):
         guard.spend(ping)
     with pytest.raises(DenialOfServiceError):

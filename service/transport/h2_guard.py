@@ -1,22 +1,26 @@
-"""Per-connection limits on HTTP/2 frames that make the server work and give a client nothing.
+"""HTTP/2 abuse answered with GOAWAY ENHANCE_YOUR_CALM, as nghttp2, Go and h2o answer it.
 
-Hypercorn with h2 answers every SETTINGS and PING, starts the application for every
-stream however soon the client resets it, and lets one connection send as many of
-those frames as it likes: a PING or SETTINGS flood on one connection stalled a worker,
-and a rapid-reset client (CVE-2023-44487) was stopped only by an unhandled
-`TooManyStreamsError`. As nghttp2, Go and h2o do, each connection now gets a
-token bucket per kind of frame (BUDGETS); a client that empties one is sent GOAWAY
-ENHANCE_YOUR_CALM and its connection is closed, with one line in the log.
+Hypercorn with h2 answered every SETTINGS and PING and started the application for
+every stream however soon the client reset it, without limit: a PING or SETTINGS flood
+on one connection stalled a worker, and a rapid-reset client (CVE-2023-44487) was
+stopped only by an unhandled priority.TooManyStreamsError. Now each frame h2 receives is
+first taken from its connection's budget (h2_budgets.py); a client that spends one is
+sent GOAWAY ENHANCE_YOUR_CALM, its connection cut, and one line logged. Besides:
 
-Besides: a stream opened past the advertised MAX_CONCURRENT_STREAMS is refused alone
-(RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2) where h2 ended the whole connection;
-streams a client resets while their application still runs keep counting against that
-limit until it returns (as Go's server counts them), so resets cannot pile up work; a
-stream reset in the same read that opened it never starts its application; PRIORITY
-signals name only streams that exist (RFC 9113 deprecates them, and a tree of phantom
-streams is what overflowed); and the priority tree's errors no longer escape Hypercorn's
-send task. The library versions are pinned; `shapes_differ` checks at start-up that the
-internals used here are still there, and otherwise the libraries keep their behaviour.
+- a stream opened past the advertised MAX_CONCURRENT_STREAMS is refused alone
+  (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2) where h2 ended the connection;
+- streams reset while their application still runs count as open until it returns (as
+  Go's server counts them), so resets cannot pile up work; a stream reset in the read
+  that opened it never starts;
+- h2 gets reads in READ_SLICE pieces, so that one read of small frames cannot hold the
+  event loop for tens of ms;
+- PRIORITY signals name only streams that exist (RFC 9113 deprecates them; a tree of
+  phantom streams is what overflowed), and the priority tree's errors stay inside
+  Hypercorn's send task; DATA for a stream Hypercorn has finished is dropped, not a
+  KeyError.
+
+The versions are pinned, and `shapes_differ` checks at start-up that the internals used
+here are as expected; if not, one warning is logged and the libraries are left alone.
 See docs/performance.md, "Library changes".
 """
 
@@ -26,9 +30,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -40,64 +42,17 @@ import h2.stream
 import hypercorn.asyncio.task_group
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol
-from hyperframe.frame import (
-    DataFrame,
-    ExtensionFrame,
-    Frame,
-    GoAwayFrame,
-    PingFrame,
-    PriorityFrame,
-    RstStreamFrame,
-    SettingsFrame,
-    WindowUpdateFrame,
-)
+from hyperframe.frame import DataFrame, Frame
 from priority.priority import PriorityError, TooManyStreamsError
+
+from service.transport.h2_budgets import EMPTY_DATA, FRAME_KINDS, REFUSED, ConnectionGuard
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """A token bucket: `burst` frames at once, refilled at `per_second`."""
-
-    burst: float
-    per_second: float
-
-
-# A browser or API client sends a handful of each per connection; floods send thousands a
-# second. nghttp2 allows 1,000 resets at 33/s, Netty 200 per 30 s; h2 spends 10-100 us of
-# this worker's time on each of these frames, so a budget is also the most one attacking
-# connection costs before it is closed (a few ms).
-BUDGETS = {
-    "SETTINGS": Budget(burst=50, per_second=5),
-    "PING": Budget(burst=50, per_second=5),
-    "RST_STREAM": Budget(burst=100, per_second=10),  # client resets and refused streams
-    "PRIORITY": Budget(burst=100, per_second=10),
-    "empty": Budget(burst=100, per_second=10),  # empty DATA, WINDOW_UPDATE, unknown types
-}
-# Each stream a client opens earns it a few more frames that go with requests: a client
-# may return flow-control credit for every response it reads (stream and connection).
-# Such credit is kept for at most CREDIT_STREAMS streams beyond the burst.
-STREAM_CREDIT = {"empty": 4, "PRIORITY": 2}
-CREDIT_STREAMS = 256
 # h2 handles all the frames of one read before anything else runs: 64 KiB of small frames
 # held the event loop for tens of ms. Larger reads are handed over in slices.
 READ_SLICE = 2048
-FRAME_KINDS: dict[type[Frame], tuple[str, str]] = {  # frame type: its budget, its name
-    SettingsFrame: ("SETTINGS", "SETTINGS"),
-    PingFrame: ("PING", "PING"),
-    RstStreamFrame: ("RST_STREAM", "RST_STREAM"),
-    PriorityFrame: ("PRIORITY", "PRIORITY"),
-    WindowUpdateFrame: ("empty", "WINDOW_UPDATE"),
-    ExtensionFrame: ("empty", "unknown-type"),
-    GoAwayFrame: ("empty", "GOAWAY"),
-}
-EMPTY_DATA = ("empty", "empty DATA")
-REFUSED = ("RST_STREAM", "refused-stream HEADERS")
-# After GOAWAY, the connection is cut (not closed politely: a TLS close waits for the
-# client's close_notify, decrypting whatever else it sends) once GOAWAY has had this long.
-ABORT_AFTER = 1.0
-LOG_INTERVAL = 1.0  # seconds between two log lines about one frame's floods, per worker
 GUARD = "_h2_guard"
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 _CLOSED = h2.connection.ConnectionState.CLOSED
@@ -113,91 +68,6 @@ _original: dict[str, Callable[..., Any]] = {
     "receive_headers_frame": h2.connection.H2Connection._receive_headers_frame,
     "handle_app": hypercorn.asyncio.task_group._handle,
 }
-
-
-class ConnectionGuard:
-    """One connection's budgets, and its streams whose application is still running."""
-
-    __slots__ = ("breach", "buckets", "orphans", "peer", "resets_seen", "running", "transport")
-
-    def __init__(self, peer: Any, transport: Any = None) -> None:
-        now = time.monotonic()
-        self.peer = peer
-        self.transport = transport
-        self.buckets = {kind: [budget.burst, now] for kind, budget in BUDGETS.items()}
-        self.running: set[int] = set()  # streams whose application has not returned
-        self.orphans: set[int] = set()  # ... among them, those the client has reset
-        self.resets_seen = False  # since the last batch of events was screened
-        self.breach: str | None = None
-
-    def spend(self, kind: tuple[str, str]) -> None:
-        """Take one frame from its budget; DenialOfServiceError once that is spent."""
-        budget, bucket = BUDGETS[kind[0]], self.buckets[kind[0]]
-        now = time.monotonic()
-        if bucket[0] < budget.burst:  # time refills up to the burst; credit may go beyond
-            bucket[0] = min(budget.burst, bucket[0] + (now - bucket[1]) * budget.per_second)
-        bucket[0] -= 1
-        bucket[1] = now
-        if bucket[0] < 0:
-            if self.breach is None:
-                self.breach = kind[1]
-                _log_breach(self.peer, kind[1])
-                if self.transport is not None:
-                    asyncio.get_running_loop().call_later(ABORT_AFTER, self.transport.abort)
-            raise h2.exceptions.DenialOfServiceError(f"too many {kind[1]} frames")
-
-    def credit(self) -> None:
-        """A stream opened: add its share to the budgets of frames that go with requests."""
-        for kind, tokens in STREAM_CREDIT.items():
-            bucket = self.buckets[kind]
-            bucket[0] = min(BUDGETS[kind].burst + tokens * CREDIT_STREAMS, bucket[0] + tokens)
-
-    def screen(self, protocol: Any, events: list[h2.events.Event]) -> list[h2.events.Event]:
-        """The events Hypercorn should see: none for streams it need not start or no longer has."""
-        reset = set()
-        if self.resets_seen:
-            self.resets_seen = False
-            reset = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
-        kept, opened, skipped = [], set(), set()
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                if event.stream_id in reset:  # opened and cancelled at once: never started
-                    skipped.add(event.stream_id)
-                    continue
-                opened.add(event.stream_id)
-            elif isinstance(event, h2.events.DataReceived | h2.events.StreamEnded):
-                stream_id = event.stream_id
-                if stream_id in skipped or (
-                    stream_id not in protocol.streams and stream_id not in opened
-                ):
-                    if isinstance(event, h2.events.DataReceived):  # Hypercorn would KeyError
-                        protocol.connection.acknowledge_received_data(
-                            event.flow_controlled_length, stream_id
-                        )
-                    continue
-            kept.append(event)
-        return kept
-
-
-_last_logged: dict[str, tuple[float, int]] = {}  # name: (when, connections closed since)
-
-
-def _log_breach(peer: Any, kind: str) -> None:
-    """One line per closed connection, at most one per frame and LOG_INTERVAL (with a count)."""
-    now = time.monotonic()
-    at, unlogged = _last_logged.get(kind, (-LOG_INTERVAL, 0))
-    if now - at < LOG_INTERVAL:
-        _last_logged[kind] = (at, unlogged + 1)
-        return
-    _last_logged[kind] = (now, 0)
-    host = peer[0] if isinstance(peer, tuple) and peer else "unknown"
-    more = f" (and {unlogged} more since the last such line)" if unlogged else ""
-    log.warning(
-        "HTTP/2 client %s sent too many %s frames: GOAWAY ENHANCE_YOUR_CALM, connection closed%s",
-        host,
-        kind,
-        more,
-    )
 
 
 def protocol_init(self: Any, *args: Any, **kwargs: Any) -> None:
