@@ -261,7 +261,7 @@ async def test_streams_reset_while_their_application_runs_still_count_as_open() 
             await connection.close()
 
 
-async def test_a_stream_reset_in_the_read_that_opened_it_never_starts() -> None:
+async def test_a_stream_reset_in_the_read_that_opened_it_never_starts_and_costs_more() -> None:
     h2_guard.install()
     app = App()
     async with serving(app) as url:
@@ -271,6 +271,11 @@ async def test_a_stream_reset_in_the_read_that_opened_it_never_starts() -> None:
             pairs = [connection.headers(request()) for _ in range(20)]
             await connection.send(b"".join(frames + reset(sid) for sid, frames in pairs))
             assert await connection.request(request()) == "200"
+            assert app.started == 2
+            # 30 such resets spend the budget of 100 plain ones (these cost 4 each).
+            more = [connection.headers(request()) for _ in range(10)]
+            await connection.send(b"".join(frames + reset(sid) for sid, frames in more))
+            assert await asyncio.wait_for(connection.goaway, 5) == ErrorCodes.ENHANCE_YOUR_CALM
         finally:
             await connection.close()
     assert app.started == 2

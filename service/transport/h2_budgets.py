@@ -65,6 +65,9 @@ FRAME_KINDS: dict[type[Frame], tuple[str, str]] = {  # frame type: its budget, i
     GoAwayFrame: ("empty", "GOAWAY"),
 }
 EMPTY_DATA = ("empty", "empty DATA")
+# A stream reset in the read that opened it (CVE-2023-44487's pattern; a browser cancels
+# a handful at most) costs this many resets: each costs h2 its HEADERS, 100 us.
+RAPID_RESET_COST = 4
 REFUSED = ("RST_STREAM", "refused-stream HEADERS")
 # After GOAWAY, the connection is cut (not closed politely: a TLS close waits for the
 # client's close_notify, decrypting whatever else it sends) once GOAWAY has had this long.
@@ -75,7 +78,16 @@ LOG_INTERVAL = 1.0  # seconds between two log lines about one frame's floods, pe
 class ConnectionGuard:
     """One connection's budgets, and its streams whose application is still running."""
 
-    __slots__ = ("breach", "buckets", "orphans", "peer", "resets_seen", "running", "transport")
+    __slots__ = (
+        "breach",
+        "buckets",
+        "fresh",
+        "orphans",
+        "peer",
+        "resets_seen",
+        "running",
+        "transport",
+    )
 
     def __init__(self, peer: Any, transport: Any = None) -> None:
         now = time.monotonic()
@@ -85,15 +97,16 @@ class ConnectionGuard:
         self.running: set[int] = set()  # streams whose application has not returned
         self.orphans: set[int] = set()  # ... among them, those the client has reset
         self.resets_seen = False  # since the last batch of events was screened
+        self.fresh: set[int] = set()  # streams opened since then
         self.breach: str | None = None
 
-    def spend(self, kind: tuple[str, str]) -> None:
-        """Take one frame from its budget; DenialOfServiceError once that is spent."""
+    def spend(self, kind: tuple[str, str], cost: int = 1) -> None:
+        """Take a frame from its budget; DenialOfServiceError once that is spent."""
         budget, bucket = BUDGETS[kind[0]], self.buckets[kind[0]]
         now = time.monotonic()
         if bucket[0] < budget.burst:  # time refills up to the burst; credit may go beyond
             bucket[0] = min(budget.burst, bucket[0] + (now - bucket[1]) * budget.per_second)
-        bucket[0] -= 1
+        bucket[0] -= cost
         bucket[1] = now
         if bucket[0] < 0:
             if self.breach is None:
@@ -111,6 +124,7 @@ class ConnectionGuard:
 
     def screen(self, protocol: Any, events: list[h2.events.Event]) -> list[h2.events.Event]:
         """The events Hypercorn should see: none for streams it need not start or no longer has."""
+        self.fresh.clear()
         reset = set()
         if self.resets_seen:
             self.resets_seen = False

@@ -42,10 +42,16 @@ import h2.stream
 import hypercorn.asyncio.task_group
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
-from service.transport.h2_budgets import EMPTY_DATA, FRAME_KINDS, REFUSED, ConnectionGuard
+from service.transport.h2_budgets import (
+    EMPTY_DATA,
+    FRAME_KINDS,
+    RAPID_RESET_COST,
+    REFUSED,
+    ConnectionGuard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +95,13 @@ def receive_frame(self: Any, frame: Frame) -> list[h2.events.Event]:
         if kind is None and type(frame) is DataFrame:
             if not frame.data and "END_STREAM" not in frame.flags:
                 guard.spend(EMPTY_DATA)
+        elif kind is FRAME_KINDS[RstStreamFrame]:
+            guard.spend(kind, RAPID_RESET_COST if frame.stream_id in guard.fresh else 1)
+            guard.resets_seen = True
+            if frame.stream_id in guard.running:  # before the next HEADERS is counted
+                guard.orphans.add(frame.stream_id)
         elif kind is not None:
             guard.spend(kind)
-            if kind[0] == "RST_STREAM":
-                guard.resets_seen = True
-                if frame.stream_id in guard.running:  # before the next HEADERS is counted
-                    guard.orphans.add(frame.stream_id)
     events: list[h2.events.Event] = _original["receive_frame"](self, frame)
     return events
 
@@ -111,6 +118,7 @@ def receive_headers_frame(self: Any, frame: Any) -> tuple[list[Frame], list[h2.e
         self.open_inbound_streams + len(guard.orphans) < limit
     ):
         guard.credit()
+        guard.fresh.add(frame.stream_id)
         return original(self, frame)  # type: ignore[no-any-return]
     guard.spend(REFUSED)
     # Opened first, so that h2 neither refuses the whole connection nor skips the header
