@@ -155,13 +155,18 @@ async def test_a_frame_flood_gets_goaway_enhance_your_calm(
     assert f"sent too many {kind} frames: GOAWAY ENHANCE_YOUR_CALM" in log
 
 
+def reset(stream_id: int) -> bytes:
+    """A client's RST_STREAM (CANCEL)."""
+    frame = RstStreamFrame(stream_id)
+    frame.error_code = ErrorCodes.CANCEL
+    return frame.serialize()
+
+
 def rapid_resets(connection: RawH2) -> Iterator[bytes]:
     """A new stream, reset at once, again and again (CVE-2023-44487)."""
     for _ in range(FLOOD_FRAMES):
         stream_id, headers = connection.headers(request())
-        reset = RstStreamFrame(stream_id)
-        reset.error_code = ErrorCodes.CANCEL
-        yield headers + reset.serialize()
+        yield headers + reset(stream_id)
 
 
 @pytest.mark.fault
@@ -205,13 +210,6 @@ async def test_a_stream_past_the_limit_is_refused_and_the_others_complete(
     finally:
         await connection.close()
     assert "Traceback" not in server.log()
-
-
-def reset(stream_id: int) -> bytes:
-    """A client's RST_STREAM (CANCEL)."""
-    frame = RstStreamFrame(stream_id)
-    frame.error_code = ErrorCodes.CANCEL
-    return frame.serialize()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
