@@ -30,6 +30,7 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 DRAIN_SECONDS = 10.0
 PATH_CACHE_SIZE = 1024  # distinct raw paths whose decoding is remembered
+PATH_CACHE_LONGEST = 256  # longer paths are decoded each time: the memo stays under 1 MiB
 TOO_LARGE = (
     b'{"type":"about:blank","title":"Content Too Large","status":413,'
     b'"detail":"The request body is too large."}'
@@ -346,7 +347,13 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     return environ
 
 
-@lru_cache(maxsize=PATH_CACHE_SIZE)
 def _unquote_path(path: str) -> str:
     """Percent-decode a raw path to the latin-1 string PEP 3333 expects."""
+    if len(path) > PATH_CACHE_LONGEST:
+        return unquote_to_bytes(path).decode("latin-1")
+    return _unquote_short_path(path)
+
+
+@lru_cache(maxsize=PATH_CACHE_SIZE)
+def _unquote_short_path(path: str) -> str:
     return unquote_to_bytes(path).decode("latin-1")

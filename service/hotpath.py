@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 F = TypeVar("F", bound=Callable[..., Any])
 
 ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_LONGEST = 256  # longer paths are matched each time: the memo stays under 4 MiB
 
 
 def runs_inline(view: F) -> F:
@@ -36,8 +37,12 @@ def marked_views(app: Flask, mark: str) -> Callable[[str, str], bool]:
     """Return a (method, path) -> bool test for views carrying the attribute mark."""
     matcher = app.url_map.bind("localhost")
 
-    @lru_cache(maxsize=ROUTE_CACHE_SIZE)
     def is_marked(method: str, path: str) -> bool:
+        if len(path) > ROUTE_CACHE_LONGEST:
+            return matches(method, path)
+        return remembered(method, path)
+
+    def matches(method: str, path: str) -> bool:
         try:
             endpoint, _ = matcher.match(path, method=method)
         except HTTPException:
@@ -45,4 +50,5 @@ def marked_views(app: Flask, mark: str) -> Callable[[str, str], bool]:
         view = app.view_functions.get(str(endpoint))
         return bool(getattr(view, mark, False))
 
+    remembered = lru_cache(maxsize=ROUTE_CACHE_SIZE)(matches)
     return is_marked

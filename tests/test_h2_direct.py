@@ -12,8 +12,7 @@ from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
 
 from service.transport import h2_direct
-from tests.h2_raw import exchange, status
-from tests.test_coalesce import CHUNK, serving
+from tests.h2_raw import CHUNK, exchange, serving, status
 
 SMALL = b'{"message": "Hello"}'
 
@@ -56,7 +55,7 @@ def queued_bodies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 async def test_small_bodies_skip_the_send_task(queued_bodies: list[int]) -> None:
     async with serving(app) as url, httpx.AsyncClient(http1=False, http2=True) as client:
-        replies = await asyncio.gather(*(client.get(f"{url}small") for _ in range(50)))
+        replies = await asyncio.gather(*(client.get(f"{url}/small") for _ in range(50)))
     assert {reply.http_version for reply in replies} == {"HTTP/2"}
     assert [reply.content for reply in replies] == [SMALL + b"/small"] * 50
     assert queued_bodies == []
@@ -65,8 +64,8 @@ async def test_small_bodies_skip_the_send_task(queued_bodies: list[int]) -> None
 
 async def test_a_stream_that_needs_the_send_task_keeps_it(queued_bodies: list[int]) -> None:
     async with serving(app) as url, httpx.AsyncClient(http1=False, http2=True) as client:
-        replies = await asyncio.gather(*(client.get(f"{url}mixed") for _ in range(6)))
-        small = await client.get(f"{url}small")
+        replies = await asyncio.gather(*(client.get(f"{url}/mixed") for _ in range(6)))
+        small = await client.get(f"{url}/small")
     assert [reply.content for reply in replies] == [mixed()] * 6
     assert small.content == SMALL + b"/small"
     # Each stream: the first chunk went directly; every chunk after the first large one
@@ -77,13 +76,13 @@ async def test_a_stream_that_needs_the_send_task_keeps_it(queued_bodies: list[in
 async def test_cancelled_streams_leave_the_connection_serving(queued_bodies: list[int]) -> None:
     async with serving(app) as url, httpx.AsyncClient(http1=False, http2=True) as client:
         # Connected first: a request cancelled while its client connects leaks the socket.
-        assert (await client.get(f"{url}small")).content == SMALL + b"/small"
-        pending = [asyncio.ensure_future(client.get(f"{url}mixed")) for _ in range(6)]
+        assert (await client.get(f"{url}/small")).content == SMALL + b"/small"
+        pending = [asyncio.ensure_future(client.get(f"{url}/mixed")) for _ in range(6)]
         await asyncio.sleep(0.01)
         for task in pending[::2]:
             task.cancel()
         done = await asyncio.gather(*pending, return_exceptions=True)
-        after = await asyncio.gather(*(client.get(f"{url}small") for _ in range(10)))
+        after = await asyncio.gather(*(client.get(f"{url}/small") for _ in range(10)))
     kept = [reply for reply in done if isinstance(reply, httpx.Response)]
     assert all(reply.content == mixed() for reply in kept)
     assert [reply.content for reply in after] == [SMALL + b"/small"] * 10

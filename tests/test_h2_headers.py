@@ -16,8 +16,7 @@ from h2.utilities import (
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from service.transport import h2_headers
-from tests.h2_raw import CLOSED, exchange, status
-from tests.test_coalesce import serving
+from tests.h2_raw import CLOSED, exchange, serving, status
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -119,6 +118,20 @@ def test_unhashable_headers_get_h2s_answer() -> None:
     sent = [[b":status", b"200"]]
     normalized = h2_headers.memo_normalize_outbound_headers(sent, RESPONSE)  # type: ignore[arg-type]
     assert [tuple(header) for header in normalized] == [(b":status", b"200")]
+
+
+def test_distinct_lists_stay_within_the_memo_bytes() -> None:
+    kept = h2_headers._accepted
+    for number in range(800):  # 4-12 KiB each: about twice the budget
+        headers = [*GOOD, (b"x-pad", b"%06d" % number * (700 + number % 1400))]
+        assert h2_headers.memo_validate_headers(headers, REQUEST) == tuple(headers)
+        assert kept.used <= h2_headers.MEMO_BYTES
+    assert kept.used > h2_headers.MEMO_BYTES - h2_headers.ENTRY_BYTES
+    large = [*GOOD, (b"x-pad", b"z" * h2_headers.ENTRY_BYTES)]
+    assert h2_headers.memo_validate_headers(large, REQUEST) == tuple(large)
+    assert kept.get((validate_headers, tuple(large), REQUEST)) is None  # checked, not kept
+    with pytest.raises(ProtocolError):  # and checked every time
+        h2_headers.memo_validate_headers([*large, (b"Upper", b"x")], REQUEST)
 
 
 async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

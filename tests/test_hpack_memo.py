@@ -9,7 +9,7 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 
-from service.transport import hpack_memo
+from service.transport import hpack_memo, memo
 
 
 def test_memo_decodes_like_hpack() -> None:
@@ -83,25 +83,55 @@ def test_a_kept_block_is_read_again_once_the_table_changed(
     assert reads.count(newest) == 3
 
 
-def test_invalid_blocks_raise_every_time_and_the_memo_stays_small(
+def test_invalid_blocks_raise_every_time_and_the_memo_stays_within_its_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     decoder, _ = decoder_counting_reads(monkeypatch)
     for _ in range(2):
         with pytest.raises(hpack.InvalidTableIndex):
             decoder.decode(b"\xff\x00")
-    for index in range(1, 3 * hpack_memo.BLOCKS_PER_CONNECTION):
-        decoder.decode(bytes([0x82, 0x80 | index]))  # distinct blocks of static fields
-    assert len(decoder.__dict__["_memo_blocks"]) <= hpack_memo.BLOCKS_PER_CONNECTION
+    encoder = hpack.Encoder()
+    for index in range(200):  # distinct blocks of 2-6 KiB that leave the table alone
+        value = f"{index:04d}" * (500 + 5 * index % 1000)
+        block = encoder.encode([hpack.NeverIndexedHeaderTuple("x-a", value)], huffman=False)
+        assert list(decoder.decode(block)) == [("x-a", value)]
+        memo = decoder.__dict__[hpack_memo.MEMO]
+        assert 0 < memo.used <= hpack_memo.BLOCK_MEMO_BYTES
 
 
 def test_large_blocks_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     decoder, reads = decoder_counting_reads(monkeypatch)
-    many_fields = b"\x82" * (hpack_memo.BLOCK_FIELDS + 1)
+    many_fields = b"\x82" * (hpack_memo.BLOCK_ENTRY_BYTES // memo.FIELD_OVERHEAD)
     long_value = hpack.Encoder().encode(
-        [hpack.NeverIndexedHeaderTuple("cookie", "c" * hpack_memo.BLOCK_BYTES)], huffman=False
+        [hpack.NeverIndexedHeaderTuple("cookie", "c" * hpack_memo.BLOCK_ENTRY_BYTES)],
+        huffman=False,
     )
     for block in (many_fields, many_fields, long_value, long_value):
         decoder.decode(block)
     assert reads == [many_fields, many_fields, long_value, long_value]
-    assert decoder.__dict__["_memo_blocks"] == {}
+    assert len(decoder.__dict__[hpack_memo.MEMO]) == 0
+
+
+FIVE_BITS = b"012aceiost"  # characters with 5-bit codes: 8 of them make 5 whole bytes
+
+
+def five_bit_value(number: int, units: int) -> tuple[bytes, bytes]:
+    """A value distinct per number, and its Huffman encoding (made fast: units align)."""
+    encoder = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+    unique = bytes(FIVE_BITS[number // 10**place % 10] for place in range(8))
+    filler = b"ace01sto"
+    value = unique + filler * units
+    return value, encoder.encode(unique) + encoder.encode(filler) * units
+
+
+def test_distinct_huffman_values_stay_within_the_worker_budget() -> None:
+    kept = hpack_memo._huffman
+    kept.clear()
+    for number in range(1000):  # 2-4 KiB each, with their encodings: twice the budget
+        value, encoded = five_bit_value(number, 256 + number % 256)
+        assert hpack_memo.memo_decode_huffman(encoded) == value
+        assert kept.used <= hpack_memo.HUFFMAN_MEMO_BYTES
+    assert kept.used > hpack_memo.HUFFMAN_MEMO_BYTES - hpack_memo.HUFFMAN_ENTRY_BYTES
+    huge, encoded = five_bit_value(1000, hpack_memo.HUFFMAN_ENTRY_BYTES // 8)
+    assert hpack_memo.memo_decode_huffman(encoded) == huge
+    assert kept.get(encoded) is None  # decoded, not kept

@@ -12,7 +12,7 @@ import pytest
 from hypercorn.asyncio.worker_context import AsyncioSingleTask
 
 from service.transport import idle_timer
-from tests.test_coalesce import serving
+from tests.h2_raw import serving
 
 REQUEST = b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
 

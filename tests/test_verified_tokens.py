@@ -113,6 +113,19 @@ def test_the_oldest_entry_goes_beyond_the_size() -> None:
         assert memo.lookup(f"token {index}", returns(KEY)) == {"sub": "someone", "n": index}
 
 
+def test_the_oldest_entries_go_beyond_the_byte_budget() -> None:
+    memo = VerifiedTokens(1_000_000)
+    token_bytes = verified.TOKEN_BYTES
+    fit = verified.MEMO_BYTES // verified._cost("t" * token_bytes)
+    for index in range(fit + 10):
+        memo.remember(f"{index:08d}".ljust(token_bytes, "t"), entry(n=index))
+    assert len(memo) == fit
+    assert memo.peek("00000009".ljust(token_bytes, "t")) is None
+    assert memo.peek(f"{fit + 9:08d}".ljust(token_bytes, "t")) == {"sub": "someone", "n": fit + 9}
+    memo.remember("x" * (token_bytes + 1), entry())  # too long to keep
+    assert memo.peek("x" * (token_bytes + 1)) is None and len(memo) == fit
+
+
 def test_size_zero_remembers_nothing() -> None:
     memo = VerifiedTokens(0)
     memo.remember("token", entry())

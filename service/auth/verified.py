@@ -16,6 +16,16 @@ from typing import Any
 
 KeyLoader = Callable[[dict[str, Any], dict[str, Any]], Any]
 
+MEMO_BYTES = 32 * 1024 * 1024  # per worker, whatever the entry count setting allows
+TOKEN_BYTES = 8 * 1024  # longer tokens are verified every time
+
+
+def _cost(token: str) -> int:
+    """Bytes an entry is charged."""
+    # The token, its decoded header and claims (shorter than their base64 in the token),
+    # and an allowance for the dicts that hold them.
+    return 2 * len(token) + 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Verified:
@@ -28,11 +38,12 @@ class Verified:
 
 
 class VerifiedTokens:
-    """Tokens that passed full verification, oldest dropped first beyond `size`."""
+    """Tokens that passed full verification, oldest dropped first beyond `size` or MEMO_BYTES."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._entries: dict[str, Verified] = {}
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -46,7 +57,8 @@ class VerifiedTokens:
         # PyJWT's rule with no leeway: a token is expired once exp <= now.
         if entry.expires_at <= time.time() or not _still_signed_by(entry, key_loader):
             with self._lock:
-                self._entries.pop(token, None)
+                if self._entries.pop(token, None) is not None:
+                    self._bytes -= _cost(token)
             return None
         return dict(entry.claims)
 
@@ -62,12 +74,19 @@ class VerifiedTokens:
 
     def remember(self, token: str, entry: Verified) -> None:
         """Record a token that has just passed full verification."""
-        if self._size <= 0:
+        if self._size <= 0 or len(token) > TOKEN_BYTES:
             return
         with self._lock:
-            if len(self._entries) >= self._size:
-                self._entries.pop(next(iter(self._entries)), None)
+            if self._entries.pop(token, None) is not None:
+                self._bytes -= _cost(token)
+            while self._entries and (
+                len(self._entries) >= self._size or self._bytes + _cost(token) > MEMO_BYTES
+            ):
+                oldest = next(iter(self._entries))
+                del self._entries[oldest]
+                self._bytes -= _cost(oldest)
             self._entries[token] = entry
+            self._bytes += _cost(token)
 
 
 def _still_signed_by(entry: Verified, key_loader: KeyLoader) -> bool:

@@ -1,13 +1,23 @@
-"""What the service changes in Hypercorn, h2 and hpack, each measured on the hot path.
+"""What the service changes in Hypercorn, h2 and hpack: hot-path savings, and an abuse guard.
 
-Every module patches one library internal, keeps the library's behaviour (its tests run
+Every speed-up patches one library internal, keeps the library's behaviour (its tests run
 the same exchange against the library's own code where they can), and says in its
-docstring what it saves. The library versions are pinned in pyproject.toml.
+docstring what it saves; what clients can fill is bounded in bytes (memo.py). h2_guard
+changes HTTP/2 behaviour on purpose, as a security fix. The library versions are pinned
+exactly in pyproject.toml; docs/performance.md keeps a record of each change.
 """
 
 from __future__ import annotations
 
-from service.transport import coalesce, date_header, h2_direct, h2_headers, hpack_memo, idle_timer
+from service.transport import (
+    coalesce,
+    date_header,
+    h2_direct,
+    h2_guard,
+    h2_headers,
+    hpack_memo,
+    idle_timer,
+)
 
 
 def install() -> None:
@@ -18,3 +28,4 @@ def install() -> None:
     idle_timer.install()
     coalesce.install()
     h2_direct.install()
+    h2_guard.install()

@@ -5,14 +5,14 @@ names, connection-specific fields, pseudo-headers, authority, path), and normali
 validates every list it sends, each step a generator of its own: about a tenth of an
 HTTP/2 request's CPU (py-spy). These steps are pure functions of the list and the
 validation flags, and a client sends nearly the same list with every request. A list
-accepted once is remembered (bounded); a list that fails is not, so it fails again,
-with the same error.
+accepted once is remembered; a list that fails is not, so it fails again, with the same
+error. Clients choose the lists, so the memos are bounded in bytes (service/transport/
+memo.py), and a list above ENTRY_BYTES is checked every time, as h2 does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 
 import h2.stream
 from h2.utilities import (
@@ -23,19 +23,18 @@ from h2.utilities import (
 )
 from hpack.struct import Header
 
-MEMO_SIZE = 4096
+from service.transport.memo import BoundedMemo, header_bytes
+
+MEMO_BYTES = 4 * 1024 * 1024  # per worker and memo
+ENTRY_BYTES = 16 * 1024  # a request with a large token and cookies fits
 
 
 Validator = Callable[[Iterable[Header], HeaderValidationFlags], Iterable[Header]]
 
-
-@lru_cache(maxsize=2 * MEMO_SIZE)
-def _accepted(
-    validate: Validator, headers: tuple[Header, ...], flags: HeaderValidationFlags
-) -> bool:
-    for _ in validate(headers, flags):
-        pass
-    return True
+_accepted: BoundedMemo[bool] = BoundedMemo(budget=MEMO_BYTES, entry_limit=ENTRY_BYTES)
+_normalized: BoundedMemo[tuple[Header, ...]] = BoundedMemo(
+    budget=MEMO_BYTES, entry_limit=ENTRY_BYTES
+)
 
 
 def _validated(
@@ -43,21 +42,16 @@ def _validated(
 ) -> tuple[Header, ...]:
     """What validate gives (the same headers) or raises; accepted lists are remembered."""
     given = tuple(headers)
+    key = (validate, given, flags)
     try:
-        _accepted(validate, given, flags)
+        if _accepted.get(key):
+            return given
     except TypeError:  # unhashable: h2 decides as it would have
         return tuple(validate(given, flags))
+    for _ in validate(given, flags):
+        pass
+    _accepted.put(key, True, header_bytes(given))
     return given
-
-
-@lru_cache(maxsize=MEMO_SIZE)
-def _normalized(
-    headers: tuple[Header, ...],
-    kinds: tuple[type, ...],  # h2 keeps a header's tuple class (never-indexed or not)
-    flags: HeaderValidationFlags | None,
-    split_cookies: bool,
-) -> tuple[Header, ...]:
-    return tuple(normalize_outbound_headers(headers, flags, split_cookies))
 
 
 def memo_validate_headers(
@@ -81,11 +75,16 @@ def memo_normalize_outbound_headers(
 ) -> list[Header]:
     """h2's normalize_outbound_headers, as a list."""
     sent = tuple(headers)
+    # h2 keeps a header's tuple class (never-indexed or not), so the classes are in the key.
+    key = (sent, tuple(map(type, sent)), flags, should_split_outbound_cookies)
     try:
-        kinds = tuple(map(type, sent))
-        return list(_normalized(sent, kinds, flags, should_split_outbound_cookies))
+        normalized = _normalized.get(key)
     except TypeError:
         return list(normalize_outbound_headers(sent, flags, should_split_outbound_cookies))
+    if normalized is None:
+        normalized = tuple(normalize_outbound_headers(sent, flags, should_split_outbound_cookies))
+        _normalized.put(key, normalized, header_bytes(sent) + header_bytes(normalized))
+    return list(normalized)
 
 
 def install() -> None:

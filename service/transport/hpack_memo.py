@@ -3,45 +3,54 @@
 Clients send `authorization` as a never-indexed literal (RFC 7541, section 7.1.3), so
 HPACK's dynamic table never spares the decoding: the pure-Python Huffman decoder ran
 on the same Bearer token for every request, about a tenth of an HTTP/2 request's CPU.
-Decoding is a pure function of its input, so a bounded memo returns the same bytes (and
-invalid input still raises, as exceptions are not cached).
+Decoding is a pure function of its input, so a memo returns the same bytes (and invalid
+input still raises, as exceptions are not cached).
 
 Past its first request, a client's header block is mostly references into the dynamic
 table, often byte for byte the same block again; decoding it walked every field in pure
 Python (7% of an HTTP/2 request's CPU). A block's headers are a function of its bytes
 and the table it is read against, so each connection's decoder remembers a few blocks
 that left the table as they found it, and reuses one only while the table is unchanged.
+
+Clients choose what both memos hold, so both are bounded in bytes (service/transport/
+memo.py): a worker keeps at most HUFFMAN_MEMO_BYTES of decoded values, each connection at
+most BLOCK_MEMO_BYTES of blocks, and an entry above its limit is decoded every time, as
+hpack does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Any
 
 import hpack.hpack
 from hpack.huffman_table import decode_huffman
 from hpack.struct import HeaderTuple
 
-MEMO_SIZE = 4096
-BLOCKS_PER_CONNECTION = 8
-# Bounds on what one kept block may hold, so a connection's memo stays within a few KiB.
-BLOCK_BYTES = 4096
-BLOCK_FIELDS = 64
+from service.transport.memo import BoundedMemo, header_bytes
+
+HUFFMAN_MEMO_BYTES = 2 * 1024 * 1024  # per worker: ~1,000 remembered Bearer tokens
+HUFFMAN_ENTRY_BYTES = 8 * 1024  # a value and its encoding: a large JWT fits
+BLOCK_MEMO_BYTES = 32 * 1024  # per connection
+BLOCK_ENTRY_BYTES = 8 * 1024  # a block and the headers it decodes to
+MEMO = "_memo_blocks"
 
 _decode_block = hpack.hpack.Decoder.decode
-
-
-@lru_cache(maxsize=MEMO_SIZE)
-def _decode(data: bytes) -> bytes:
-    return decode_huffman(data)
+_huffman: BoundedMemo[bytes] = BoundedMemo(
+    budget=HUFFMAN_MEMO_BYTES, entry_limit=HUFFMAN_ENTRY_BYTES
+)
 
 
 def memo_decode_huffman(data: bytes | bytearray | memoryview | None) -> bytes:
     """hpack's decode_huffman, remembered per distinct input."""
     if not data:
         return b""
-    return _decode(bytes(data))
+    encoded = bytes(data)
+    decoded = _huffman.get(encoded)
+    if decoded is None:
+        decoded = decode_huffman(encoded)
+        _huffman.put(encoded, decoded, len(encoded) + len(decoded))
+    return decoded
 
 
 def _table_state(decoder: hpack.hpack.Decoder) -> tuple[Any, ...]:
@@ -67,21 +76,18 @@ def _unchanged(before: tuple[Any, ...], after: tuple[Any, ...]) -> bool:
 def memo_decode(self: hpack.hpack.Decoder, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
     """hpack's Decoder.decode, reusing this connection's earlier read of the same block."""
     key = (bytes(data), raw)
-    blocks: dict[tuple[bytes, bool], tuple[tuple[Any, ...], tuple[Any, ...]]]
-    blocks = self.__dict__.setdefault("_memo_blocks", {})
+    blocks: BoundedMemo[tuple[tuple[Any, ...], tuple[Any, ...]]] | None
+    blocks = self.__dict__.get(MEMO)
+    if blocks is None:
+        blocks = BoundedMemo(budget=BLOCK_MEMO_BYTES, entry_limit=BLOCK_ENTRY_BYTES)
+        self.__dict__[MEMO] = blocks
     state = _table_state(self)
     known = blocks.get(key)
     if known is not None and _unchanged(known[0], state):
         return list(known[1])
     headers = list(_decode_block(self, data, raw))
-    if (
-        len(key[0]) <= BLOCK_BYTES
-        and len(headers) <= BLOCK_FIELDS
-        and _unchanged(state, _table_state(self))
-    ):
-        if len(blocks) >= BLOCKS_PER_CONNECTION:
-            blocks.clear()
-        blocks[key] = (state, tuple(headers))
+    if len(key[0]) < BLOCK_ENTRY_BYTES and _unchanged(state, _table_state(self)):
+        blocks.put(key, (state, tuple(headers)), len(key[0]) + header_bytes(headers))
     return headers
 
 

