@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from service.store.db import unavailable_reason
+
+        reason = unavailable_reason(exc)
+        if reason is None:
+            raise
+        print(f"database unavailable: {reason}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 
 from service.config import Settings
-from service.store.db import database_url
+from service.store.db import bounds, database_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -19,6 +19,9 @@ def alembic_config(settings: Settings) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", database_url(settings).replace("%", "%%"))
     config.attributes["configure_logger"] = False
+    if not settings.embedded_database:
+        # Connecting is bounded; statements are not: a schema change may rightly run long.
+        config.attributes["connect_args"] = bounds(settings, statements=False)
     return config
 
 
