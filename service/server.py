@@ -12,6 +12,7 @@ from service.adapter import AsgiAdapter
 from service.auth.prefetch import revocation_prefetch
 from service.config import ConfigError, Settings
 from service.hotpath import inline_policy
+from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
 from service.tls import ensure_dev_certificate
 from service.workers import run_workers
@@ -39,6 +40,9 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
         on_loop_shutdown=clients.close,
+        needs_database=database_policy(flask_app),
+        database_slots=settings.database_request_slots,
+        database_wait=settings.database_pool_timeout,
     )
 
 
