@@ -224,6 +224,30 @@ async def test_requests_without_the_database_are_served_while_it_hangs(
     assert (await http.get("/auth/me", headers=user.bearer())).status_code == 200
 
 
+async def test_waiting_for_a_pooled_connection_is_bounded(
+    settings: Settings, proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two connections at most, both held by requests stuck on the hung database.
+    tight = {"database_pool_size": 1, "database_pool_timeout": 0.3}
+    bounds = {"database_connect_timeout": 3.0, "database_statement_timeout": 3.0}
+    server = serve_in_process(proxied_settings(settings, proxy, tmp_path, **tight, **bounds))
+    http = await server.__aenter__()
+    try:
+        user = await login(http, await register(http, PASSWORD), PASSWORD)
+        proxy.freeze()
+        caplog.set_level(logging.WARNING)
+        answers = await asyncio.gather(
+            *(timed(http.get("/auth/me", headers=user.bearer())) for _ in range(3))
+        )
+        for response, elapsed in answers:
+            assert_unavailable(response, elapsed)
+        assert "no pooled connection free in time" in caplog.text
+        assert min(elapsed for _, elapsed in answers) < 2.0  # it did not wait for the others
+    finally:
+        proxy.thaw()
+        await server.__aexit__(None, None, None)
+
+
 async def test_a_database_frozen_at_connect_gives_503_in_time(
     settings: Settings, proxy: TcpProxy, tmp_path: Path
 ) -> None:
