@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseUnavailable as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from service.store.db import unavailable_reason
+
+        reason = unavailable_reason(exc)
+        if reason is None:
+            raise
+        print(f"database unavailable: {reason}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

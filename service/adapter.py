@@ -39,6 +39,10 @@ TOO_SLOW = (
     b'{"type":"about:blank","title":"Request Timeout","status":408,'
     b'"detail":"The request body did not arrive in time."}'
 )
+BUSY = (
+    b'{"type":"about:blank","title":"Service Unavailable","status":503,'
+    b'"detail":"The database is busy or unavailable; retry shortly."}'
+)
 PROBLEM = [(b"content-type", b"application/problem+json")]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
@@ -113,7 +117,8 @@ class AsgiAdapter:
     Views run in request threads, except on the event loop: those `inline` selects (after
     `prepare_inline`), and those for which `prefetch`, awaited before any other request
     goes to a thread, fetched all they would wait for. Those the `lane` selects run in
-    its own threads, or are refused at once when it is full.
+    its own threads, or are refused at once when it is full. A request `needs_database`
+    selects first waits for one of `database_slots` turns (see service/isolation.py).
     """
 
     def __init__(
@@ -130,6 +135,9 @@ class AsgiAdapter:
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         on_loop_shutdown: Callable[[], Awaitable[None]] | None = None,
+        needs_database: Callable[[str, str], bool] | None = None,
+        database_slots: int = 1,
+        database_wait: float = 2.0,
     ) -> None:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
@@ -143,6 +151,9 @@ class AsgiAdapter:
         self._on_shutdown = on_shutdown
         self._on_loop_shutdown = on_loop_shutdown
         self._pool: ThreadPoolExecutor | None = None
+        self._needs_database = needs_database
+        self._database_turns = asyncio.Semaphore(database_slots)
+        self._database_wait = database_wait
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -211,10 +222,38 @@ class AsgiAdapter:
             status, headers, chunks = self._call(environ)
         elif self._lane is not None and self._lane.selects(scope["method"], environ["PATH_INFO"]):
             status, headers, chunks = await self._lane.run(self._call, environ)
+        elif self._needs_database is not None and self._needs_database(
+            scope["method"], environ["PATH_INFO"]
+        ):
+            answer = await self._call_in_turn(self._pool, environ)
+            if answer is None:
+                await _respond(send, 503, [*PROBLEM, (b"retry-after", b"2")], BUSY)
+                return
+            status, headers, chunks = answer
         else:
             loop = asyncio.get_running_loop()
             status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
         await _respond(send, status, headers, chunks)
+
+    async def _call_in_turn(
+        self, pool: ThreadPoolExecutor, environ: dict[str, Any]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """Run the app in a thread once a database turn is free; None if none came in time."""
+        try:
+            async with asyncio.timeout(self._database_wait):
+                await self._database_turns.acquire()
+        except TimeoutError:
+            log.warning("database busy: no turn within %.1fs", self._database_wait)
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            future = pool.submit(self._call, environ)
+        except BaseException:
+            self._database_turns.release()
+            raise
+        # The turn ends with the thread's work, even if this request is cancelled meanwhile.
+        future.add_done_callback(lambda _: _call_soon(loop, self._database_turns.release))
+        return await asyncio.wrap_future(future)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """Read the whole body; None once it exceeds the limit, TimeoutError if it stalls.
@@ -274,6 +313,11 @@ class AsgiAdapter:
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
         ]
         return int(status.split(" ", 1)[0]), encoded, body
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+        loop.call_soon_threadsafe(callback)
 
 
 async def _drain(receive: Receive, limit: float = DRAIN_SECONDS) -> None:

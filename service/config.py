@@ -59,6 +59,18 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    # Bounds on every PostgreSQL call, in seconds: a hung server (a stopped process, a
+    # network black hole) costs a request at most these, then a 503 with Retry-After.
+    # Opening a connection, start-up and authentication included:
+    database_connect_timeout: float = Field(default=3.0, gt=0, le=60)
+    # One statement or commit; PostgreSQL is given the same (statement_timeout), so it
+    # stops work the service gave up on. Migrations are not bound by it.
+    database_statement_timeout: float = Field(default=5.0, gt=0, le=600)
+    # Waiting for a pooled connection, or for a turn among DATABASE_MAX_REQUESTS:
+    database_pool_timeout: float = Field(default=2.0, gt=0, le=60)
+    # Requests of one worker that may wait on the database at once (default: all request
+    # threads but 4), so that requests needing none are served while it hangs.
+    database_max_requests: int | None = Field(default=None, ge=1, le=256)
     redis_url: str | None = None
     redis_prefix: str = "authsvc:"
     redis_timeout: float = Field(default=0.5, gt=0, le=30)
@@ -115,6 +127,13 @@ class Settings(BaseSettings):
     def is_development(self) -> bool:
         """Whether embedded defaults and generated secrets are allowed."""
         return self.service_env is Environment.DEVELOPMENT
+
+    @property
+    def database_request_slots(self) -> int:
+        """How many requests may wait on the database at once (DATABASE_MAX_REQUESTS)."""
+        if self.database_max_requests is not None:
+            return self.database_max_requests
+        return max(1, self.request_threads - 4)
 
     @property
     def embedded_database(self) -> bool:

@@ -8,10 +8,12 @@ from typing import Any
 
 from flask import Flask, Response, json
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from service.store.blocklist import BlocklistUnavailable
+from service.store.db import unavailable_reason
 
 PROBLEM_JSON = "application/problem+json"
 REALM = "authsvc"
@@ -130,17 +132,29 @@ def init_app(app: Flask) -> None:
         log.warning("input the database refused: %s", type(exc.orig).__name__)
         return problem(400, "The request contains a value that cannot be stored.")
 
+    @app.errorhandler(PoolTimeout)
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     @app.errorhandler(ConnectionError)
     @app.errorhandler(TimeoutError)
     def _storage_down(exc: Exception) -> Response:
-        log.warning("storage unavailable: %s", type(exc).__name__)
-        return problem(
-            503, "A storage backend is unavailable; retry shortly.", headers={"Retry-After": "2"}
-        )
+        return _unavailable(exc)
+
+    @app.errorhandler(DBAPIError)
+    def _database_error(exc: DBAPIError) -> Response:
+        if unavailable_reason(exc) is not None:
+            return _unavailable(exc)
+        return _unexpected(exc)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return problem(500, "An unexpected error occurred.")
+
+
+def _unavailable(exc: Exception) -> Response:
+    """503: a backend is down, hung or out of connections; the request may be retried."""
+    log.warning("storage unavailable: %s", unavailable_reason(exc) or type(exc).__name__)
+    return problem(
+        503, "A storage backend is unavailable; retry shortly.", headers={"Retry-After": "2"}
+    )

@@ -14,6 +14,7 @@ from service.auth.prefetch import revocation_prefetch
 from service.binds import BindError, check_binds
 from service.config import ConfigError, Settings, read_file
 from service.hotpath import inline_policy
+from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
 from service.tls import TlsConfig, check_certificate, ensure_dev_certificate
 from service.workers import run_workers
@@ -42,6 +43,9 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         on_startup=lambda: warm_up(flask_app),
         on_shutdown=lambda: close_app(flask_app),
         on_loop_shutdown=clients.close,
+        needs_database=database_policy(flask_app),
+        database_slots=settings.database_request_slots,
+        database_wait=settings.database_pool_timeout,
     )
 
 

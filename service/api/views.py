@@ -6,6 +6,7 @@ from flask import Blueprint
 from flask_jwt_extended import get_jwt, jwt_required
 
 from service.hotpath import runs_inline
+from service.isolation import no_database
 from service.oauth.scopes import require_scope
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -20,6 +21,7 @@ def hello() -> dict[str, str]:
 
 
 @bp.get("/profile")
+@no_database
 @jwt_required()
 @require_scope("profile")
 def profile() -> dict[str, str]:
@@ -29,6 +31,7 @@ def profile() -> dict[str, str]:
 
 
 @bp.get("/email")
+@no_database
 @jwt_required()
 @require_scope("email")
 def email() -> dict[str, str | None]:

@@ -45,7 +45,11 @@ class ClientPrefetch:
 
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         args = connect_args(settings)
-        self._reader = ClientReader(args) if args is not None else None
+        self._reader = (
+            ClientReader(args, pool_timeout=settings.database_pool_timeout)
+            if args is not None
+            else None
+        )
         self._keyring = keyring
 
     async def __call__(self, environ: dict[str, Any]) -> bool:

@@ -16,7 +16,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
-from service.store.db import database_url
+from service.store.db import bounds, database_url
 
 # A lookup takes well under a millisecond: a few connections serve all of a worker's.
 CONNECTIONS = 4
@@ -28,7 +28,10 @@ QUERY = (
 
 
 def connect_args(settings: Settings) -> dict[str, Any] | None:
-    """asyncpg's arguments for DATABASE_URL, as SQLAlchemy derives them; None if not PostgreSQL."""
+    """asyncpg's arguments for DATABASE_URL, as SQLAlchemy derives them, with the same bounds.
+
+    None if the database is not PostgreSQL.
+    """
     url = make_url(database_url(settings))
     if url.get_backend_name() != "postgresql":
         return None
@@ -37,7 +40,7 @@ def connect_args(settings: Settings) -> dict[str, Any] | None:
     args.pop("async_creator_fn", None)
     if "prepared_statement_cache_size" in args:
         args["statement_cache_size"] = args.pop("prepared_statement_cache_size")
-    args["server_settings"] = {"application_name": "authsvc"}
+    args.update(bounds(settings))
     return args
 
 
@@ -57,8 +60,12 @@ class ClientRecord(NamedTuple):
 class ClientReader:
     """Reads clients by id on the first event loop that asks; other loops get None."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], *, pool_timeout: float | None = None) -> None:
         self._args = args
+        # Acquiring may open a connection: the wait for a free one, then the connect bound.
+        self._acquire_timeout = (
+            None if pool_timeout is None else pool_timeout + float(args.get("timeout", 0))
+        )
         self._pool: asyncpg.Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = asyncio.Lock()
@@ -69,9 +76,15 @@ class ClientReader:
         if pool is None:
             return None
         found: dict[str, ClientRecord | None] = dict.fromkeys(client_ids)
-        async with pool.acquire() as connection:
-            for record in await connection.fetch(QUERY, list(client_ids)):
-                found[record["client_id"]] = _client(record)
+        async with pool.acquire(timeout=self._acquire_timeout) as connection:
+            try:
+                records = await connection.fetch(QUERY, list(client_ids))
+            except (TimeoutError, asyncio.CancelledError):
+                # Its reply may still come: never hand this connection out again.
+                connection.terminate()
+                raise
+        for record in records:
+            found[record["client_id"]] = _client(record)
         return found
 
     async def _connections(self) -> asyncpg.Pool | None:

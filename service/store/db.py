@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -17,6 +19,10 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service.config import Settings
+
+# SQLSTATE classes of a database that cannot answer now, not of a wrong request: connection
+# exception, insufficient resources, operator intervention (statement_timeout, shutdown).
+UNAVAILABLE_SQLSTATES = frozenset({"08", "53", "57"})
 
 
 def database_url(settings: Settings) -> str:
@@ -28,6 +34,42 @@ def database_url(settings: Settings) -> str:
     if url.drivername in {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"}:
         url = url.set(drivername="postgresql+asyncpg")
     return url.render_as_string(hide_password=False)
+
+
+def bounds(settings: Settings, *, statements: bool = True) -> dict[str, Any]:
+    """asyncpg's connect arguments that bound every call: connect, and each statement.
+
+    A hung server (a stopped process, a network black hole) refuses nothing: without
+    these, a call waits for as long as it hangs. PostgreSQL is given the statement bound
+    too, so that it stops work the service gave up on.
+    """
+    server_settings = {"application_name": "authsvc"}
+    args: dict[str, Any] = {"timeout": settings.database_connect_timeout}
+    if statements:
+        seconds = settings.database_statement_timeout
+        args["command_timeout"] = seconds
+        server_settings["statement_timeout"] = str(max(1, round(seconds * 1000)))
+    args["server_settings"] = server_settings
+    return args
+
+
+def unavailable_reason(error: BaseException) -> str | None:
+    """Why the database could not answer (down, hung, out of connections), else None.
+
+    Named by kind only: a database error's text carries its statement and parameters.
+    """
+    if isinstance(error, exc.TimeoutError):
+        return "no pooled connection free in time (DATABASE_POOL_TIMEOUT)"
+    if isinstance(error, TimeoutError):
+        return "no answer in time (DATABASE_CONNECT_TIMEOUT, DATABASE_STATEMENT_TIMEOUT)"
+    if isinstance(error, ConnectionError):
+        return type(error).__name__
+    if isinstance(error, exc.DBAPIError):
+        sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
+        unavailable = isinstance(error, exc.OperationalError | exc.InterfaceError)
+        if unavailable or sqlstate[:2] in UNAVAILABLE_SQLSTATES:
+            return f"{type(error).__name__} (SQLSTATE {sqlstate or 'unknown'})"
+    return None
 
 
 class Database:
@@ -48,7 +90,7 @@ class Database:
     def engine(self) -> AsyncEngine:
         """Return this process's engine, creating it on first use."""
         if self._engine is None or self._pid != os.getpid():
-            self._engine = _create_engine(self.url, self._settings.database_pool_size)
+            self._engine = _create_engine(self.url, self._settings)
             self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
             self._pid = os.getpid()
         return self._engine
@@ -73,7 +115,7 @@ class Database:
         self._engine = self._sessions = None
 
 
-def _create_engine(url: str, pool_size: int) -> AsyncEngine:
+def _create_engine(url: str, settings: Settings) -> AsyncEngine:
     if url.startswith("sqlite"):
         Path(make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url)
@@ -81,13 +123,34 @@ def _create_engine(url: str, pool_size: int) -> AsyncEngine:
         return engine
     # No pre-ping: it costs a round trip per checkout on every request. A connection that
     # died with its server fails one request (503, Retry-After) and is then replaced.
-    return create_async_engine(
+    engine = create_async_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,
+        pool_timeout=settings.database_pool_timeout,
         pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": "authsvc"}},
+        connect_args=bounds(settings),
     )
+    event.listen(engine.sync_engine, "handle_error", _drop_interrupted)
+    return engine
+
+
+def _drop_interrupted(context: ExceptionContext) -> None:
+    """Close a connection whose statement timed out or was cancelled, at once.
+
+    Its reply may still come, so it is never reused: SQLAlchemy discards it anyway, but
+    closes it gracefully first, which waits up to 2 s more for a server that does not
+    answer.
+    """
+    if not isinstance(context.original_exception, TimeoutError | asyncio.CancelledError):
+        return
+    connection = context.connection
+    if connection is None or connection.closed or connection.invalidated:
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None:
+        driver.terminate()
+    context.is_disconnect = True
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:

@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from service.config import DatabaseUnavailable, Settings
 from service.loop import LoopThread
-from service.store.db import database_url
+from service.store.db import bounds, database_url
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ def alembic_config(settings: Settings) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", database_url(settings).replace("%", "%%"))
     config.attributes["configure_logger"] = False
+    if not settings.embedded_database:
+        # Connecting is bounded; statements are not: a schema change may rightly run long.
+        config.attributes["connect_args"] = bounds(settings, statements=False)
     return config
 
 
@@ -88,7 +92,7 @@ def migration_lock(settings: Settings) -> Iterator[None]:
     # Alembic runs an event loop of its own in this thread: the lock's connection needs another.
     thread = LoopThread("migration-lock")
     try:
-        conn = thread.run(_lock(url))
+        conn = thread.run(_lock(url, bounds(settings, statements=False)))
         try:
             yield
         finally:
@@ -97,8 +101,10 @@ def migration_lock(settings: Settings) -> Iterator[None]:
         thread.stop()
 
 
-async def _lock(url: str) -> AsyncConnection:
-    conn = await create_async_engine(url, poolclass=pool.NullPool).connect()
+async def _lock(url: str, connect_args: dict[str, Any]) -> AsyncConnection:
+    conn = await create_async_engine(
+        url, poolclass=pool.NullPool, connect_args=connect_args
+    ).connect()
     key = {"key": MIGRATION_LOCK_KEY}
     if not (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key)).scalar():
         log.info("another process is migrating this database: waiting for it to finish")
