@@ -19,9 +19,7 @@ from service.config import Settings
 from service.store.client_reader import ClientReader, connect_args
 from service.store.db import Database, unavailable_reason
 from tests.conftest import Session, login, make_settings, register, serve_in_process
-from tests.proxy import TcpProxy
-from tests.servers import ROOT
-from tests.test_oauth_support import (
+from tests.oauth_helpers import (
     REDIRECT,
     bearer,
     browser,
@@ -30,6 +28,8 @@ from tests.test_oauth_support import (
     query_of,
     sign_in_and_consent,
 )
+from tests.proxy import TcpProxy
+from tests.servers import ROOT
 
 pytestmark = pytest.mark.fault
 
