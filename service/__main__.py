@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except DatabaseUnavailable as exc:
-        print(f"database error: {exc}", file=sys.stderr)
+        print(f"database unavailable: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
         from service.store.db import unavailable_reason

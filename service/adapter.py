@@ -220,8 +220,19 @@ class AsgiAdapter:
         elif self._prefetch is not None and await self._prefetch(environ):
             # Everything the view would have waited for is in the environ: no thread needed.
             status, headers, chunks = self._call(environ)
-        elif self._lane is not None and self._lane.selects(scope["method"], environ["PATH_INFO"]):
-            status, headers, chunks = await self._lane.run(self._call, environ)
+        elif (lane := self._lane) is not None and lane.selects(
+            scope["method"], environ["PATH_INFO"]
+        ):
+            # A lane request (a login, say) may reach the database too: it takes a turn
+            # first, so a hung database refuses it within the wait instead of letting the
+            # lane's few threads queue it behind every other stuck one.
+            answer = await self._in_turn(
+                scope["method"], environ, lambda: lane.run(self._call, environ)
+            )
+            if answer is None:
+                await _respond(send, 503, [*PROBLEM, (b"retry-after", b"2")], BUSY)
+                return
+            status, headers, chunks = answer
         elif self._needs_database is not None and self._needs_database(
             scope["method"], environ["PATH_INFO"]
         ):
@@ -234,6 +245,23 @@ class AsgiAdapter:
             loop = asyncio.get_running_loop()
             status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
         await _respond(send, status, headers, chunks)
+
+    async def _in_turn(
+        self, method: str, environ: dict[str, Any], run: Callable[[], Awaitable[Answer]]
+    ) -> Answer | None:
+        """Await run(), within a database turn where the view may need one; None if none came."""
+        if self._needs_database is None or not self._needs_database(method, environ["PATH_INFO"]):
+            return await run()
+        try:
+            async with asyncio.timeout(self._database_wait):
+                await self._database_turns.acquire()
+        except TimeoutError:
+            log.warning("database busy: no turn within %.1fs", self._database_wait)
+            return None
+        try:
+            return await run()
+        finally:
+            self._database_turns.release()
 
     async def _call_in_turn(
         self, pool: ThreadPoolExecutor, environ: dict[str, Any]

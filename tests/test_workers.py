@@ -132,7 +132,10 @@ def _serve_until_a_new_worker_answers(
         assert server.process.poll() is None, server.log()
         worker_of(kept)
         with new_connection(server) as http:
-            pid = worker_of(http)
+            try:
+                pid = worker_of(http)
+            except httpx.HTTPError as exc:
+                pytest.fail(f"a new connection failed ({exc!r}):\n{server.log()}")
         if pid not in known:
             return pid
         time.sleep(0.05)
