@@ -7,7 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from service.auth import attempts
+from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords
 from service.auth.tokens import TokenPair, issue_pair
 from service.errors import ApiError, unauthorized
@@ -36,16 +36,17 @@ async def login(
 
     Failures are counted per account and address (attempts.py): past a limit, 429.
     """
-    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
-    await attempts.check(throttle=throttle, attempt=attempt)
-    async with store.db.session() as session:
-        found = await user_store.find_credentials(session, username=username)
-    account, password_hash = found if found else (None, None)
-    verification = await passwords.verify(password_hash, password)
-    if account is None or not verification.ok:
-        await attempts.failed(throttle=throttle, attempt=attempt)
+    checked = await verify_credentials(
+        store=store,
+        passwords=passwords,
+        throttle=throttle,
+        username=username,
+        password=password,
+        address=address,
+    )
+    if checked is None:
         raise ApiError(401, LOGIN_FAILED, headers={"WWW-Authenticate": 'Basic realm="authsvc"'})
-    await attempts.succeeded(throttle=throttle, attempt=attempt)
+    account, verification = checked
     settings = store.settings
     sid = new_id()
     session_expires = int(time.time()) + settings.refresh_token_ttl

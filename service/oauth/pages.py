@@ -15,12 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flask import session
 
-from service.auth import attempts
+from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords
 from service.errors import ApiError
 from service.store import Store
 from service.store import oauth as client_store
-from service.store import users as user_store
 from service.store.throttle import Throttle
 from service.store.users import Account
 
@@ -28,7 +27,6 @@ USER_KEY = "oauth_user"
 SINCE_KEY = "oauth_signed_in_at"
 CSRF_KEY = "csrf"
 AUTHORIZE_PATH = "/oauth/authorize"
-MAX_USERNAME = 256
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HSTS = "max-age=63072000"
@@ -115,24 +113,16 @@ async def authenticate(
     password: str,
     address: str,
 ) -> Account | None:
-    """Check a username and password; unknown users cost the same time as wrong passwords.
-
-    A username no account can have (NUL, control characters, too long) is not looked up.
-    Failures count as failed sign-ins (auth/attempts.py): past a limit, TooManyAttempts.
-    """
-    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
-    await attempts.check(throttle=throttle, attempt=attempt)
-    found = None
-    if username.isprintable() and len(username) <= MAX_USERNAME:
-        async with store.db.session() as db:
-            found = await user_store.find_credentials(db, username=username)
-    account, password_hash = found if found else (None, None)
-    verification = await passwords.verify(password_hash, password)
-    if account is None or not verification.ok:
-        await attempts.failed(throttle=throttle, attempt=attempt)
-        return None
-    await attempts.succeeded(throttle=throttle, attempt=attempt)
-    return account
+    """The account of the login page's username and password, or None (see credentials.py)."""
+    checked = await verify_credentials(
+        store=store,
+        passwords=passwords,
+        throttle=throttle,
+        username=username,
+        password=password,
+        address=address,
+    )
+    return None if checked is None else checked[0]
 
 
 async def find_account(
