@@ -252,26 +252,28 @@ class AsgiAdapter:
         """Await run(), within a database turn where the view may need one; None if none came."""
         if self._needs_database is None or not self._needs_database(method, environ["PATH_INFO"]):
             return await run()
-        try:
-            async with asyncio.timeout(self._database_wait):
-                await self._database_turns.acquire()
-        except TimeoutError:
-            log.warning("database busy: no turn within %.1fs", self._database_wait)
+        if not await self._take_turn():
             return None
         try:
             return await run()
         finally:
             self._database_turns.release()
 
-    async def _call_in_turn(
-        self, pool: ThreadPoolExecutor, environ: dict[str, Any]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Run the app in a thread once a database turn is free; None if none came in time."""
+    async def _take_turn(self) -> bool:
+        """Wait for a database turn, at most the pool wait; False if none came."""
         try:
             async with asyncio.timeout(self._database_wait):
                 await self._database_turns.acquire()
         except TimeoutError:
             log.warning("database busy: no turn within %.1fs", self._database_wait)
+            return False
+        return True
+
+    async def _call_in_turn(
+        self, pool: ThreadPoolExecutor, environ: dict[str, Any]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """Run the app in a thread once a database turn is free; None if none came in time."""
+        if not await self._take_turn():
             return None
         loop = asyncio.get_running_loop()
         try:
