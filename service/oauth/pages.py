@@ -15,12 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flask import session
 
-from service.auth.credentials import verify_credentials
-from service.auth.passwords import Passwords
 from service.errors import ApiError
 from service.store import Store
 from service.store import oauth as client_store
-from service.store.throttle import Throttle
 from service.store.users import Account
 
 USER_KEY = "oauth_user"
@@ -102,27 +99,6 @@ def safe_next(value: str | None) -> str:
     if parts.scheme or parts.netloc or parts.path != AUTHORIZE_PATH:
         return AUTHORIZE_PATH
     return urlunsplit(("", "", AUTHORIZE_PATH, parts.query, ""))
-
-
-async def authenticate(
-    *,
-    store: Store,
-    passwords: Passwords,
-    throttle: Throttle,
-    username: str,
-    password: str,
-    address: str,
-) -> Account | None:
-    """The account of the login page's username and password, or None (see credentials.py)."""
-    checked = await verify_credentials(
-        store=store,
-        passwords=passwords,
-        throttle=throttle,
-        username=username,
-        password=password,
-        address=address,
-    )
-    return None if checked is None else checked[0]
 
 
 async def find_account(

@@ -23,6 +23,7 @@ from flask.typing import ResponseReturnValue
 
 from service.addresses import client_address
 from service.auth.attempts import TooManyAttempts
+from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords, hashes_password
 from service.oauth import bridge, pages
 from service.oauth.parameters import repeated_parameter
@@ -115,8 +116,8 @@ def login() -> ResponseReturnValue:
     pages.check_csrf(request.form.get("csrf_token"))
     passwords: Passwords = current_app.extensions["passwords"]
     try:
-        account = bridge.run(
-            pages.authenticate(
+        checked = bridge.run(
+            verify_credentials(
                 store=bridge.store(),
                 passwords=passwords,
                 throttle=get_throttle(),
@@ -130,11 +131,11 @@ def login() -> ResponseReturnValue:
         page = _page("login.html", 429, next=next_url, csrf_token=pages.csrf_token(), error=wait)
         page.headers.update(refused.headers)
         return page
-    if account is None:
+    if checked is None:
         return _page(
             "login.html", 401, next=next_url, csrf_token=pages.csrf_token(), error=LOGIN_FAILED
         )
-    pages.sign_in(account)
+    pages.sign_in(checked[0])
     return redirect(next_url, code=303)
 
 
