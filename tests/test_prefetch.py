@@ -23,6 +23,7 @@ from service.store.blocklist import (
     BREAKER_SECONDS,
     CHECK_SCRIPT,
     CHECK_SHA,
+    ENCODED_BYTES,
     BlocklistUnavailable,
     Entry,
     Kind,
@@ -381,3 +382,13 @@ async def test_a_flushed_script_is_loaded_again(snapshotting_redis: Snapshotting
     finally:
         direct.close()
         await own.close()
+
+
+def test_encoded_checks_stay_within_their_byte_budget() -> None:
+    blocklist = make_blocklist("redis://127.0.0.1:1/0", "budget:")
+    now = int(time.time())
+    for index in range(2000):
+        long_id = f"{index:08d}" + "x" * 4000  # ids as large as a client could make them
+        blocklist._encoded_check(TokenRef(long_id, now, long_id, now, long_id))
+        assert blocklist._encoded_bytes <= ENCODED_BYTES
+    assert 0 < len(blocklist._encoded) < 2000

@@ -90,6 +90,7 @@ CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redi
 
 LOAD_BATCH = 5000
 ENCODED_CHECKS = 8192
+ENCODED_BYTES = 4 * 1024 * 1024  # what the encoded checks may hold, commands and ids
 REBUILD_LOCK_SECONDS = 30
 BREAKER_SECONDS = 0.5
 
@@ -248,6 +249,7 @@ class RedisBlocklist:
         self._init_lock = threading.Lock()
         self._pipeline: CheckPipeline | None = None
         self._encoded: dict[TokenRef, tuple[int, bytes]] = {}
+        self._encoded_bytes = 0
         self._channel = f"{prefix}revoked"
         self._propagation = propagation
         self._kept_verdicts = kept_verdicts
@@ -351,9 +353,12 @@ class RedisBlocklist:
             keys, args = self._check_call(ref)
             parts = ["EVALSHA", CHECK_SHA, len(keys), *keys, *args]
             encoded = (len(parts), encode(*parts))
-            if len(self._encoded) >= ENCODED_CHECKS:
+            size = len(encoded[1]) + len(ref.jti) + len(ref.sid) + len(ref.sub)
+            if len(self._encoded) >= ENCODED_CHECKS or self._encoded_bytes + size > ENCODED_BYTES:
                 self._encoded.clear()
+                self._encoded_bytes = 0
             self._encoded[ref] = encoded
+            self._encoded_bytes += size
         return encoded
 
     def _refuse_if_down(self) -> None:
