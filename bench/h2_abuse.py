@@ -57,6 +57,7 @@ import backends  # noqa: E402
 import client  # noqa: E402
 import stacks  # noqa: E402
 from drivers import percentiles  # noqa: E402
+from h2post import H2Client  # noqa: E402
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CONNECTIONS, RATE = 2, 200  # the normal client: connections, requests a second
@@ -83,51 +84,6 @@ def tls(cert: Path) -> ssl.SSLContext:
 # --- the normal client -------------------------------------------------------------------
 
 
-class NormalConnection:
-    """One HTTP/2 connection whose reader settles a future per stream."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Wrap an open TLS stream."""
-        self.reader, self.writer = reader, writer
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.pending: dict[int, asyncio.Future[int]] = {}
-        self.statuses: dict[int, int] = {}
-        self.reading: asyncio.Task[None] | None = None
-
-    async def get(self, port: int, token: str) -> int:
-        """GET /api/hello; its status."""
-        stream_id = self.h2.get_next_available_stream_id()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.pending[stream_id] = future
-        headers = [
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", f"127.0.0.1:{port}"),
-            (":path", "/api/hello"),
-            ("authorization", f"Bearer {token}"),
-        ]
-        self.h2.send_headers(stream_id, headers, end_stream=True)
-        self.writer.write(self.h2.data_to_send())
-        return await asyncio.wait_for(future, 30)
-
-    async def read(self) -> None:
-        """Feed h2 until the connection ends."""
-        while data := await self.reader.read(65536):
-            for event in self.h2.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    future = self.pending.pop(event.stream_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(self.statuses.pop(event.stream_id, 0))
-            self.writer.write(self.h2.data_to_send())
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("closed"))
-
-
 async def measure(port: int, cert: Path, token: str, seconds: float) -> Latencies:
     """Send RATE requests a second, on schedule, for seconds; their latencies.
 
@@ -137,10 +93,12 @@ async def measure(port: int, cert: Path, token: str, seconds: float) -> Latencie
     result = Latencies()
     connections = [await _connect(port, cert) for _ in range(CONNECTIONS)]
 
-    async def one(connection: NormalConnection, due: float) -> None:
+    async def one(connection: H2Client, due: float) -> None:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         try:
-            status = await connection.get(port, token)
+            status = await asyncio.wait_for(
+                connection.request("GET", f"127.0.0.1:{port}", "/api/hello", token), 30
+            )
         except (ConnectionError, TimeoutError, h2.exceptions.ProtocolError):
             result.errors += 1
             return
@@ -151,26 +109,23 @@ async def measure(port: int, cert: Path, token: str, seconds: float) -> Latencie
     count = int(seconds * RATE)
     try:
         await asyncio.gather(
-            *(one(connections[n % CONNECTIONS], start + n / RATE) for n in range(count))
+            *(one(connections[n % CONNECTIONS][0], start + n / RATE) for n in range(count))
         )
     finally:
-        for connection in connections:
-            if connection.reading is not None:
-                connection.reading.cancel()
+        for connection, reading in connections:
+            reading.cancel()
             connection.writer.close()
     return result
 
 
-async def _connect(port: int, cert: Path) -> NormalConnection:
-    """A new HTTP/2 connection of the normal client, reading."""
+async def _connect(port: int, cert: Path) -> tuple[H2Client, asyncio.Task[None]]:
+    """A new HTTP/2 connection of the normal client, and the task reading it."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=tls(cert), server_hostname="127.0.0.1"
     )
-    connection = NormalConnection(reader, writer)
-    connection.h2.initiate_connection()
-    writer.write(connection.h2.data_to_send())
-    connection.reading = asyncio.create_task(connection.read())
-    return connection
+    connection = H2Client(reader, writer)
+    await connection.open()
+    return connection, asyncio.create_task(connection.read_loop())
 
 
 # --- the attackers -----------------------------------------------------------------------

@@ -30,8 +30,8 @@ class _Tally:
     errors: int = 0
 
 
-class _Connection:
-    """One HTTP/2 connection whose reader resolves a future per stream."""
+class H2Client:
+    """One HTTP/2 client connection whose reader resolves a future per stream."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Wrap an open TLS stream."""
@@ -50,17 +50,18 @@ class _Connection:
         self.writer.write(self.h2.data_to_send())
         await self.writer.drain()
 
-    async def post(self, authority: str, path: str, token: str) -> int:
-        """Send one bodiless POST and wait for its status."""
+    async def request(self, method: str, authority: str, path: str, token: str) -> int:
+        """Send one bodiless request with a Bearer token and wait for its status."""
         stream = self.h2.get_next_available_stream_id()
         headers = [
-            (":method", "POST"),
+            (":method", method),
             (":scheme", "https"),
             (":authority", authority),
             (":path", path),
             ("authorization", f"Bearer {token}"),
-            ("content-length", "0"),
         ]
+        if method == "POST":
+            headers.append(("content-length", "0"))
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.pending[stream] = future
         self.h2.send_headers(stream, headers, end_stream=True)
@@ -90,13 +91,13 @@ class _Connection:
                 future.set_result(self.statuses.pop(event.stream_id, 0))
 
 
-async def _stream_worker(conn: _Connection, tally: _Tally, authority: str, path: str) -> None:
+async def _stream_worker(conn: H2Client, tally: _Tally, authority: str, path: str) -> None:
     """One stream at a time on conn until the tokens run out."""
     while tally.tokens:
         token = tally.tokens.popleft()
         started = time.perf_counter()
         try:
-            status = await conn.post(authority, path, token)
+            status = await conn.request("POST", authority, path, token)
         except (ConnectionError, OSError):
             tally.errors += 1
             return
@@ -114,7 +115,7 @@ async def _client(port: int, path: str, tally: _Tally, context: ssl.SSLContext) 
     if alpn != "h2":
         writer.close()
         raise ConnectionError(f"server chose {alpn!r}, not h2")
-    conn = _Connection(reader, writer)
+    conn = H2Client(reader, writer)
     await conn.open()
     reading = asyncio.create_task(conn.read_loop())
     authority = f"127.0.0.1:{port}"
