@@ -65,10 +65,10 @@ async def _fill(database: str, count: int) -> None:
 
 async def _recover(settings) -> float:
     """Seconds the service's recovery takes."""
-    from service.loop import LoopThread
+    from service.loop import WorkerLoop
     from service.store import Store
 
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     started = time.perf_counter()
     assert await store.recover()
     elapsed = time.perf_counter() - started

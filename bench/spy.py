@@ -16,9 +16,8 @@ LIBRARY_PREFIX = re.compile(r"^.*?(site-packages/|/lib/python3\.\d+/)")
 REPO_PREFIX = str(Path(__file__).resolve().parent.parent) + "/"
 # A sample counts for the first category whose marker appears anywhere on its stack.
 CATEGORIES = [
-    ("Redis revocation check (pipeline, or redis-py on a first sight)", "(redis/"),
-    ("Redis revocation check (pipeline, or redis-py on a first sight)", "check_pipeline.py"),
-    ("Revocation check: claims to command", "(service/auth/prefetch.py)"),
+    ("Redis: revocation checks, writes and the feed (redis-py)", "(redis/"),
+    ("Revocation check: kept verdicts", "(service/store/revocation_feed.py)"),
     ("JWT decode and verify (PyJWT)", "(jwt/"),
     ("JWT decode and verify (PyJWT)", "(service/auth/verified.py)"),
     ("HTTP/2 framing and HPACK (h2, hpack)", "(h2/"),

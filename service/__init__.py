@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flask import Flask
 
-from service import errors, health, store
+from service import errors, health, hotpath, store
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.store.throttle import Throttle, make_throttle
 
 log = logging.getLogger(__name__)
 
+STARTUP_SECONDS = 30
+
 
 class ServiceFlask(Flask):
-    """Flask whose async views run on the process's long-lived loop, not a loop per call."""
+    """Flask whose async views run on the worker's one loop, not a fresh loop per call."""
 
     session_interface = LazyCookieSessions()
 
     def async_to_sync(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        """Run coroutine views on this app's loop thread."""
-        loop: LoopThread = self.extensions["loop"]
+        """Run coroutine views on the worker's loop, waiting from the request's thread."""
+        loop: WorkerLoop = self.extensions["loop"]
         return loop.wrap(func)
 
 
@@ -40,13 +43,14 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    loop = LoopThread()
+    loop = WorkerLoop()
     app.extensions["loop"] = loop
     app.extensions["settings"] = settings
     store.init_app(app, settings, loop)
     app.extensions["throttle"] = make_throttle(settings)
     _init_passwords(app, settings)
     errors.init_app(app)
+    hotpath.init_app(app)
     _register_blueprints(app, settings)
     return app
 
@@ -67,28 +71,43 @@ def _register_blueprints(app: Flask, settings: Settings) -> None:
     app.register_blueprint(api_bp)
 
 
-def warm_up(app: Flask) -> None:
-    """Open pools and load the blocklist before the first request; never fails start-up."""
-    loop: LoopThread = app.extensions["loop"]
+async def start_app(app: Flask) -> None:
+    """Adopt the server's loop, open pools and load the blocklist; never fails start-up."""
+    loop: WorkerLoop = app.extensions["loop"]
+    loop.attach()
     app_store: store.Store = app.extensions["store"]
     keyring = app.extensions.get("oauth_keyring")
+    app_store.start_maintenance()
     try:
-        app_store.start_maintenance()
-        loop.run(app_store.warm_up(), timeout=30)
-        if keyring is not None:
-            loop.run(keyring.load(), timeout=30)
+        async with asyncio.timeout(STARTUP_SECONDS):
+            await app_store.warm_up()
+            if keyring is not None:
+                await keyring.load()
     except Exception as exc:
         log.warning("backends not ready at start-up (%s); /readyz will tell", type(exc).__name__)
 
 
-def close_app(app: Flask) -> None:
-    """Release the app's connections and stop its loop (at worker shutdown)."""
-    loop: LoopThread = app.extensions["loop"]
-    app_store: store.Store = app.extensions["store"]
-    throttle: Throttle = app.extensions["throttle"]
+async def stop_app(app: Flask) -> None:
+    """Release the app's connections, on the loop that owns them (at worker shutdown)."""
     try:
-        loop.run(app_store.close(), timeout=5)
-        loop.run(throttle.close(), timeout=5)
+        await _release(app)
+    finally:
+        app.extensions["passwords"].shutdown()
+        app.extensions["loop"].stop()
+
+
+def close_app(app: Flask) -> None:
+    """The same, from outside the loop (a command, a test that drove the app directly)."""
+    loop: WorkerLoop = app.extensions["loop"]
+    try:
+        loop.run(_release(app), timeout=5)
     finally:
         app.extensions["passwords"].shutdown()
         loop.stop()
+
+
+async def _release(app: Flask) -> None:
+    app_store: store.Store = app.extensions["store"]
+    throttle: Throttle = app.extensions["throttle"]
+    await app_store.close()
+    await throttle.close()

@@ -138,10 +138,10 @@ def _wait(args: argparse.Namespace, settings: Settings) -> int:
 async def _wait_async(settings: Settings, seconds: float) -> int:
     import time
 
-    from service.loop import LoopThread
+    from service.loop import WorkerLoop
     from service.store import Store
 
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     deadline = time.monotonic() + seconds
     delay = 0.5
     try:

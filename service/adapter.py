@@ -45,6 +45,8 @@ BUSY = (
 )
 PROBLEM = [(b"content-type", b"application/problem+json")]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+# Set by the app in a request's environ when, on the event loop, it would have to wait.
+RUN_IN_THREAD = "service.run_in_thread"
 
 
 class Lane:
@@ -114,11 +116,13 @@ class Lane:
 class AsgiAdapter:
     """An ASGI 3 application wrapping a WSGI application.
 
-    Views run in request threads, except on the event loop: those `inline` selects (after
-    `prepare_inline`), and those for which `prefetch`, awaited before any other request
-    goes to a thread, fetched all they would wait for. Those the `lane` selects run in
-    its own threads, or are refused at once when it is full. A request `needs_database`
-    selects first waits for one of `database_slots` turns (see service/isolation.py).
+    Views run in request threads, except on the event loop: those `inline` selects, and
+    those for which `prefetch`, awaited before any other request goes to a thread, fetched
+    all they would wait for. An app that finds, on the loop, that it would have to wait
+    sets RUN_IN_THREAD in the environ, and the request is run again in a thread. Those the
+    `lane` selects run in its own threads, or are refused at once when it is full. A
+    request `needs_database` selects first waits for one of `database_slots` turns (see
+    service/isolation.py).
     """
 
     def __init__(
@@ -129,12 +133,10 @@ class AsgiAdapter:
         body_timeout: float = 60.0,
         threads: int,
         inline: Callable[[str, str], bool] | None = None,
-        prepare_inline: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         prefetch: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
         lane: Lane | None = None,
-        on_startup: Callable[[], None] | None = None,
-        on_shutdown: Callable[[], None] | None = None,
-        on_loop_shutdown: Callable[[], Awaitable[None]] | None = None,
+        on_startup: Callable[[], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
         needs_database: Callable[[str, str], bool] | None = None,
         database_slots: int = 1,
         database_wait: float = 2.0,
@@ -144,12 +146,10 @@ class AsgiAdapter:
         self._body_timeout = body_timeout
         self._threads = threads
         self._inline = inline
-        self._prepare_inline = prepare_inline
         self._prefetch = prefetch
         self._lane = lane
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._on_loop_shutdown = on_loop_shutdown
         self._pool: ThreadPoolExecutor | None = None
         self._needs_database = needs_database
         self._database_turns = asyncio.Semaphore(database_slots)
@@ -175,9 +175,9 @@ class AsgiAdapter:
                 return
 
     async def startup(self) -> None:
-        """Warm the app up (pools, blocklist) before it takes requests."""
+        """Warm the app up (pools, blocklist) on this loop, before it takes requests."""
         if self._on_startup is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._on_startup)
+            await self._on_startup()
         # What start-up built (modules, the app, pools) lives as long as the process: left
         # to the collector, every full collection walked all of it, a 100-150 ms pause of
         # the event loop that showed as the protected GET's p99 once traffic triggered one.
@@ -186,14 +186,9 @@ class AsgiAdapter:
 
     async def shutdown(self) -> None:
         """Close the app's connections and the request threads."""
-        if self._on_loop_shutdown is not None:
-            try:
-                await self._on_loop_shutdown()
-            except Exception:
-                log.exception("error during shutdown")
         if self._on_shutdown is not None:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self._on_shutdown)
+                await self._on_shutdown()
             except Exception:
                 log.exception("error during shutdown")
         if self._pool is not None:
@@ -213,13 +208,19 @@ class AsgiAdapter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
         environ = build_environ(scope, body)
-        if self._inline is not None and self._inline(scope["method"], environ["PATH_INFO"]):
-            if self._prepare_inline is not None:
-                await self._prepare_inline(environ)
+        if (self._inline is not None and self._inline(scope["method"], environ["PATH_INFO"])) or (
+            self._prefetch is not None and await self._prefetch(environ)
+        ):
+            prepared = dict(environ)
             status, headers, chunks = self._call(environ)
-        elif self._prefetch is not None and await self._prefetch(environ):
-            # Everything the view would have waited for is in the environ: no thread needed.
-            status, headers, chunks = self._call(environ)
+            if environ.get(RUN_IN_THREAD):
+                # It would have waited (a token whose verdict is not kept, say): the view
+                # stopped before doing anything, and runs again where waiting is harmless.
+                environ = {**prepared, "wsgi.input": io.BytesIO(body)}
+                loop = asyncio.get_running_loop()
+                status, headers, chunks = await loop.run_in_executor(
+                    self._pool, self._call, environ
+                )
         elif (lane := self._lane) is not None and lane.selects(
             scope["method"], environ["PATH_INFO"]
         ):

@@ -30,9 +30,7 @@ def healthz() -> dict[str, object]:
 async def readyz() -> tuple[dict[str, object], int]:
     """The database answers and a real revocation check passes; 503 otherwise."""
     store = get_store()
-    database, blocklist = await asyncio.gather(
-        _probe(store.db.ping()), _probe(asyncio.to_thread(store.probe))
-    )
+    database, blocklist = await asyncio.gather(_probe(store.db.ping()), _probe(store.probe()))
     ready = database and blocklist
     checks = {"database": "ok" if database else "down", "blocklist": "ok" if blocklist else "down"}
     return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503

@@ -1,7 +1,9 @@
-"""One long-lived event loop per worker process, where async views and pooled I/O run.
+"""The worker's one event loop, where async views and every pool (asyncpg, Redis) live.
 
-Flask would otherwise run every async view in a fresh loop, which breaks pooled
-connections (asyncpg, redis.asyncio) and costs more than the work it wraps.
+Under Hypercorn it is the server's own loop, attached at lifespan start-up; a process that
+serves nothing (the CLI, a test driving the Flask app) gets a loop thread of its own on
+first use. Flask would otherwise run every async view in a fresh loop, which breaks pooled
+connections and costs more than the work it wraps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class WouldBlock(RuntimeError):
+    """Work on the event loop that would have to wait for I/O: run it in a thread instead."""
+
+
 def on_event_loop() -> bool:
     """Whether the caller runs on a thread's running event loop, where waiting stalls it."""
     try:
@@ -30,8 +36,8 @@ def on_event_loop() -> bool:
     return True
 
 
-class LoopThread:
-    """A daemon thread running an event loop, started lazily in the process that uses it."""
+class WorkerLoop:
+    """The process's event loop: the server's once attached, else a daemon thread's."""
 
     def __init__(self, name: str = "service-loop") -> None:
         self._name = name
@@ -39,10 +45,11 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
+        self._owned = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """Return this process's loop, starting it on first use (and again after a fork)."""
+        """Return this process's loop, starting one on first use (and again after a fork)."""
         loop = self._loop
         if loop is not None and self._pid == os.getpid():
             return loop
@@ -51,6 +58,16 @@ class LoopThread:
                 self._start()
             assert self._loop is not None
             return self._loop
+
+    def attach(self) -> None:
+        """Adopt the running loop (the server's, at start-up) as this process's loop."""
+        with self._lock:
+            if self._owned and self._pid == os.getpid():
+                raise RuntimeError("a loop thread already owns this process's pools")
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.current_thread()
+            self._pid = os.getpid()
+            self._owned = False
 
     def _start(self) -> None:
         loop = _new_event_loop()
@@ -65,10 +82,11 @@ class LoopThread:
         thread.start()
         ready.wait()
         self._loop, self._thread, self._pid = loop, thread, os.getpid()
+        self._owned = True
 
     def in_loop_thread(self) -> bool:
         """Whether the caller is this loop's own thread (where blocking would deadlock)."""
-        return self._thread is threading.current_thread()
+        return self._thread is threading.current_thread() and self._pid == os.getpid()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule coro on the loop, in a copy of the caller's context, and return its future."""
@@ -93,7 +111,7 @@ class LoopThread:
         """Run coro on the loop and wait for it from a thread that is not the loop's."""
         if self.in_loop_thread():
             coro.close()
-            raise RuntimeError("LoopThread.run() called on its own loop: await the coroutine")
+            raise WouldBlock("waiting on the event loop from the event loop itself")
         future = self.submit(coro)
         try:
             return future.result(timeout)
@@ -111,16 +129,18 @@ class LoopThread:
         return call
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop and join its thread (no-op if it never started here)."""
+        """Stop and join this process's own loop thread; an attached loop is the server's."""
         with self._lock:
             loop, thread = self._loop, self._thread
             if loop is None or thread is None or self._pid != os.getpid():
                 return
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            if not thread.is_alive():
-                loop.close()
+            if self._owned:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout)
+                if not thread.is_alive():
+                    loop.close()
             self._loop = self._thread = self._pid = None
+            self._owned = False
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from service import close_app, create_app, transport, warm_up
+from service import create_app, start_app, stop_app, transport
 from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
-from service.auth.prefetch import revocation_prefetch
 from service.binds import BindError, check_binds
 from service.config import ConfigError, Settings, read_file
 from service.hotpath import inline_policy
@@ -30,19 +29,17 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     transport.install()
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
-    clients = ClientPrefetch(settings, flask_app.extensions["oauth_keyring"])
+    database = flask_app.extensions["store"].db
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.request_body_timeout,
         threads=settings.request_threads,
         inline=inline_policy(flask_app),
-        prepare_inline=revocation_prefetch(flask_app),
-        prefetch=clients,
+        prefetch=ClientPrefetch(database, flask_app.extensions["oauth_keyring"]),
         lane=hashing_lane(flask_app, settings),
-        on_startup=lambda: warm_up(flask_app),
-        on_shutdown=lambda: close_app(flask_app),
-        on_loop_shutdown=clients.close,
+        on_startup=lambda: start_app(flask_app),
+        on_shutdown=lambda: stop_app(flask_app),
         needs_database=database_policy(flask_app),
         database_slots=settings.database_request_slots,
         database_wait=settings.database_pool_timeout,

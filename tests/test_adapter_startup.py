@@ -14,7 +14,7 @@ class Warmed:
     def __init__(self) -> None:
         self.kept: list[Any] = []
 
-    def build(self) -> None:
+    async def build(self) -> None:
         for _ in range(50_000):
             node: dict[str, Any] = {}
             node["self"] = node

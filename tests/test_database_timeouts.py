@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.store.client_reader import ClientReader, connect_args
 from service.store.db import Database, unavailable_reason
 from tests.conftest import Session, login, make_settings, register, serve_in_process
 from tests.oauth_helpers import (
@@ -284,35 +283,6 @@ async def test_ping_is_bounded_and_a_timed_out_connection_is_dropped(
     finally:
         proxy.thaw()
         await database.dispose()
-
-
-async def test_the_client_reader_is_bounded_too(
-    settings: Settings, proxy: TcpProxy, tmp_path: Path
-) -> None:
-    proxied = proxied_settings(settings, proxy, tmp_path)
-    args = connect_args(proxied)
-    assert args is not None
-    registered = await new_client(settings, grant_types=["client_credentials"], redirect_uris=[])
-    wanted = [registered.client.client_id]
-    reader = ClientReader(args, pool_timeout=proxied.database_pool_timeout)
-    fresh = ClientReader(args, pool_timeout=proxied.database_pool_timeout)
-    try:
-        assert (await reader.find(wanted) or {}).get(wanted[0]) is not None
-        proxy.freeze()
-        # A statement on its open connection; and a reader frozen at its first connect.
-        for frozen in (reader, fresh):
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(frozen.find(wanted), GIVE_UP)
-            assert time.monotonic() - started < WITHIN_BOUND
-        proxy.thaw()
-        for thawed in (reader, fresh):  # at once: no connection is left waiting on the freeze
-            found = await asyncio.wait_for(thawed.find(wanted), WITHIN_BOUND)
-            assert (found or {}).get(wanted[0]) is not None
-    finally:
-        proxy.thaw()
-        await reader.close()
-        await fresh.close()
 
 
 def test_the_command_line_says_so_in_one_line(

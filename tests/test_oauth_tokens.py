@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from service.config import Settings
 from service.ids import new_id
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.oauth.clients import Registered, delete_client, purge_expired
 from service.oauth.keys import decrypt_key, key_cipher
 from service.oauth.models import digest
@@ -517,7 +517,7 @@ async def test_deleting_a_client_revokes_its_grants(
 ) -> None:
     registered, tokens = await tokens_for(client, settings, user)
     assert await status_of(client, tokens["access_token"]) == 200
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     try:
         assert await delete_client(store=store, client_id=registered.client.client_id)
         assert not await delete_client(store=store, client_id=registered.client.client_id)

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,7 +16,6 @@ import redis
 from service.config import Settings
 from service.store import revocation_feed
 from service.store.blocklist import Entry, Kind, RedisBlocklist, TokenRef, Verdict
-from service.store.check_pipeline import CheckPipeline
 from service.store.revocation_feed import (
     IDLE_AFTER,
     RevocationFeed,
@@ -46,11 +44,11 @@ def feed_of(blocklist: RedisBlocklist) -> RevocationFeed:
 async def kept(blocklist: RedisBlocklist, ref: TokenRef) -> Verdict:
     """Check ref until the worker keeps its verdict (its feed has subscribed); return it."""
     deadline = time.monotonic() + 5
-    verdict = await blocklist.check_async(ref)
+    verdict = await blocklist.check(ref)
     while feed_of(blocklist).lookup(ref) is None:
         assert time.monotonic() < deadline, "the verdict was never kept"
         await asyncio.sleep(WINDOW / 4)
-        verdict = await blocklist.check_async(ref)
+        verdict = await blocklist.check(ref)
     return verdict
 
 
@@ -178,25 +176,25 @@ def other_worker(settings: Settings, prefix: str) -> Iterator[OtherWorker]:
 async def test_a_kept_verdict_is_asked_again_only_after_a_revocation(
     worker: RedisBlocklist, other_worker: OtherWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Counted at this worker's own pipeline: the shared Redis serves other clients too.
-    asked: list[object] = []
-    call = CheckPipeline.call
+    # Counted at this worker's own calls: the shared Redis serves other clients too.
+    asked: list[TokenRef] = []
+    ask = RedisBlocklist._ask
 
-    async def counted(self: CheckPipeline, build: Any) -> Any:
-        asked.append(build)
-        return await call(self, build)
+    async def counted(self: RedisBlocklist, ref: TokenRef) -> Verdict:
+        asked.append(ref)
+        return await ask(self, ref)
 
-    monkeypatch.setattr(CheckPipeline, "call", counted)
+    monkeypatch.setattr(RedisBlocklist, "_ask", counted)
     ref, bystander = new_ref(), new_ref()
     assert await kept(worker, ref) is Verdict.VALID
     assert await kept(worker, bystander) is Verdict.VALID
     calls = len(asked)
     for _ in range(100):
-        assert await worker.check_async(ref) is Verdict.VALID
+        assert await worker.check(ref) is Verdict.VALID
     assert len(asked) == calls
     await asyncio.wrap_future(other_worker.add([Entry(Kind.TOKEN, ref.jti, ref.exp)]))
-    assert await worker.check_async(ref) is Verdict.REVOKED
-    assert await worker.check_async(bystander) is Verdict.VALID
+    assert await worker.check(ref) is Verdict.REVOKED
+    assert await worker.check(bystander) is Verdict.VALID
     assert len(asked) == calls + 1
 
 
@@ -214,7 +212,7 @@ async def test_no_worker_accepts_a_token_once_its_revocation_returned(
             # A busy worker: its loop reads nothing, messages and answers pile up unread.
             time.sleep(random.uniform(0, WINDOW))
             done = returned.done()  # from here on, only REVOKED may come back
-            verdict = await worker.check_async(ref)
+            verdict = await worker.check(ref)
             if done:
                 assert verdict is Verdict.REVOKED
                 break
@@ -235,20 +233,21 @@ async def test_a_revocation_waits_out_the_window(worker: RedisBlocklist) -> None
 async def test_a_silent_subscription_makes_every_check_ask_redis(worker: RedisBlocklist) -> None:
     ref = new_ref()
     assert await kept(worker, ref) is Verdict.VALID
-    subscription = feed_of(worker)._subscription
-    assert subscription is not None and subscription.transport is not None
-    subscription.transport.pause_reading()  # no message, no answered probe gets through
+    subscription = feed_of(worker).subscription
+    assert subscription is not None and subscription.connection is not None
+    # No message and no answered probe gets through on it any more.
+    subscription.connection._writer.transport.pause_reading()  # type: ignore[union-attr]
     await asyncio.sleep(WINDOW * 1.5)
     assert feed_of(worker).lookup(ref) is None
     await worker.add(revocations_of(ref)[:1])
-    assert await worker.check_async(ref) is Verdict.REVOKED
+    assert await worker.check(ref) is Verdict.REVOKED
     # Unanswered probes past the timeout: the feed starts over on a new connection.
     deadline = time.monotonic() + 5
-    while feed_of(worker)._subscription is subscription:
+    while feed_of(worker).subscription is subscription:
         assert time.monotonic() < deadline, "the stalled subscription was kept"
-        await worker.check_async(ref)
+        await worker.check(ref)
         await asyncio.sleep(WINDOW)
-    assert subscription.closed
+    assert subscription.connection is None
     assert await kept(worker, ref) is Verdict.REVOKED
 
 

@@ -11,7 +11,6 @@ from flask_jwt_extended import JWTManager, view_decorators
 from flask_jwt_extended.config import config as jwt_settings
 from jwt import InvalidTokenError, get_unverified_header
 
-from service.auth.prefetch import prefetched
 from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
 from service.errors import problem, unauthorized
@@ -108,18 +107,17 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 @jwt.token_in_blocklist_loader
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
-    """One Redis round trip (or its answer awaited just before); fails closed (503).
+    """The one place a request's token is checked for revocation; fails closed (503).
 
-    A view that only revokes the presented token runs even when the answer is unknown:
-    revoking it again is harmless, and its durable record must not wait for Redis.
+    On the event loop only a verdict kept in memory answers; without one, WouldBlock
+    sends the request to a thread, where the check waits for Redis. A view that only
+    revokes the presented token runs even when the answer is unknown: revoking it again
+    is harmless, and its durable record must not wait for Redis.
     """
     if not current_app.config["REVOCATION_CHECK"]:
         return False
-    ref = TokenRef.from_claims(claims)
     try:
-        verdict = prefetched(request.environ, ref)
-        if verdict is None:
-            verdict = current_app.extensions["store"].check(ref)
+        verdict = current_app.extensions["store"].verdict(TokenRef.from_claims(claims))
         if verdict is Verdict.NOT_LOADED:
             raise BlocklistUnavailable("blocklist is being rebuilt")
     except BlocklistUnavailable:

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from service.config import Settings
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.oauth import clients, keys
 from service.oauth.models import Client
 from service.store import Store
@@ -139,7 +139,7 @@ async def _rotate(args: argparse.Namespace, database: Database, _s: Settings) ->
 
 
 async def _delete(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     try:
         deleted = await clients.delete_client(store=store, client_id=args.client_id)
     finally:

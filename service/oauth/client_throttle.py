@@ -25,13 +25,12 @@ from flask import request as http_request
 
 from service.addresses import address_group, client_address
 from service.config import Settings
-from service.loop import LoopThread, on_event_loop
+from service.loop import WorkerLoop, WouldBlock
 from service.oauth.prefetch import named_clients
 from service.store.throttle import Attempt, Counter, ThrottleUnavailable, get_throttle
 
 # On Hypercorn's event loop (a client_credentials request run inline) the count is waited
 # for briefly, so a stalled Redis cannot stall the loop; it still lands in the background.
-LOOP_WAIT = 0.1
 
 
 class SlowDown(OAuth2Error):  # type: ignore[misc]
@@ -67,15 +66,17 @@ def client_attempt(*, settings: Settings, client_ids: list[str], address: str) -
 
 def counted(failure: OAuth2Error) -> OAuth2Error:
     """Count a failed client authentication of this request; the error to answer with."""
-    loop: LoopThread = current_app.extensions["loop"]
+    loop: WorkerLoop = current_app.extensions["loop"]
     settings: Settings = current_app.extensions["settings"]
     environ: dict[str, Any] = http_request.environ
     attempt = client_attempt(
         settings=settings, client_ids=named_clients(environ), address=client_address(environ)
     )
+    if loop.in_loop_thread():
+        raise WouldBlock("counting a failed client authentication needs Redis")
     future = loop.submit(get_throttle().fail(attempt))
     try:
-        wait = future.result(LOOP_WAIT if on_event_loop() else settings.redis_timeout * 2)
+        wait = future.result(settings.redis_timeout * 2)
     except (ThrottleUnavailable, concurrent.futures.TimeoutError):
         return failure
     return SlowDown(wait) if wait > 0 else failure

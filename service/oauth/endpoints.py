@@ -39,7 +39,7 @@ def find_token(token: str, hint: str | None) -> AccessToken | RefreshToken | Non
 
 def _revoked(claims: dict[str, Any]) -> bool:
     try:
-        verdict = bridge.store().check(TokenRef.from_claims(claims))
+        verdict = bridge.store().verdict(TokenRef.from_claims(claims))
     except BlocklistUnavailable:
         return True  # introspection fails closed: "inactive" is the safe answer
     return verdict is not Verdict.VALID

@@ -177,7 +177,7 @@ async def revoke_access_token(*, store: Store, jti: str, exp: int) -> None:
 def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:
     """Whether the blocklist has ended this refresh token's family (say, by logout-all).
 
-    A plain function: it makes one synchronous Redis call, like the access-token check.
+    A plain function, like the access-token check: it waits for the store's answer.
     """
     ref = TokenRef(
         jti=token.grant_id,
@@ -186,7 +186,7 @@ def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:
         sxp=token.grant_expires,
         sub=str(token.user_id) if token.user_id else token.client_id,
     )
-    verdict = store.check(ref)
+    verdict = store.verdict(ref)
     if verdict is Verdict.NOT_LOADED:
         raise BlocklistUnavailable("blocklist is being rebuilt")
     return verdict is Verdict.REVOKED

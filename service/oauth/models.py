@@ -14,7 +14,6 @@ from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMix
 from authlib.oauth2.rfc6749.util import scope_to_list
 from sqlalchemy import Row
 
-from service.store.client_reader import ClientRecord
 from service.store.oauth_models import OAuthClient, OAuthCode, OAuthRefreshToken
 
 
@@ -41,8 +40,8 @@ class Client(ClientMixin):  # type: ignore[misc]
     resource_server: bool = False
 
     @classmethod
-    def from_row(cls, row: OAuthClient | Row[Any] | ClientRecord) -> Client:
-        """Build from the stored row (an ORM object, a result row or a record read ahead)."""
+    def from_row(cls, row: OAuthClient | Row[Any]) -> Client:
+        """Build from the stored row (an ORM object or a result row)."""
         return cls(
             client_id=row.client_id,
             name=row.name,

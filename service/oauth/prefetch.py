@@ -1,11 +1,12 @@
 """Look up the clients an OAuth request names on the event loop, before its view runs.
 
 The token, revocation and introspection views run in request threads, where every store
-call is a round trip through the app's loop. The adapter awaits this hook first: it reads
-the client ids the request names (HTTP Basic, the form's client_id), looks them up in one
-statement, and leaves the answer in the environ. `query_client` uses it for exactly those
-ids and looks any other one up itself; nothing is kept across requests, so a deleted
-client or a rotated secret counts from the next request on.
+call is a round trip to the loop and back. The adapter awaits this hook first, on the
+loop: it reads the client ids the request names (HTTP Basic, the form's client_id), looks
+them up in one statement on the store's pool, and leaves the answer in the environ.
+`query_client` uses it for exactly those ids and looks any other one up itself; nothing
+is kept across requests, so a deleted client or a rotated secret counts from the next
+request on.
 
 A client_credentials token request needs nothing else from the store: once its clients
 are looked up, and when the signing keys need no reread, it runs on the loop itself.
@@ -20,11 +21,10 @@ from base64 import b64decode
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from service.config import Settings
-from service.oauth.clients import plausible_identifier
+from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.keys import Keyring
 from service.oauth.models import Client
-from service.store.client_reader import ClientReader, connect_args
+from service.store.db import Database
 
 ENVIRON_KEY = "service.oauth_clients"
 TOKEN_ENDPOINT = "/oauth/token"  # noqa: S105 - a path, not a secret
@@ -41,22 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class ClientPrefetch:
-    """The adapter's hook for requests bound for a thread (PostgreSQL only)."""
+    """The adapter's hook for OAuth requests bound for a thread."""
 
-    def __init__(self, settings: Settings, keyring: Keyring) -> None:
-        args = connect_args(settings)
-        self._reader = (
-            ClientReader(args, pool_timeout=settings.database_pool_timeout)
-            if args is not None
-            else None
-        )
+    def __init__(self, database: Database, keyring: Keyring) -> None:
+        self._database = database
         self._keyring = keyring
 
     async def __call__(self, environ: dict[str, Any]) -> bool:
         """Look the clients up; True when the request may now run on the loop."""
-        if self._reader is None or environ["REQUEST_METHOD"] != "POST":
-            return False
-        if environ["PATH_INFO"] not in PATHS:
+        if environ["REQUEST_METHOD"] != "POST" or environ["PATH_INFO"] not in PATHS:
             return False
         form = _form(environ)
         client_ids = _named(environ, form)
@@ -64,21 +57,12 @@ class ClientPrefetch:
             return False
         try:
             async with asyncio.timeout(TIMEOUT):
-                found = await self._reader.find(client_ids)
+                found = await find_clients(database=self._database, client_ids=client_ids)
         except Exception as exc:
             log.warning("clients not looked up ahead (%s): the view will", type(exc).__name__)
             return False
-        if found is None:
-            return False
-        environ[ENVIRON_KEY] = {
-            client_id: Client.from_row(row) if row else None for client_id, row in found.items()
-        }
+        environ[ENVIRON_KEY] = found
         return _issues_client_token(environ, form) and self._keyring.signs_without_waiting()
-
-    async def close(self) -> None:
-        """Release the connections (at worker shutdown, on the server's loop)."""
-        if self._reader is not None:
-            await self._reader.close()
 
 
 def _issues_client_token(environ: dict[str, Any], form: Form | None) -> bool:

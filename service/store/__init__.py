@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.loop import LoopThread
+from service.loop import WorkerLoop, WouldBlock
 from service.store.blocklist import (
     Blocklist,
     BlocklistUnavailable,
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class Store:
     """App-scoped storage: created unbound, its connections opened lazily per process."""
 
-    def __init__(self, settings: Settings, loop: LoopThread) -> None:
+    def __init__(self, settings: Settings, loop: WorkerLoop) -> None:
         self.settings = settings
         self.loop = loop
         self.db = Database(settings)
@@ -81,26 +81,31 @@ class Store:
                 self._doubt()
                 raise
 
-    def check(self, ref: TokenRef) -> Verdict:
+    async def check(self, ref: TokenRef) -> Verdict:
         """The per-request revocation check; fails closed while Redis may lack a revocation."""
-        return self._settled(lambda: self.blocklist.check(ref))
-
-    async def check_async(self, ref: TokenRef) -> Verdict:
-        """The same check, awaited on the server's event loop."""
         try:
-            return self._settle(await self.blocklist.check_async(ref))
+            return self._settle(await self.blocklist.check(ref))
         except BlocklistUnavailable:
             self._doubt()
             raise
 
-    def probe(self) -> bool:
-        """Whether a check would pass now: the check script itself, under Redis's ACL."""
-        return self._settled(self.blocklist.probe) is Verdict.VALID
+    def verdict(self, ref: TokenRef) -> Verdict:
+        """The same check for code that cannot await (the token loader, Authlib's hooks).
 
-    def _settled(self, ask: Callable[[], Verdict]) -> Verdict:
-        """The verdict ask() gives, settled as every check is."""
+        On the event loop it answers only from memory and raises WouldBlock otherwise (the
+        request is then run again in a thread); elsewhere it waits for the loop's answer.
+        """
+        if not self.loop.in_loop_thread():
+            return self.loop.run(self.check(ref))
+        known = self.blocklist.known(ref)
+        if known is None:
+            raise WouldBlock("the revocation check needs Redis")
+        return self._settle(known)
+
+    async def probe(self) -> bool:
+        """Whether a check would pass now: the check script itself, under Redis's ACL."""
         try:
-            return self._settle(ask())
+            return self._settle(await self.blocklist.probe()) is Verdict.VALID
         except BlocklistUnavailable:
             self._doubt()
             raise
@@ -259,7 +264,7 @@ def get_store() -> Store:
     return store
 
 
-def init_app(app: Flask, settings: Settings, loop: LoopThread) -> Store:
+def init_app(app: Flask, settings: Settings, loop: WorkerLoop) -> Store:
     """Attach a store to app."""
     store = Store(settings, loop)
     app.extensions["store"] = store

@@ -20,23 +20,23 @@ Layout under the configured prefix:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import threading
 import time
 import zlib
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, NamedTuple, Protocol, cast
+from typing import NamedTuple, Protocol
 
-import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from service.ids import issued_millis
 from service.store import revocation_feed as feed
-from service.store.check_pipeline import CheckPipeline, command, encode, parse_run_id
 from service.store.revocation_feed import RevocationFeed, Subject, message
 
 CHECK_SCRIPT = """
@@ -86,11 +86,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
-CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
-
 LOAD_BATCH = 5000
-ENCODED_CHECKS = 8192
-ENCODED_BYTES = 4 * 1024 * 1024  # what the encoded checks may hold, commands and ids
 REBUILD_LOCK_SECONDS = 30
 BREAKER_SECONDS = 0.5
 
@@ -154,12 +150,12 @@ class State(NamedTuple):
 class Blocklist(Protocol):
     """What the service needs from a blocklist, whatever stores it."""
 
-    def check(self, ref: TokenRef) -> Verdict:
+    async def check(self, ref: TokenRef) -> Verdict:
         """Answer for one token; raises BlocklistUnavailable when it cannot."""
         ...
 
-    async def check_async(self, ref: TokenRef) -> Verdict:
-        """The same answer, awaited on the server's event loop."""
+    def known(self, ref: TokenRef) -> Verdict | None:
+        """An answer that needs no I/O (kept from an earlier check), if there is one."""
         ...
 
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
@@ -178,7 +174,7 @@ class Blocklist(Protocol):
         """Mark the blocklist not loaded: every check fails closed until the next rebuild."""
         ...
 
-    def probe(self) -> Verdict:
+    async def probe(self) -> Verdict:
         """Run one real check, as a request would, for a token nobody holds."""
         ...
 
@@ -213,7 +209,7 @@ def session_started_ms(ref: TokenRef) -> int:
 
 
 class RedisBlocklist:
-    """Blocklist in Redis: sync client for the per-request check, asyncio client for writes."""
+    """Blocklist in Redis, through one redis.asyncio pool on the worker's event loop."""
 
     def __init__(
         self,
@@ -239,25 +235,17 @@ class RedisBlocklist:
         self._max_connections = max_connections
         self._ready_key = f"{prefix}ready"
         self._lock_key = f"{prefix}rebuild-lock"
-        self._connections: list[redis.connection.AbstractConnection] = []
-        self._async: aredis.Redis | None = None
-        self._factory: redis.ConnectionPool | None = None
-        self._local = threading.local()
+        self._seq_key = f"{prefix}seq"
+        self._channel = f"{prefix}revoked"
+        self._redis: aredis.Redis | None = None
+        self._check_script: AsyncScript | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._down_until = 0.0
         self._run_id = ""
-        self._pid: int | None = None
-        self._init_lock = threading.Lock()
-        self._pipeline: CheckPipeline | None = None
-        self._encoded: dict[TokenRef, tuple[int, bytes]] = {}
-        self._encoded_bytes = 0
-        self._channel = f"{prefix}revoked"
         self._propagation = propagation
         self._kept_verdicts = kept_verdicts
         self._feed: RevocationFeed | None = None
-        self._seq_key = f"{prefix}seq"
         self._floor = 0
-        self._floor_lock = threading.Lock()
-        self._generation = 0
 
     def bucket_key(self, kind: Kind, subject: str, expires_at: int) -> str:
         """The hash that holds subject, chosen by its expiry bucket and a hash of the id."""
@@ -275,68 +263,33 @@ class RedisBlocklist:
         return f"{self._prefix}u:{user_id}"
 
     def _clients(self) -> aredis.Redis:
-        """This process's asyncio client (writes, rebuilds) and check-connection factory."""
-        if self._async is None or self._pid != os.getpid():
-            with self._init_lock:
-                if self._async is None or self._pid != os.getpid():
-                    options: dict[str, Any] = {
-                        "socket_timeout": self._timeout,
-                        "socket_connect_timeout": self._timeout,
-                        "health_check_interval": 30,
-                    }
-                    self._async = aredis.Redis.from_url(
-                        self._url, max_connections=self._max_connections, **options
-                    )
-                    self._factory = redis.ConnectionPool.from_url(
-                        self._url, redis_connect_func=self._on_connect, **options
-                    )
-                    self._connections = []
-                    self._pid = os.getpid()
-        return self._async
+        """The pooled client, made on first use in the process that uses it."""
+        if self._redis is None:
+            # Past max_connections a call waits for a free connection (up to the timeout)
+            # instead of failing at once. A pooled connection found closed (Redis restarted
+            # meanwhile) is replaced and the call tried once more; a timeout is not retried.
+            pool = aredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                timeout=self._timeout,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                health_check_interval=30,
+                redis_connect_func=self._on_connect,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._redis = aredis.Redis.from_pool(pool)
+            self._check_script = self._redis.register_script(CHECK_SCRIPT)
+        return self._redis
 
-    def _connection(self) -> redis.connection.AbstractConnection:
-        """This thread's own connection for checks: no pool queue on the hot path."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            self._clients()
-            assert self._factory is not None
-            local.connection = self._factory.make_connection()
-            local.pid = os.getpid()
-            local.generation = self._generation
-            self._connections.append(local.connection)
-        connection: redis.connection.AbstractConnection = local.connection
-        if local.generation != self._generation:
-            # Redis failed since this connection was made: start afresh rather than let a
-            # stale socket fail once more and hold the breaker open again.
-            connection.disconnect()  # type: ignore[no-untyped-call]
-            local.generation = self._generation
-        return connection
-
-    def _evalsha(self, keys: list[str], args: list[str | int]) -> Any:
-        """EVALSHA of the check script on this thread's connection, loading it if needed."""
-        connection = self._connection()
-        command = ("EVALSHA", CHECK_SHA, len(keys), *keys, *args)
-        try:
-            try:
-                connection.send_command(*command)  # type: ignore[no-untyped-call]
-                return connection.read_response()
-            except NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", CHECK_SCRIPT)  # type: ignore[no-untyped-call]
-                connection.read_response()
-                connection.send_command(*command)  # type: ignore[no-untyped-call]
-                return connection.read_response()
-        except RedisError:
-            connection.disconnect()  # type: ignore[no-untyped-call]
-            raise
-
-    def _on_connect(self, connection: redis.connection.AbstractConnection) -> None:
+    async def _on_connect(self, connection: aredis.connection.AbstractConnection) -> None:
         """Learn the server's run_id on every new connection: a restart shows up here."""
-        connection.on_connect()  # type: ignore[no-untyped-call]
-        connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]
-        self._run_id = parse_run_id(connection.read_response())
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        self._run_id = parse_run_id(await connection.read_response())
 
     def _check_call(self, ref: TokenRef) -> tuple[list[str], list[str | int]]:
-        """Keys and arguments of the check script for one token, but the run_id."""
+        """Keys and arguments of the check script for one token, but run_id and floor."""
         keys = [
             self._ready_key,
             self.bucket_key(Kind.TOKEN, ref.jti, ref.exp),
@@ -346,33 +299,17 @@ class RedisBlocklist:
         ]
         return keys, [ref.jti, ref.sid, session_started_ms(ref)]
 
-    def _encoded_check(self, ref: TokenRef) -> tuple[int, bytes]:
-        """One token's check command, RESP-encoded but run_id and floor, with its argument count."""
-        encoded = self._encoded.get(ref)
-        if encoded is None:
-            keys, args = self._check_call(ref)
-            parts = ["EVALSHA", CHECK_SHA, len(keys), *keys, *args]
-            encoded = (len(parts), encode(*parts))
-            size = len(encoded[1]) + len(ref.jti) + len(ref.sid) + len(ref.sub)
-            if len(self._encoded) >= ENCODED_CHECKS or self._encoded_bytes + size > ENCODED_BYTES:
-                self._encoded.clear()
-                self._encoded_bytes = 0
-            self._encoded[ref] = encoded
-            self._encoded_bytes += size
-        return encoded
-
     def _refuse_if_down(self) -> None:
         if self._down_until and time.monotonic() < self._down_until:
             # Recently unreachable: answer 503 at once instead of waiting out a timeout.
             raise BlocklistUnavailable("blocklist unreachable moments ago")
 
-    def _verdict(self, result: Any) -> Verdict:
-        self._down_until = 0.0
-        return Verdict(int(result))
-
     def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
-        if not self._down_until:
-            self._generation += 1
+        if not self._down_until and self._redis is not None:
+            # Every pooled connection may be stale now (a restarted server): start afresh
+            # rather than let each fail once more and hold the breaker open again.
+            pool = self._redis.connection_pool
+            self._closing.add(asyncio.get_running_loop().create_task(pool.disconnect()))
         self._down_until = time.monotonic() + BREAKER_SECONDS
         return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
 
@@ -384,75 +321,78 @@ class RedisBlocklist:
     def raise_floor(self, seq: int | None) -> None:
         """Note that the blocklist held seq (a write answered, a message, a read)."""
         if seq is not None and seq > self._floor:
-            with self._floor_lock:
-                self._floor = max(self._floor, seq)
+            self._floor = seq
 
-    def check(self, ref: TokenRef) -> Verdict:
-        """One EVALSHA: is the token, its session or its user's older sessions revoked?"""
-        self._refuse_if_down()
-        keys, args = self._check_call(ref)
-        try:
-            run_id = self._run_id
-            result = self._evalsha(keys, [*args, run_id, self._floor])
-            if self._run_id != run_id:
-                # The call (re)connected, perhaps to a restarted server: ask again with the
-                # run_id learned on that connection, or a stale snapshot would pass.
-                result = self._evalsha(keys, [*args, self._run_id, self._floor])
-        except RedisError as exc:
-            raise self._unreachable(exc) from exc
-        return self._verdict(result)
-
-    async def check_async(self, ref: TokenRef) -> Verdict:
-        """The same check, from a verdict kept since the last revocation or else pipelined.
-
-        Concurrent checks that do reach Redis share one write.
-        """
+    def known(self, ref: TokenRef) -> Verdict | None:
+        """The verdict kept since the last revocation that could change it, if any; no I/O."""
         feed = self._current_feed()
+        if feed is None:
+            return None
+        kept = feed.lookup(ref)
+        return None if kept is None else Verdict(kept)
+
+    async def check(self, ref: TokenRef) -> Verdict:
+        """A kept verdict, else one EVALSHA: is the token, its session or its user revoked?"""
+        feed = self._current_feed()
+        generation = 0
         if feed is not None:
             kept = feed.lookup(ref)
             if kept is not None:
-                return cast(Verdict, kept)
+                return Verdict(kept)
             generation = feed.cache.generation
-        self._refuse_if_down()
-        count, encoded = self._encoded_check(ref)
-        pipeline = self._pipeline
-        if pipeline is None or not pipeline.usable:
-            pipeline = self._pipeline = CheckPipeline(
-                self._url, timeout=self._timeout, script=CHECK_SCRIPT
-            )
-        try:
-            # The run_id is the one learned on the pipeline's own connection.
-            result = await pipeline.call(
-                lambda run_id: command(count + 2, encoded + encode(run_id, self._floor))
-            )
-        except RedisError as exc:
-            raise self._unreachable(exc) from exc
-        verdict = self._verdict(result)
+        verdict = await self._ask(ref)
         if feed is not None and verdict is not Verdict.NOT_LOADED:
             feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
         return verdict
 
-    def probe(self) -> Verdict:
+    async def _ask(self, ref: TokenRef) -> Verdict:
+        """Run the check script for ref on the pool, with the run_id the pool last learned."""
+        self._refuse_if_down()
+        client = self._clients()
+        assert self._check_script is not None
+        keys, args = self._check_call(ref)
+        try:
+            run_id = self._run_id
+            result = await self._check_script(keys, [*args, run_id, self._floor], client)
+            if self._run_id != run_id:
+                # The call (re)connected, perhaps to a restarted server: ask again with the
+                # run_id learned on that connection, or a stale snapshot would pass.
+                result = await self._check_script(keys, [*args, self._run_id, self._floor], client)
+        except RedisError as exc:
+            raise self._unreachable(exc) from exc
+        self._down_until = 0.0
+        return Verdict(int(result))
+
+    async def probe(self) -> Verdict:
         """The check script, run as a request's check runs it, for a token nobody holds."""
         now = int(time.time())
         nobody = os.urandom(8).hex()
-        return self.check(TokenRef(jti=nobody, exp=now + 60, sid=nobody, sxp=now + 60, sub=nobody))
+        return await self._ask(
+            TokenRef(jti=nobody, exp=now + 60, sid=nobody, sxp=now + 60, sub=nobody)
+        )
 
     def _current_feed(self) -> RevocationFeed | None:
-        """This loop's feed of revocations, unless verdicts are never kept."""
+        """The feed of revocations, unless verdicts are never kept."""
         if not self._propagation:
             return None
-        feed = self._feed
-        if feed is None or not feed.usable:
-            feed = self._feed = RevocationFeed(
+        if self._feed is None:
+            # A connection of its own, never retried behind the feed's back: a lost
+            # subscription must be seen at once, as every message may have been missed.
+            subscriber = aredis.Redis.from_url(
                 self._url,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._feed = RevocationFeed(
+                subscriber,
                 channel=self._channel,
                 window=self._propagation,
                 timeout=self._timeout,
                 size=self._kept_verdicts,
                 on_seq=self.raise_floor,
             )
-        return feed
+        return self._feed
 
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
         """Write revocations, and return once no worker may still use a verdict they change."""
@@ -585,17 +525,21 @@ class RedisBlocklist:
         return None
 
     async def close(self) -> None:
-        """Close both connection pools of this process, the check pipeline and the feed."""
+        """Stop the feed and close the pool."""
         if self._feed is not None:
             await self._feed.close()
             self._feed = None
-        if self._pipeline is not None:
-            await self._pipeline.close()
-            self._pipeline = None
-        if self._pid == os.getpid():
-            if self._async is not None:
-                await self._async.aclose()
-            for connection in self._connections:
-                connection.disconnect()  # type: ignore[no-untyped-call]
-        self._connections = []
-        self._async = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+def parse_run_id(info: object) -> str:
+    """The run_id field of an INFO server reply, raw or parsed."""
+    if isinstance(info, dict):
+        return str(info.get("run_id", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.removeprefix("run_id:").strip()
+    return ""

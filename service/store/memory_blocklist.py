@@ -18,8 +18,8 @@ class MemoryBlocklist:
         self._lock = threading.Lock()
         self._loaded = False
 
-    def check(self, ref: TokenRef) -> Verdict:
-        """Look the token up in memory."""
+    def known(self, ref: TokenRef) -> Verdict:
+        """Look the token up in memory (no I/O: the answer is always known)."""
         if not self._loaded:
             return Verdict.NOT_LOADED
         now = int(time.time())
@@ -32,9 +32,9 @@ class MemoryBlocklist:
             return Verdict.REVOKED
         return Verdict.VALID
 
-    async def check_async(self, ref: TokenRef) -> Verdict:
+    async def check(self, ref: TokenRef) -> Verdict:
         """The same lookup (nothing to wait for)."""
-        return self.check(ref)
+        return self.known(ref)
 
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
         """Record revocations and drop the ones that have expired."""
@@ -68,9 +68,9 @@ class MemoryBlocklist:
         """Forget the loaded mark; the next rebuild restores it."""
         self._loaded = False
 
-    def probe(self) -> Verdict:
+    async def probe(self) -> Verdict:
         """A lookup for a token nobody holds."""
-        return self.check(TokenRef(jti="", exp=0, sid="", sxp=0, sub=""))
+        return self.known(TokenRef(jti="", exp=0, sid="", sxp=0, sub=""))
 
     @property
     def floor(self) -> int:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from service.config import DatabaseUnavailable, Settings
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.store.db import bounds, database_url
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def migration_lock(settings: Settings) -> Iterator[None]:
         yield
         return
     # Alembic runs an event loop of its own in this thread: the lock's connection needs another.
-    thread = LoopThread("migration-lock")
+    thread = WorkerLoop("migration-lock")
     try:
         conn = thread.run(_lock(url, bounds(settings, statements=False)))
         try:

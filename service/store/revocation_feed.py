@@ -12,26 +12,18 @@ answers, every worker of every host has either dropped the token's verdict or as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import hiredis
-from redis.asyncio.connection import parse_url
-from redis.exceptions import ResponseError
-
-from service.store.check_pipeline import (
-    call_on_owner,
-    command,
-    encode,
-    open_connection,
-    preamble,
-)
+import redis.asyncio as aredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 # What a message names, by the TokenRef field it matches: jti, sid or sub.
 Subject = tuple[str, str]
@@ -62,7 +54,6 @@ def subjects_of(ref: Revocable) -> tuple[Subject, Subject, Subject]:
 PROBES_PER_WINDOW = 4
 IDLE_AFTER = 1.0  # seconds without a lookup before the subscription ends
 RECONNECT_DELAY = 0.1
-PING = command(1, encode("PING"))
 
 log = logging.getLogger(__name__)
 
@@ -159,89 +150,17 @@ class VerdictCache:
         self._indexed = 0
 
 
-class _Subscription(asyncio.Protocol):
-    """One subscribed connection: messages drop verdicts, answered probes prove freshness."""
-
-    def __init__(
-        self,
-        cache: VerdictCache,
-        subscribed: asyncio.Future[None],
-        on_seq: Callable[[int], object],
-    ) -> None:
-        self.cache = cache
-        self.on_seq = on_seq
-        self.reader = hiredis.Reader(replyError=ResponseError)
-        self.subscribed = subscribed
-        self.probes: deque[float] = deque()
-        self.last_probe = -math.inf
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.ended = subscribed.get_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            self._handle(reply)
-
-    def _handle(self, reply: Any) -> None:
-        if isinstance(reply, ResponseError):
-            if not self.subscribed.done():
-                self.subscribed.set_exception(reply)
-            self.close()
-            return
-        kind = reply[0] if isinstance(reply, list) and reply else None
-        if kind == b"message":
-            parsed = parse_message(reply[2])
-            if parsed is None or parsed[0] is None:
-                # Unreadable, or a load that may change anything: no kept verdict holds.
-                self.cache.reset()
-            else:
-                self.cache.drop(parsed[0])
-            if parsed is not None:
-                self.on_seq(parsed[1])
-        elif kind == b"pong" and self.probes:
-            self.cache.fresh_since = self.probes.popleft()
-        elif kind == b"subscribe" and not self.subscribed.done():
-            # Messages missed before this point may have named anything kept.
-            self.cache.reset()
-            self.subscribed.set_result(None)
-
-    def probe(self, now: float) -> None:
-        """Send a PING; its answer proves every earlier message has been read."""
-        if self.transport is not None and not self.closed:
-            self.probes.append(now)
-            self.last_probe = now
-            self.transport.write(PING)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed:  # close() got here first; a newer subscription may own the cache
-            return
-        self.closed = True
-        self.cache.reset()
-        self.ended.set_result(None)
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(f"connection lost: {exc!r}"))
-
-    def close(self) -> None:
-        """Hang up; kept verdicts go with the connection."""
-        if self.transport is not None:
-            self.transport.close()
-        self.connection_lost(None)
-
-
 class RevocationFeed:
-    """The subscription of one process and loop, kept while lookups keep coming.
+    """The worker's subscription to the revocation channel, kept while lookups keep coming.
 
-    Lookups send the probes (at most PROBES_PER_WINDOW per window): a busy worker stays
-    fresh, an idle one costs nothing and unsubscribes after IDLE_AFTER.
+    One task reads the subscription (redis-py's PubSub) and sends a PING on it every
+    window / PROBES_PER_WINDOW: a busy worker stays fresh, an idle one costs nothing and
+    unsubscribes after IDLE_AFTER.
     """
 
     def __init__(
         self,
-        url: str,
+        client: aredis.Redis,
         *,
         channel: str,
         window: float,
@@ -250,80 +169,91 @@ class RevocationFeed:
         on_seq: Callable[[int], object],
     ) -> None:
         self.cache = VerdictCache(size)
-        self._on_seq = on_seq
         self.window = window
-        self._interval = window / PROBES_PER_WINDOW
-        self._options: dict[str, Any] = dict(parse_url(url))
+        self._client = client
         self._channel = channel
         self._timeout = timeout
-        self._loop = asyncio.get_running_loop()
-        self._pid = os.getpid()
+        self._on_seq = on_seq
+        self._interval = window / PROBES_PER_WINDOW
+        self._probes: deque[float] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._subscription: _Subscription | None = None
-
-    @property
-    def usable(self) -> bool:
-        """Whether this feed belongs to the running loop of this process."""
-        return self._loop is asyncio.get_running_loop() and self._pid == os.getpid()
+        self.subscription: PubSub | None = None
 
     def lookup(self, ref: Revocable) -> int | None:
-        """A verdict that is safe to reuse now, if one is kept; probes and subscribes."""
-        now = clock()
-        subscription = self._subscription
-        if subscription is not None and not subscription.closed:
-            if now - subscription.last_probe >= self._interval:
-                self._probe(subscription, now)
-        elif self._task is None or self._task.done():
-            self._task = self._loop.create_task(self._run())
-        return self.cache.get(ref, now, self.window)
-
-    def _probe(self, subscription: _Subscription, now: float) -> None:
-        if subscription.probes and now - subscription.probes[0] > self._timeout:
-            log.warning("revocation feed stalled: reconnecting")
-            subscription.close()
-        else:
-            subscription.probe(now)
+        """A verdict that is safe to reuse now, if one is kept; subscribes when idle."""
+        if self._task is None or self._task.done():
+            self.cache.last_lookup = clock()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self.cache.get(ref, clock(), self.window)
 
     async def _run(self) -> None:
-        """Subscribe, and again whenever the connection ends, until lookups stop."""
+        """Subscribe, and again whenever the subscription fails, until lookups stop."""
         while clock() - self.cache.last_lookup < IDLE_AFTER:
+            pubsub = self.subscription = self._client.pubsub()
             try:
-                subscription = await asyncio.wait_for(self._subscribe(), self._timeout)
-            except (OSError, TimeoutError, ResponseError) as exc:
+                await asyncio.wait_for(self._subscribe(pubsub), self._timeout)
+                await self._read(pubsub)
+            except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("revocation feed unavailable: %s", type(exc).__name__)
-                await asyncio.sleep(RECONNECT_DELAY)
-                continue
-            try:
-                while (idle := clock() - self.cache.last_lookup) < IDLE_AFTER:
-                    ended, _ = await asyncio.wait([subscription.ended], timeout=IDLE_AFTER - idle)
-                    if ended:
-                        break
             finally:
-                subscription.close()
+                self._forget()
+                self.subscription = None
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(RECONNECT_DELAY)
 
-    async def _subscribe(self) -> _Subscription:
-        subscribed: asyncio.Future[None] = self._loop.create_future()
-        subscription = await open_connection(
-            self._loop, self._options, lambda: _Subscription(self.cache, subscribed, self._on_seq)
-        )
-        assert subscription.transport is not None
-        requests = preamble(self._options, select=False)  # channels span every database
-        requests.append(command(2, encode("SUBSCRIBE", self._channel)))
-        subscription.transport.write(b"".join(requests))
-        try:
-            await subscribed
-        except BaseException:
-            subscription.close()
-            raise
-        self._subscription = subscription
-        return subscription
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        """Subscribe and wait for Redis to confirm it: messages count from there on."""
+        await pubsub.subscribe(self._channel)
+        while True:
+            reply = await pubsub.get_message(timeout=self._timeout)
+            if reply is not None:
+                self._handle(reply)
+                if reply["type"] == "subscribe":
+                    return
+
+    async def _read(self, pubsub: PubSub) -> None:
+        """Apply messages and probe answers until lookups stop or the subscription stalls."""
+        last_probe = -math.inf
+        while (now := clock()) - self.cache.last_lookup < IDLE_AFTER:
+            if self._probes and now - self._probes[0] > self._timeout:
+                raise TimeoutError("revocation feed stalled")
+            if now - last_probe >= self._interval:
+                self._probes.append(now)
+                last_probe = now
+                await pubsub.ping()
+            reply = await pubsub.get_message(timeout=self._interval)
+            if reply is not None:
+                self._handle(reply)
+
+    def _handle(self, reply: dict[str, Any]) -> None:
+        kind = reply["type"]
+        if kind == "message":
+            parsed = parse_message(reply["data"])
+            if parsed is None or parsed[0] is None:
+                # Unreadable, or a load that may change anything: no kept verdict holds.
+                self.cache.reset()
+            else:
+                self.cache.drop(parsed[0])
+            if parsed is not None:
+                self._on_seq(parsed[1])
+        elif kind == "pong" and reply["data"] == b"" and self._probes:
+            # Redis answers on one connection in order: every earlier message was read.
+            self.cache.fresh_since = self._probes.popleft()
+        elif kind == "subscribe":
+            # Messages missed before this point (a first subscription, or one redis-py
+            # renewed after a reconnect) may have named anything kept.
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop every kept verdict and every probe in flight: trust nothing until answered."""
+        self.cache.reset()
+        self._probes.clear()
 
     async def close(self) -> None:
-        """Stop the subscription, from whichever loop calls (it is owned by its own)."""
-        call_on_owner(self._loop, self._pid, self._stop)
-
-    def _stop(self) -> None:
+        """Stop the subscription and close its connection."""
         if self._task is not None:
             self._task.cancel()
-        if self._subscription is not None:
-            self._subscription.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._client.aclose()
