@@ -1,21 +1,81 @@
-"""Where a request comes from, as the failure counters see it."""
+"""Where a request comes from: the client behind trusted proxies, as the counters see it."""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from typing import Any
 
 IPV6_GROUP = 64  # one subscriber usually holds a whole /64
 MAX_UNPARSED = 64
+MAX_HOPS = 16  # X-Forwarded-For entries believed at most: real chains are a few proxies long
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def client_address(environ: dict[str, Any]) -> str:
-    """The address of the peer that sent the request.
+    """The address of the client that sent the request.
 
-    Behind a reverse proxy every request comes from the proxy; reading X-Forwarded-For
-    from trusted hops (a proxy mode) belongs here, and nowhere else.
+    service/forwarded.py has already put the client a trusted proxy reported (see
+    forwarded_client) in REMOTE_ADDR; from any other peer, REMOTE_ADDR is the peer itself.
     """
     return str(environ.get("REMOTE_ADDR") or "")
+
+
+class TrustedProxies:
+    """The proxies (TRUSTED_PROXIES) whose X-Forwarded-* headers are believed."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trust(self, address: IPAddress | None) -> bool:
+        """Whether address belongs to a trusted proxy."""
+        return address is not None and any(address in network for network in self.networks)
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """The IP address in a peer or X-Forwarded-For entry (a port is dropped), None if none.
+
+    An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is its IPv4
+    address, so that a trusted 10.0.0.0/8 covers ::ffff:10.0.0.7 too.
+    """
+    text = text.strip()
+    if text.startswith("["):  # [2001:db8::1]:443
+        text = text[1 : text.find("]")]
+    elif text.count(":") == 1:  # 192.0.2.1:443
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def forwarded_client(
+    peer: IPAddress, hops: list[str], trusted: TrustedProxies
+) -> tuple[IPAddress, int | None]:
+    """The client a trusted peer reports, and its place in X-Forwarded-For (None: the peer).
+
+    Each proxy appends the address it was connected from, so the list is read from the
+    right: every entry a trusted proxy wrote is believed, up to and including the first
+    untrusted address, which is the client. Entries left of it were written by the
+    client itself and could say anything. An entry that is not an address ends the walk
+    at the proxy that wrote it; so does the MAX_HOPS-th entry, trusted or not.
+    """
+    client, place = peer, None
+    for index in range(len(hops) - 1, max(-1, len(hops) - 1 - MAX_HOPS), -1):
+        if not trusted.trust(client):
+            break
+        hop = parse_address(hops[index])
+        if hop is None:
+            break
+        client, place = hop, index
+    return client, place
 
 
 def address_group(address: str) -> str:
