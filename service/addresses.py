@@ -9,6 +9,8 @@ from typing import Any
 IPV6_GROUP = 64  # one subscriber usually holds a whole /64
 MAX_UNPARSED = 64
 MAX_HOPS = 16  # X-Forwarded-For entries believed at most: real chains are a few proxies long
+MEMO_ENTRIES = 4096  # trust verdicts a worker remembers, on texts of at most
+MEMO_TEXT_CHARS = 64  # characters (an IPv6 address with a zone and a port fits)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -23,10 +25,16 @@ def client_address(environ: dict[str, Any]) -> str:
 
 
 class TrustedProxies:
-    """The proxies (TRUSTED_PROXIES) whose X-Forwarded-* headers are believed."""
+    """The proxies (TRUSTED_PROXIES) whose X-Forwarded-* headers are believed.
+
+    Parsing an address and matching it against networks costs a few microseconds with the
+    ipaddress module, on every request through a proxy, twice or more; the verdicts on
+    recent short texts (the ingress's address, clients' addresses) are remembered instead.
+    """
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
+        self._verdicts: dict[str, tuple[IPAddress | None, bool]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -34,6 +42,18 @@ class TrustedProxies:
     def trust(self, address: IPAddress | None) -> bool:
         """Whether address belongs to a trusted proxy."""
         return address is not None and any(address in network for network in self.networks)
+
+    def judge(self, text: str) -> tuple[IPAddress | None, bool]:
+        """The address in text (see parse_address) and whether it is a trusted proxy's."""
+        verdict = self._verdicts.get(text)
+        if verdict is None:
+            address = parse_address(text)
+            verdict = (address, self.trust(address))
+            if len(text) <= MEMO_TEXT_CHARS:  # so the memo is bounded in bytes too
+                if len(self._verdicts) >= MEMO_ENTRIES:
+                    self._verdicts.clear()
+                self._verdicts[text] = verdict
+        return verdict
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -59,7 +79,7 @@ def parse_address(text: str) -> IPAddress | None:
 def forwarded_client(
     peer: IPAddress, hops: list[str], trusted: TrustedProxies
 ) -> tuple[IPAddress, int | None]:
-    """The client a trusted peer reports, and its place in X-Forwarded-For (None: the peer).
+    """The client that peer, a trusted proxy, reports, and its place in hops (None: peer).
 
     Each proxy appends the address it was connected from, so the list is read from the
     right: every entry a trusted proxy wrote is believed, up to and including the first
@@ -67,11 +87,11 @@ def forwarded_client(
     client itself and could say anything. An entry that is not an address ends the walk
     at the proxy that wrote it; so does the MAX_HOPS-th entry, trusted or not.
     """
-    client, place = peer, None
+    client, place, believed = peer, None, True
     for index in range(len(hops) - 1, max(-1, len(hops) - 1 - MAX_HOPS), -1):
-        if not trusted.trust(client):
+        if not believed:
             break
-        hop = parse_address(hops[index])
+        hop, believed = trusted.judge(hops[index])
         if hop is None:
             break
         client, place = hop, index

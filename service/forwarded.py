@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from service.addresses import IPAddress, TrustedProxies, forwarded_client, parse_address
+from service.addresses import IPAddress, TrustedProxies, forwarded_client
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -41,8 +41,8 @@ class ForwardedHeaders:
         self.https_only = https_only
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        peer = parse_address(str(environ.get("REMOTE_ADDR", "")))
-        if peer is not None and self.trusted.trust(peer) and not self._believe(environ, peer):
+        peer, trusted = self.trusted.judge(str(environ.get("REMOTE_ADDR", "")))
+        if trusted and peer is not None and not self._believe(environ, peer):
             start_response(
                 "403 Forbidden",
                 [("Content-Type", "application/problem+json"), ("Cache-Control", "no-store")],

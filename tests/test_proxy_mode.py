@@ -25,7 +25,14 @@ import h2.events
 import httpx
 import pytest
 
-from service.addresses import MAX_HOPS, TrustedProxies, forwarded_client, parse_address
+from service.addresses import (
+    MAX_HOPS,
+    MEMO_ENTRIES,
+    MEMO_TEXT_CHARS,
+    TrustedProxies,
+    forwarded_client,
+    parse_address,
+)
 from service.config import ConfigError, Environment, Settings, load_settings
 from service.forwarded import ForwardedHeaders
 from service.server import hypercorn_config
@@ -101,9 +108,25 @@ def test_the_walk_is_bounded() -> None:
 
 
 def test_an_ipv4_peer_on_a_dual_stack_socket_is_trusted_as_ipv4() -> None:
-    assert _trusted("10.0.0.0/8").trust(parse_address("::ffff:10.0.0.5"))
-    assert not _trusted("10.0.0.0/8").trust(parse_address("::ffff:11.0.0.5"))
-    assert not _trusted().trust(parse_address("10.0.0.5"))
+    assert _trusted("10.0.0.0/8").judge("::ffff:10.0.0.5") == (_address("10.0.0.5"), True)
+    assert not _trusted("10.0.0.0/8").judge("::ffff:11.0.0.5")[1]
+    assert not _trusted().judge("10.0.0.5")[1]
+
+
+def test_remembered_verdicts_are_bounded_in_entries_and_bytes() -> None:
+    trusted = _trusted("10.0.0.0/8")
+    for n in range(3 * MEMO_ENTRIES):
+        assert trusted.judge(str(ipaddress.ip_address(0x0A000000 + n))) == (
+            ipaddress.ip_address(0x0A000000 + n),
+            True,
+        )
+        assert len(trusted._verdicts) <= MEMO_ENTRIES
+    long = "10.0.0.5:" + "9" * MEMO_TEXT_CHARS
+    assert trusted.judge(long) == (_address("10.0.0.5"), True)  # the port is dropped
+    assert long not in trusted._verdicts
+    assert (
+        trusted.judge("192.0.2.1") == trusted.judge("192.0.2.1") == (_address("192.0.2.1"), False)
+    )
 
 
 def _address(text: str) -> Any:
