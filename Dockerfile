@@ -34,7 +34,8 @@ WORKDIR /app
 COPY hypercorn.toml ./
 COPY docker/entrypoint.sh /usr/local/bin/authsvc-entrypoint
 COPY docker/healthcheck.py /usr/local/bin/authsvc-healthcheck
-# BIND and WORKERS are read by the entrypoint and BIND by the health check, so both follow it.
+# BIND and WORKERS are read by the entrypoint and BIND by the health check, so both follow it;
+# so does PROXY_BIND (plain HTTP for an ingress; with BIND set empty, the only listener).
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     SERVICE_ENV=production HYPERCORN_CONFIG=/app/hypercorn.toml INSTANCE_DIR=/var/lib/authsvc \
     BIND=0.0.0.0:8443 WORKERS=2

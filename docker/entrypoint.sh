@@ -2,7 +2,8 @@
 # Container start.
 #   serve (default): check the key and certificate files, wait (bounded) for PostgreSQL and
 #     Redis, apply migrations (under an advisory lock; MIGRATE_ON_START=false skips it), then
-#     exec the server on BIND with WORKERS processes.
+#     exec the server on BIND (TLS) and PROXY_BIND (plain HTTP, if set) with WORKERS
+#     processes. BIND set empty: PROXY_BIND alone, behind a TLS-terminating ingress.
 #   migrate: wait for the backends, apply migrations, exit.
 #   anything else: python -m service ARGS (create-user, clients, keys, ...).
 # DATABASE_URL, REDIS_URL, SECRET_KEY and JWT_SECRET may instead be given as files:
@@ -65,7 +66,13 @@ case "$command" in
         if migrate_on_start; then migrate=true; fi
         python -m service wait --timeout "${WAIT_TIMEOUT:-60}"
         if [ "$migrate" = true ]; then python -m service migrate; fi
-        exec python -m service serve --bind "${BIND:-0.0.0.0:8443}" --workers "${WORKERS:-2}" "$@"
+        if [ -n "${BIND-0.0.0.0:8443}" ]; then
+            set -- --bind "${BIND-0.0.0.0:8443}" "$@"
+        else
+            [ -n "${PROXY_BIND:-}" ] || fail "BIND is empty: set PROXY_BIND (behind an ingress) or BIND"
+            set -- --proxy-only "$@"
+        fi
+        exec python -m service serve --workers "${WORKERS:-2}" "$@"
         ;;
     migrate)
         python -m service wait --timeout "${WAIT_TIMEOUT:-60}"

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Container health check: GET /healthz on the address the entrypoint binds (BIND)."""
+"""Container health check: GET /healthz on the address the entrypoint binds.
+
+That is BIND, over TLS; with BIND empty (behind an ingress, `serve --proxy-only`), the
+first address of PROXY_BIND, in plain HTTP.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ import urllib.request
 LOOPBACK = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}  # noqa: S104
 
 
-def healthz_url(bind: str) -> str:
-    """The URL of /healthz for a Hypercorn bind such as 0.0.0.0:8443 or [::1]:8443."""
-    host, sep, port = bind.rpartition(":")
+def healthz_url(bind: str, proxy_bind: str = "") -> str:
+    """The URL of /healthz for BIND (or, if empty, PROXY_BIND) such as 0.0.0.0:8443."""
+    # The service serves TLS on every BIND address (production refuses to start without a
+    # certificate), plain HTTP on PROXY_BIND.
+    setting, scheme = ("BIND", "https") if bind else ("PROXY_BIND", "http")
+    address = bind or proxy_bind.split(",")[0].strip()
+    host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "/" in host:
-        raise ValueError(f"BIND={bind!r} is not host:port")
-    # The service serves TLS on every address it binds (production refuses to start without).
-    return f"https://{LOOPBACK.get(host, host)}:{port}/healthz"
+        raise ValueError(f"{setting}={address!r} is not host:port")
+    return f"{scheme}://{LOOPBACK.get(host, host)}:{port}/healthz"
 
 
 def main() -> int:
@@ -28,7 +35,7 @@ def main() -> int:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        url = healthz_url(os.environ.get("BIND", "0.0.0.0:8443"))
+        url = healthz_url(os.environ.get("BIND", "0.0.0.0:8443"), os.environ.get("PROXY_BIND", ""))
         with urllib.request.urlopen(url, context=context, timeout=4) as response:  # noqa: S310
             status = response.status
     except (OSError, ValueError) as exc:

@@ -10,8 +10,10 @@ from typing import Any
 from flask import Flask
 
 from service import errors, health, hotpath, store
+from service.addresses import TrustedProxies
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
+from service.forwarded import ForwardedHeaders
 from service.loop import WorkerLoop
 from service.store.throttle import Throttle, make_throttle
 
@@ -52,7 +54,17 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     errors.init_app(app)
     hotpath.init_app(app)
     _register_blueprints(app, settings)
+    _believe_trusted_proxies(app, settings)
     return app
+
+
+def _believe_trusted_proxies(app: Flask, settings: Settings) -> None:
+    """Take the client, scheme and host from X-Forwarded-* when a trusted proxy sends them."""
+    trusted = TrustedProxies(settings.trusted_networks)
+    if trusted:  # otherwise nothing to do on any request: no layer at all
+        app.wsgi_app = ForwardedHeaders(  # type: ignore[method-assign]
+            app.wsgi_app, trusted, https_only=not settings.is_development
+        )
 
 
 def _init_passwords(app: Flask, settings: Settings) -> None:

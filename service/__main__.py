@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="Hypercorn TOML file (default: hypercorn.toml)")
     serve.add_argument("--dev", action="store_true", help="development mode: embedded defaults")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--proxy-only",
+        action="store_true",
+        help="serve plain HTTP on PROXY_BIND alone, for a TLS-terminating ingress (no TLS "
+        "listener, no certificate)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -101,10 +107,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         bind=args.bind,
         workers=args.workers,
         access_log=args.access_log,
+        proxy_only=args.proxy_only,
     )
     if settings.is_development and not _issuer_configured():
         # Workers read their settings from the environment: tell them too.
-        os.environ["JWT_ISSUER"] = development_issuer(getattr(config, "bind", []))
+        tls_binds = [] if args.proxy_only else getattr(config, "bind", [])
+        os.environ["JWT_ISSUER"] = development_issuer(tls_binds)
     return serve(config)
 
 

@@ -31,7 +31,7 @@ def check_binds(config: Any) -> None:
 
 def _probe(bind: str, kind: int) -> None:
     """Bind (and release) the address as Hypercorn would, but without SO_REUSEPORT."""
-    host, port = _host_port(bind)
+    host, port = host_port(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, kind) as probe:
@@ -45,7 +45,7 @@ def _probe(bind: str, kind: int) -> None:
         raise BindError(f"cannot listen on {bind}: {reason}") from None
 
 
-def _host_port(bind: str) -> tuple[str, int]:
+def host_port(bind: str) -> tuple[str, int]:
     """Split host:port ([v6]:port) as Hypercorn does, port 8000 when none is given."""
     bind = bind.replace("[", "").replace("]", "")
     host, _, port = bind.rpartition(":")

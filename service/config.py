@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from enum import StrEnum
 from pathlib import Path
@@ -121,6 +122,12 @@ class Settings(BaseSettings):
     request_threads: int = Field(default=16, ge=1, le=256)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Plain HTTP/1.1 and h2c for a TLS-terminating ingress: host:port addresses, comma
+    # separated, served beside the TLS listener (or alone, with `serve --proxy-only`).
+    proxy_bind: str = ""
+    # Addresses and networks (comma separated) whose X-Forwarded-For/Proto/Host are
+    # believed; empty: nobody's.
+    trusted_proxies: str = ""
     expose_worker_id: bool = False
 
     @property
@@ -150,6 +157,36 @@ class Settings(BaseSettings):
     def _issuer_is_an_https_url(cls, value: str) -> str:
         if value:
             _check_issuer(value)
+        return value
+
+    @property
+    def proxy_binds(self) -> list[str]:
+        """The plain-HTTP listening addresses PROXY_BIND names."""
+        return _split(self.proxy_bind)
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The networks TRUSTED_PROXIES names."""
+        return tuple(ipaddress.ip_network(entry) for entry in _split(self.trusted_proxies))
+
+    @field_validator("proxy_bind")
+    @classmethod
+    def _proxy_binds_are_host_port(cls, value: str) -> str:
+        for bind in _split(value):
+            _check_bind("PROXY_BIND", bind)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies_are_networks(cls, value: str) -> str:
+        for entry in _split(value):
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as exc:
+                raise ValueError(
+                    f"TRUSTED_PROXIES: {exc} (an address such as 10.0.0.7, or a network "
+                    "such as 10.0.0.0/8, without host bits)"
+                ) from None
         return value
 
     @field_validator("database_url")
@@ -217,6 +254,25 @@ class Settings(BaseSettings):
             if value is not None:
                 _check_secret_strength(name, value)
         return self
+
+
+def _split(value: str) -> list[str]:
+    """The entries of a comma-separated setting, without blanks."""
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def _check_bind(setting: str, bind: str) -> None:
+    """Refuse a listening address that is not host:port (IPv6 as [address]:port)."""
+    host, colon, port = bind.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        family_ok = ":" in host
+    else:
+        family_ok = ":" not in host
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536 or not host or not family_ok:
+        raise ValueError(
+            f"{setting}: {bind!r} is not host:port (for example 0.0.0.0:8080 or [::]:8080)"
+        )
 
 
 def _check_secret_strength(name: str, value: str) -> None:

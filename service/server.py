@@ -10,7 +10,7 @@ from typing import Any, cast
 from service import create_app, start_app, stop_app, transport
 from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
-from service.binds import BindError, check_binds
+from service.binds import BindError, check_binds, host_port
 from service.config import ConfigError, Settings, read_file
 from service.hotpath import inline_policy
 from service.isolation import database_policy
@@ -53,8 +53,13 @@ def hypercorn_config(
     bind: list[str] | None = None,
     workers: int | None = None,
     access_log: bool = False,
+    proxy_only: bool = False,
 ) -> object:
-    """Build Hypercorn's Config from hypercorn.toml plus command-line overrides."""
+    """Build Hypercorn's Config from hypercorn.toml plus command-line overrides.
+
+    TLS is served on `bind`, plain HTTP/1.1 and h2c on PROXY_BIND (Hypercorn's
+    insecure_bind); with proxy_only, PROXY_BIND alone, and no certificate is needed.
+    """
     config = _load_config(config_file)
     config.application_path = APPLICATION_PATH
     if bind:
@@ -65,11 +70,50 @@ def hypercorn_config(
         raise ConfigError("workers must be at least 1")
     if access_log:
         config.accesslog = "-"
-    config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
+    if config.insecure_bind:
+        raise ConfigError("insecure_bind in the Hypercorn configuration: set PROXY_BIND instead")
+    if proxy_only:
+        _serve_proxy_only(config, settings, bind)
+    else:
+        config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
+        _check_separate(config.bind, settings.proxy_binds)
+        config.insecure_bind = settings.proxy_binds
     if settings.embedded_blocklist and config.workers != 1:
         log.warning("in-process blocklist: running ONE worker (set REDIS_URL for more)")
         config.workers = 1
     return config
+
+
+def _serve_proxy_only(config: Any, settings: Settings, bind: list[str] | None) -> None:
+    """Listen on PROXY_BIND alone, without TLS (Hypercorn serves bind in the clear then)."""
+    if bind:
+        raise ConfigError("--proxy-only serves PROXY_BIND alone: give no --bind")
+    if not settings.proxy_binds:
+        raise ConfigError("--proxy-only requires PROXY_BIND (the plain-HTTP address)")
+    config.bind = settings.proxy_binds
+    config.quic_bind = []
+    config.certfile = config.keyfile = None
+
+
+def _check_separate(tls_binds: list[str], proxy_binds: list[str]) -> None:
+    """Refuse a PROXY_BIND that would share a port with a TLS address.
+
+    With SO_REUSEPORT (more than one worker) both sockets would bind, and the kernel would
+    hand TLS clients to the plain listener and the other way round.
+    """
+    for proxy in proxy_binds:
+        for tls in tls_binds:
+            if _overlap(proxy, tls):
+                raise ConfigError(f"PROXY_BIND {proxy} and the TLS address {tls} share a port")
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Whether two host:port addresses would receive the same connections."""
+    if first.startswith(("unix:", "fd://")) or second.startswith(("unix:", "fd://")):
+        return first == second
+    (host_a, port_a), (host_b, port_b) = host_port(first), host_port(second)
+    wildcard = {"", "0.0.0.0", "::"}  # noqa: S104
+    return port_a == port_b and (host_a == host_b or host_a in wildcard or host_b in wildcard)
 
 
 def _load_config(config_file: Path | None) -> TlsConfig:
@@ -108,6 +152,11 @@ def announce(settings: Settings) -> None:
         )
     if settings.embedded_blocklist:
         log.warning("REDIS_URL not set: revocations are kept in process memory (one worker)")
+    if settings.proxy_binds and not settings.trusted_proxies:
+        log.warning(
+            "PROXY_BIND without TRUSTED_PROXIES: X-Forwarded-* are ignored, and every "
+            "request through the proxy counts as the proxy's address at the sign-in limits"
+        )
     if settings.is_development:
         log.warning(
             "DEVELOPMENT MODE: generated secrets in %s; never use this in production",

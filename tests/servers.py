@@ -64,11 +64,15 @@ def start_server(
     timeout: float = 60.0,
     unset: tuple[str, ...] = (),
     bind: str | None = None,
+    proxy_only: bool = False,
 ) -> RunningServer:
-    """Start the service (on a free port unless bind says where) and wait until it is ready."""
+    """Start the service (on a free port unless bind says where) and wait until it is ready.
+
+    With proxy_only, it serves env's PROXY_BIND alone, in plain HTTP (`serve --proxy-only`).
+    """
     server = launch_server(
         env,
-        bind=bind or f"127.0.0.1:{free_port()}",
+        bind=None if proxy_only else bind or f"127.0.0.1:{free_port()}",
         workers=workers,
         log_dir=log_dir,
         dev=dev,
@@ -92,16 +96,21 @@ def start_server(
 def launch_server(
     env: dict[str, str],
     *,
-    bind: str,
+    bind: str | None,
     workers: int,
     log_dir: Path,
     dev: bool = False,
     cwd: Path | None = None,
     unset: tuple[str, ...] = (),
 ) -> RunningServer:
-    """Start `python -m service serve` on bind (host:port, [v6]:port) without waiting for it."""
-    log_path = log_dir / f"server-{bind.rsplit(':', 1)[1]}-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "service", "serve", "--bind", bind, "--workers", str(workers)]
+    """Start `python -m service serve` on bind (host:port, [v6]:port) without waiting for it.
+
+    Without bind, it serves env's PROXY_BIND alone (`--proxy-only`): its url is http://.
+    """
+    url = f"https://{bind}" if bind else f"http://{env['PROXY_BIND']}"
+    log_path = log_dir / f"server-{url.rsplit(':', 1)[1]}-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "service", "serve", "--workers", str(workers)]
+    command += ["--bind", bind] if bind else ["--proxy-only"]
     if dev:
         command.append("--dev")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
@@ -116,13 +125,13 @@ def launch_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return RunningServer(process=process, url=f"https://{bind}", log_path=log_path, env=full_env)
+    return RunningServer(process=process, url=url, log_path=log_path, env=full_env)
 
 
 def wait_until_listening(server: RunningServer, workers: int, timeout: float = 30.0) -> None:
     """Wait until that many sockets listen: start_server returns once the first one does."""
     deadline = time.monotonic() + timeout
-    while server.log().count("Running on https://") < workers:
+    while server.log().count(f"Running on {server.url.split('//')[0]}//") < workers:
         assert server.process.poll() is None, server.log()
         assert time.monotonic() < deadline, f"not {workers} workers listening:\n{server.log()}"
         time.sleep(0.05)

@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "base"
 TEMPLATE = ROOT / "deploy" / "examples" / "secrets.template.yaml"
+INGRESS = ROOT / "deploy" / "overlays" / "ingress"
 # The oldest Kubernetes release the manifests are meant for, and the newest schema shipped.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
@@ -89,6 +90,43 @@ def test_kustomize_renders_the_base_into_valid_manifests() -> None:
     assert _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == (
         "authsvc:0.1.0"
     )
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not found")
+def test_the_ingress_overlay_serves_plain_http_on_a_private_port() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(INGRESS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, VERSIONS[0], strict=True)
+    config = _one(docs, "ConfigMap", "authsvc-config")["data"]
+    assert config["BIND"] == "" and config["TRUSTED_PROXIES"]
+    assert not {"TLS_CERT_FILE", "TLS_KEY_FILE"} & set(config), "no certificate in the pods"
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["ports"] == [
+        {
+            "name": "http",
+            "containerPort": int(config["PROXY_BIND"].rpartition(":")[2]),
+            "protocol": "TCP",
+        }
+    ]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert (get["scheme"], get["port"]) == ("HTTP", "http"), probe
+    assert "tls" not in {v["name"] for v in pod["volumes"]}
+    assert "tls" not in {m["name"] for m in container["volumeMounts"]}
+    service = _one(docs, "Service")["spec"]["ports"]
+    assert [(p["targetPort"], p["appProtocol"]) for p in service] == [("http", "kubernetes.io/h2c")]
+    backend = _one(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert backend["service"] == {"name": "authsvc", "port": {"name": "http"}}
+    allowed = _one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert [rule["ports"] for rule in allowed] == [[{"port": "http", "protocol": "TCP"}]]
 
 
 def test_secrets_are_referenced_and_never_part_of_the_base() -> None:

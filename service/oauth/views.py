@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import cast
 
 from authlib.oauth2 import OAuth2Error
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InsecureTransportError, InvalidRequestError
 from flask import (
     Blueprint,
     Response,
@@ -60,6 +60,12 @@ def _parameters_once() -> ResponseReturnValue | None:
     if name is None:
         return None
     error = InvalidRequestError(description=f"The parameter {name} appears more than once.")
+    return cast(Response, _server().handle_error_response(None, error))
+
+
+@bp.errorhandler(InsecureTransportError)
+def _insecure_transport(error: InsecureTransportError) -> Response:
+    """400 insecure_transport: plain HTTP that no trusted proxy vouched for (PROXY_BIND)."""
     return cast(Response, _server().handle_error_response(None, error))
 
 
