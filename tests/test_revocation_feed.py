@@ -147,11 +147,19 @@ async def worker(settings: Settings, prefix: str) -> AsyncIterator[RedisBlocklis
 class OtherWorker:
     """A blocklist on a thread and loop of its own: another worker, as far as timing goes."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, window: float = WINDOW) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.blocklist = keeping(url, prefix)
+        self.blocklist = keeping(url, prefix, window)
+
+    def keeps(self, ref: TokenRef) -> Verdict:
+        """Check ref on the other worker until it keeps the verdict (it is subscribed then)."""
+        return asyncio.run_coroutine_threadsafe(kept(self.blocklist, ref), self._loop).result(5)
+
+    def check(self, ref: TokenRef) -> Verdict:
+        """Check ref on the other worker."""
+        return asyncio.run_coroutine_threadsafe(self.blocklist.check(ref), self._loop).result(5)
 
     def add(self, entries: list[Entry]) -> Future[None]:
         """Revoke on the other worker's loop; the future ends when add() returned there."""
@@ -228,6 +236,46 @@ async def test_a_revocation_waits_out_the_window(worker: RedisBlocklist) -> None
     started = time.monotonic()
     await worker.add([])
     assert time.monotonic() - started < WINDOW
+
+
+async def test_a_revocation_returns_once_every_subscribed_worker_read_it(
+    settings: Settings, prefix: str
+) -> None:
+    window = 2.0  # far longer than the acknowledgements take
+    writer = keeping(str(settings.redis_url), prefix, window)
+    reader = OtherWorker(str(settings.redis_url), prefix, window)
+    try:
+        assert await writer.rebuild(durable())
+        ref = new_ref()
+        assert await kept(writer, ref) is Verdict.VALID
+        assert await asyncio.to_thread(reader.keeps, ref) is Verdict.VALID
+        started = time.monotonic()
+        await writer.add(revocations_of(ref)[:1])
+        assert time.monotonic() - started < window / 4
+        # Acknowledged: the reader has dropped what it kept, on its own loop.
+        assert await asyncio.to_thread(reader.check, ref) is Verdict.REVOKED
+        assert await writer.check(ref) is Verdict.REVOKED
+    finally:
+        await writer.close()
+        reader.close()
+
+
+async def test_a_reader_that_never_acknowledges_holds_the_writer_for_the_window(
+    settings: Settings, prefix: str
+) -> None:
+    window = 0.3
+    writer = keeping(str(settings.redis_url), prefix, window)
+    silent = redis.Redis.from_url(str(settings.redis_url)).pubsub()
+    try:
+        assert await writer.rebuild(durable())
+        silent.subscribe(f"{prefix}revoked")  # counts as a reader, and never answers
+        assert await kept(writer, new_ref()) is Verdict.VALID
+        started = time.monotonic()
+        await writer.add(revocations_of(new_ref())[:1])
+        assert time.monotonic() - started >= window
+    finally:
+        silent.close()
+        await writer.close()
 
 
 async def test_a_silent_subscription_makes_every_check_ask_redis(worker: RedisBlocklist) -> None:

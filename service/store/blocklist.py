@@ -20,6 +20,7 @@ Layout under the configured prefix:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import zlib
@@ -37,7 +38,7 @@ from redis.exceptions import RedisError
 
 from service.ids import issued_millis
 from service.store import revocation_feed as feed
-from service.store.revocation_feed import RevocationFeed, Subject, message
+from service.store.revocation_feed import Receipt, RevocationFeed, Subject, message
 
 CHECK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 2 end
@@ -395,27 +396,45 @@ class RedisBlocklist:
         return self._feed
 
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
-        """Write revocations, and return once no worker may still use a verdict they change."""
-        entries = list(entries)
-        await self._write(entries, seq)
-        if entries and self._propagation:
-            await asyncio.sleep(self._propagation)
+        """Write revocations, and return once no worker may still use a verdict they change.
 
-    async def _write(self, entries: list[Entry], seq: int | None) -> None:
-        """Write revocations and their seq in one transaction, announcing them to every worker."""
+        That is once every worker subscribed when Redis took the write has acknowledged
+        reading it, or at the latest the propagation window later, past which no worker
+        trusts a verdict it kept (see revocation_feed.py).
+        """
+        entries = list(entries)
         if not entries:
             return
+        feed = self._current_feed()
+        if feed is None:
+            await self._write(entries, seq, None)
+            return
+        with feed.receipt() as receipt:
+            readers = await self._write(entries, seq, receipt)
+            if receipt is None:
+                await asyncio.sleep(self._propagation)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(receipt.all_of(readers), self._propagation)
+
+    async def _write(self, entries: list[Entry], seq: int | None, receipt: Receipt | None) -> int:
+        """Write revocations and their seq in one transaction, announcing them to every worker.
+
+        Returns how many subscribers the announcement reached.
+        """
         client = self._clients()
+        announcement = message(map(_subject, entries), seq or 0, receipt)
         try:
             async with client.pipeline(transaction=True) as pipe:
                 self._queue(pipe, entries)
                 if seq is not None:
                     pipe.eval(RAISE_SEQ_SCRIPT, 1, self._seq_key, seq)
-                pipe.publish(self._channel, message(map(_subject, entries), seq or 0))
-                await pipe.execute()
+                pipe.publish(self._channel, announcement)
+                replies = await pipe.execute()
         except RedisError as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         self.raise_floor(seq)
+        return int(replies[-1])
 
     def _queue(self, pipe: aredis.client.Pipeline, entries: list[Entry]) -> None:
         """Queue entries: one HSET and one EXPIREAT per bucket, one script per user cutoff."""

@@ -16,9 +16,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import redis.asyncio as aredis
@@ -70,10 +71,48 @@ def clock() -> float:
     return time.clock_gettime(BOOTTIME)
 
 
-def message(subjects: Iterable[Subject] | None, seq: int) -> bytes:
-    """The payload announcing a write numbered seq that covers these subjects (None: any)."""
+def message(subjects: Iterable[Subject] | None, seq: int, receipt: Receipt | None = None) -> bytes:
+    """The payload announcing a write numbered seq that covers these subjects (None: any).
+
+    With a receipt, every worker that reads it says so on the receipt's channel.
+    """
     named = None if subjects is None else [list(subject) for subject in subjects]
-    return json.dumps({"seq": seq, "subjects": named}).encode()
+    body: dict[str, object] = {"seq": seq, "subjects": named}
+    if receipt is not None:
+        body["ack"] = [receipt.channel, receipt.id]
+    return json.dumps(body).encode()
+
+
+def acknowledgement(data: bytes) -> tuple[str, str] | None:
+    """The channel and id a payload asks its readers to acknowledge on, if any."""
+    try:
+        ack = json.loads(data).get("ack")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(ack, list) and len(ack) == 2 and all(type(x) is str for x in ack):
+        return ack[0], ack[1]
+    return None
+
+
+class Receipt:
+    """Acknowledgements of one announced write, counted as the workers that read it send them."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.id = os.urandom(8).hex()
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def acknowledged(self) -> None:
+        """One more worker read the write."""
+        self.count += 1
+        self._changed.set()
+
+    async def all_of(self, readers: int) -> None:
+        """Return once readers workers have acknowledged."""
+        while self.count < readers:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 def parse_message(data: bytes) -> tuple[list[Subject] | None, int] | None:
@@ -155,7 +194,8 @@ class RevocationFeed:
 
     One task reads the subscription (redis-py's PubSub) and sends a PING on it every
     window / PROBES_PER_WINDOW: a busy worker stays fresh, an idle one costs nothing and
-    unsubscribes after IDLE_AFTER.
+    unsubscribes after IDLE_AFTER. The same subscription carries the acknowledgements of
+    this worker's own writes (see Receipt), on a channel of its own.
     """
 
     def __init__(
@@ -172,12 +212,16 @@ class RevocationFeed:
         self.window = window
         self._client = client
         self._channel = channel
+        self._acks = f"{channel}:acks:{os.urandom(8).hex()}"
         self._timeout = timeout
         self._on_seq = on_seq
         self._interval = window / PROBES_PER_WINDOW
         self._probes: deque[float] = deque()
+        self._receipts: dict[str, Receipt] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self.subscription: PubSub | None = None
+        self.subscribed = False
 
     def lookup(self, ref: Revocable) -> int | None:
         """A verdict that is safe to reuse now, if one is kept; subscribes when idle."""
@@ -186,29 +230,44 @@ class RevocationFeed:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self.cache.get(ref, clock(), self.window)
 
+    @contextlib.contextmanager
+    def receipt(self) -> Iterator[Receipt | None]:
+        """A receipt for a write about to be announced, while subscribed (else None)."""
+        if not self.subscribed:
+            yield None
+            return
+        receipt = Receipt(self._acks)
+        self._receipts[receipt.id] = receipt
+        try:
+            yield receipt
+        finally:
+            del self._receipts[receipt.id]
+
     async def _run(self) -> None:
         """Subscribe, and again whenever the subscription fails, until lookups stop."""
         while clock() - self.cache.last_lookup < IDLE_AFTER:
             pubsub = self.subscription = self._client.pubsub()
             try:
                 await asyncio.wait_for(self._subscribe(pubsub), self._timeout)
+                self.subscribed = True
                 await self._read(pubsub)
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("revocation feed unavailable: %s", type(exc).__name__)
             finally:
+                self.subscribed = False
                 self._forget()
                 self.subscription = None
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
-        """Subscribe and wait for Redis to confirm it: messages count from there on."""
-        await pubsub.subscribe(self._channel)
+        """Subscribe and wait for Redis to confirm both channels: messages count from there."""
+        await pubsub.subscribe(self._channel, self._acks)
         while True:
             reply = await pubsub.get_message(timeout=self._timeout)
             if reply is not None:
                 self._handle(reply)
-                if reply["type"] == "subscribe":
+                if reply["type"] == "subscribe" and reply["data"] == 2:
                     return
 
     async def _read(self, pubsub: PubSub) -> None:
@@ -227,15 +286,12 @@ class RevocationFeed:
 
     def _handle(self, reply: dict[str, Any]) -> None:
         kind = reply["type"]
-        if kind == "message":
-            parsed = parse_message(reply["data"])
-            if parsed is None or parsed[0] is None:
-                # Unreadable, or a load that may change anything: no kept verdict holds.
-                self.cache.reset()
-            else:
-                self.cache.drop(parsed[0])
-            if parsed is not None:
-                self._on_seq(parsed[1])
+        if kind == "message" and reply["channel"] == self._acks.encode():
+            receipt = self._receipts.get(reply["data"].decode(errors="replace"))
+            if receipt is not None:
+                receipt.acknowledged()
+        elif kind == "message":
+            self._apply(reply["data"])
         elif kind == "pong" and reply["data"] == b"" and self._probes:
             # Redis answers on one connection in order: every earlier message was read.
             self.cache.fresh_since = self._probes.popleft()
@@ -243,6 +299,31 @@ class RevocationFeed:
             # Messages missed before this point (a first subscription, or one redis-py
             # renewed after a reconnect) may have named anything kept.
             self._forget()
+
+    def _apply(self, data: bytes) -> None:
+        """Drop what a revocation may change, then tell its writer, if it asks, that we did."""
+        parsed = parse_message(data)
+        if parsed is None or parsed[0] is None:
+            # Unreadable, or a load that may change anything: no kept verdict holds.
+            self.cache.reset()
+        else:
+            self.cache.drop(parsed[0])
+        if parsed is not None:
+            self._on_seq(parsed[1])
+        ack = acknowledgement(data)
+        if ack is not None:
+            sending = asyncio.get_running_loop().create_task(self._acknowledge(*ack))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sent)
+
+    async def _acknowledge(self, channel: str, receipt_id: str) -> None:
+        await self._client.publish(channel, receipt_id)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The writer waits out the window instead: nothing is lost but time.
+            log.debug("acknowledgement not sent: %s", type(task.exception()).__name__)
 
     def _forget(self) -> None:
         """Drop every kept verdict and every probe in flight: trust nothing until answered."""
@@ -256,4 +337,6 @@ class RevocationFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for sending in list(self._sending):
+            sending.cancel()
         await self._client.aclose()
