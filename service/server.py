@@ -17,6 +17,7 @@ from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
 from service.tls import TlsConfig, check_certificate, ensure_dev_certificate
+from service.transport.penalty_box import Policy
 from service.workers import run_workers
 
 log = logging.getLogger("service")
@@ -69,10 +70,22 @@ def hypercorn_config(
     if access_log:
         config.accesslog = "-"
     config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
+    config.penalty_policy = penalty_policy(settings)
     if settings.embedded_blocklist and config.workers != 1:
         log.warning("in-process blocklist: running ONE worker (set REDIS_URL for more)")
         config.workers = 1
     return config
+
+
+def penalty_policy(settings: Settings) -> Policy | None:
+    """How each worker penalises addresses cut off for HTTP/2 abuse (None: it does not)."""
+    if not settings.h2_abuse_penalty:
+        return None
+    return Policy(
+        first=settings.h2_abuse_penalty,
+        cap=settings.h2_abuse_penalty_max,
+        addresses=settings.h2_abuse_penalty_addresses,
+    )
 
 
 def _load_config(config_file: Path | None) -> TlsConfig:
