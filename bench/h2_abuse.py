@@ -5,15 +5,21 @@
 
 Starts the service (production settings, TLS, one worker by default, its own database
 and Redis prefix), logs a user in, and measures a well-behaved client (GET /api/hello with
-a Bearer token, 200 a second on schedule over 2 connections) alone and during each
-attack, in rounds. Each attack runs in a process of its own (niced), reconnecting
-whenever the server closes its connection: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and
-empty-DATA floods on one connection, rapid reset (HEADERS + RST_STREAM) from four, and,
-for reference, four clients that reconnect for every request. It prints p50/p99 side by
-side (medians over rounds), the p99 relative to the client alone in the same round (the
-machine's other load varies between rounds), the non-200 answers, the worker's CPU, and
-how many attacking connections the server ended with GOAWAY ENHANCE_YOUR_CALM.
-Only 127.0.0.1 is contacted; everything started is stopped, the database dropped.
+a Bearer token, 200 a second on schedule over 2 connections, from 127.0.0.1) alone and
+during each attack, in rounds. Each attack runs in a process of its own (niced), from
+addresses of its own (127.0.0.2 to 127.0.0.5; all of 127/8 reaches the server), and
+reconnects at once whenever the server closes or refuses its connection, as a real
+attacker would: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and empty-DATA floods on one
+connection, rapid reset (HEADERS + RST_STREAM) from four, and, for reference, four
+clients that reconnect for every request (127.0.0.6 to 127.0.0.9, never penalised). It
+prints p50/p99 side by side (medians over rounds), the p99 relative to the client alone
+in the same round (the machine's other load varies between rounds), the non-200
+answers, the worker's CPU, how many attacking connections got through the TLS handshake
+and how many of those the server ended with GOAWAY ENHANCE_YOUR_CALM, and how many
+attempts the server's penalty box reset at accept. An attacking address stays
+penalised from one attack to the next (up to H2_ABUSE_PENALTY_MAX), as a persistent
+attacker's would. The report also goes to bench/results/h2_abuse.md. Only 127.0.0.1 is
+contacted; everything started is stopped, the database dropped.
 `--service-src` runs another source tree (an older commit, say) for comparison.
 """
 
@@ -51,6 +57,7 @@ from hyperframe.frame import (
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
 sys.path.insert(0, str(BENCH_DIR))
 
 import backends  # noqa: E402
@@ -61,6 +68,9 @@ from h2post import H2Client  # noqa: E402
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CONNECTIONS, RATE = 2, 200  # the normal client: connections, requests a second
+NORMAL_CLIENT = "127.0.0.1"
+ATTACKERS = [f"127.0.0.{number}" for number in range(2, 6)]
+RECONNECTING_CLIENTS = [f"127.0.0.{number}" for number in range(6, 10)]
 ENHANCE_YOUR_CALM = 0xB
 REQUEST = [(":method", "GET"), (":scheme", "https"), (":path", "/healthz"), (":authority", "x")]
 
@@ -121,7 +131,11 @@ async def measure(port: int, cert: Path, token: str, seconds: float) -> Latencie
 async def _connect(port: int, cert: Path) -> tuple[H2Client, asyncio.Task[None]]:
     """A new HTTP/2 connection of the normal client, and the task reading it."""
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=tls(cert), server_hostname="127.0.0.1"
+        "127.0.0.1",
+        port,
+        ssl=tls(cert),
+        server_hostname="127.0.0.1",
+        local_addr=(NORMAL_CLIENT, 0),
     )
     connection = H2Client(reader, writer)
     await connection.open()
@@ -221,20 +235,28 @@ ATTACKS = {
 class AttackTally:
     """What one attacking process did."""
 
-    connections: int = 0
+    connections: int = 0  # through the TLS handshake
     calmed: int = 0  # ended by GOAWAY ENHANCE_YOUR_CALM
+    refused: int = 0  # reset or refused before the handshake ended
 
 
-async def attacker(name: str, port: int, cert: Path, deadline: float, tally: AttackTally) -> None:
-    """One attacking connection after another until the deadline."""
+async def attacker(
+    name: str, port: int, cert: Path, source: str, deadline: float, tally: AttackTally
+) -> None:
+    """One attacking connection from source after another until the deadline."""
     attack = ATTACKS[name]
+    context = tls(cert)
     while time.monotonic() < deadline:
         try:
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=tls(cert), server_hostname="127.0.0.1"
+                "127.0.0.1",
+                port,
+                ssl=context,
+                server_hostname="127.0.0.1",
+                local_addr=(source, 0),
             )
-        except OSError:
-            await asyncio.sleep(0.05)
+        except OSError:  # ssl.SSLError included: try again at once
+            tally.refused += 1
             continue
         tally.connections += 1
         batch, ids = attack.make(), iter(range(1, 1 << 31, 2))
@@ -279,14 +301,24 @@ def attack_process(name: str, port: int, cert: str, seconds: float, out: Any) ->
     count = ATTACKS[name].connections
     tallies = [AttackTally() for _ in range(count)]
     deadline = time.monotonic() + seconds
+    sources = RECONNECTING_CLIENTS if ATTACKS[name].once else ATTACKERS
 
     async def run() -> None:
         await asyncio.gather(
-            *(attacker(name, port, Path(cert), deadline, tally) for tally in tallies)
+            *(
+                attacker(name, port, Path(cert), sources[n % len(sources)], deadline, tally)
+                for n, tally in enumerate(tallies)
+            )
         )
 
     asyncio.run(run())
-    out.put((sum(t.connections for t in tallies), sum(t.calmed for t in tallies)))
+    out.put(
+        (
+            sum(t.connections for t in tallies),
+            sum(t.calmed for t in tallies),
+            sum(t.refused for t in tallies),
+        )
+    )
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -301,6 +333,7 @@ class Row:
     worker_cpu: float  # share of one core the worker used
     connections: int = 0
     calmed: int = 0
+    refused: int = 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -326,20 +359,21 @@ def run_scenario(name: str, port: int, cert: Path, token: str, seconds: float, w
         cpu = cpu_seconds(worker)
         seen = asyncio.run(measure(port, cert, token, seconds))
         used = (cpu_seconds(worker) - cpu) / seconds
-        connections, calmed = out.get(timeout=30)
+        connections, calmed, refused = out.get(timeout=30)
     finally:
         process.join(10)
         if process.is_alive():
             process.kill()
-    return Row(name, seen, used, connections, calmed)
+    return Row(name, seen, used, connections, calmed, refused)
 
 
 def report(rounds: list[list[Row]]) -> str:
     """Per scenario: the median over rounds of p50, p99 and p99 relative to that round's alone."""
     lines = [
         "| normal client during | requests | p50 ms | p99 ms | p99 vs alone (each round) "
-        "| non-200 | errors | worker CPU | attacking connections | ended by ENHANCE_YOUR_CALM |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| non-200 | errors | worker CPU | attacking connections | ended by ENHANCE_YOUR_CALM "
+        "| refused at accept |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for index, name in enumerate(row.name for row in rounds[0]):
         rows = [each[index] for each in rounds]
@@ -348,6 +382,8 @@ def report(rounds: list[list[Row]]) -> str:
         ratios = [p99 / base for (_, p99), base in zip(cuts, bases, strict=True)]
         connections = sum(row.connections for row in rows)
         calmed = sum(row.calmed for row in rows)
+        refused = sum(row.refused for row in rows)
+        attacked = connections or refused
         lines.append(
             f"| {name} | {sum(len(row.seen.ms) for row in rows)} "
             f"| {statistics.median(p50 for p50, _ in cuts):.1f} "
@@ -355,7 +391,8 @@ def report(rounds: list[list[Row]]) -> str:
             f"| {statistics.median(ratios):.2f}x ({', '.join(f'{r:.1f}' for r in ratios)}) "
             f"| {sum(row.seen.non200 for row in rows)} | {sum(row.seen.errors for row in rows)} "
             f"| {statistics.mean(row.worker_cpu for row in rows):.0%} "
-            f"| {connections or ''} | {calmed if connections else ''} |"
+            f"| {connections if attacked else ''} | {calmed if attacked else ''} "
+            f"| {refused if attacked else ''} |"
         )
     return "\n".join(lines)
 
@@ -395,16 +432,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stacks.stop(stack)
             backends.drop(made)
-    print(
-        f"service: {args.service_src.resolve()}, {args.workers} worker(s), "
-        f"{args.rounds} rounds of {args.seconds:.0f} s per scenario, {RATE} GET /api/hello "
-        f"a second over {CONNECTIONS} connections"
+    text = "\n".join(
+        [
+            f"service: {args.service_src.resolve()}, {args.workers} worker(s), "
+            f"{args.rounds} rounds of {args.seconds:.0f} s per scenario, {RATE} GET "
+            f"/api/hello a second over {CONNECTIONS} connections",
+            report(rounds),
+            f"server log: {log.count('Traceback')} tracebacks, "
+            f"{log.count('ENHANCE_YOUR_CALM')} guard lines, "
+            f"{log.count('refused at accept')} penalty-box lines",
+        ]
     )
-    print(report(rounds))
-    print(
-        f"server log: {log.count('Traceback')} tracebacks, "
-        f"{log.count('ENHANCE_YOUR_CALM')} guard lines"
-    )
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "h2_abuse.md").write_text(text + "\n")
     return 0
 
 

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     request_body_timeout: float = Field(default=60.0, gt=0, le=3600)
     request_threads: int = Field(default=16, ge=1, le=256)
+    # An address whose HTTP/2 connection was cut for abuse (GOAWAY ENHANCE_YOUR_CALM) has
+    # its new connections reset at accept, before TLS, for H2_ABUSE_PENALTY seconds (0: off),
+    # doubled for each further offence up to H2_ABUSE_PENALTY_MAX; per worker, for at most
+    # H2_ABUSE_PENALTY_ADDRESSES addresses (IPv4, IPv6 /64). Off behind a load balancer.
+    h2_abuse_penalty: float = Field(default=1.0, ge=0, le=3600)
+    h2_abuse_penalty_max: float = Field(default=60.0, gt=0, le=86400)
+    h2_abuse_penalty_addresses: int = Field(default=4096, ge=1, le=1_000_000)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # Plain HTTP/1.1 and h2c for a TLS-terminating ingress: host:port addresses, comma
@@ -220,6 +227,12 @@ class Settings(BaseSettings):
                 "LOGIN_FAILURES_PER_PAIR must not exceed LOGIN_FAILURES_PER_ACCOUNT or "
                 "LOGIN_FAILURES_PER_ADDRESS: the per-pair limit is the strict one"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_penalty_cap(self) -> Settings:
+        if self.h2_abuse_penalty > self.h2_abuse_penalty_max:
+            raise ValueError("H2_ABUSE_PENALTY must not exceed H2_ABUSE_PENALTY_MAX")
         return self
 
     @model_validator(mode="after")

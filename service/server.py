@@ -16,6 +16,7 @@ from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
 from service.tls import TlsConfig, check_certificate, ensure_dev_certificate
+from service.transport.penalty_box import Policy
 from service.workers import run_workers
 
 log = logging.getLogger("service")
@@ -78,6 +79,7 @@ def hypercorn_config(
         config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
         _check_separate(config.bind, settings.proxy_binds)
         config.insecure_bind = settings.proxy_binds
+    config.penalty_policy = penalty_policy(settings)
     if settings.embedded_blocklist and config.workers != 1:
         log.warning("in-process blocklist: running ONE worker (set REDIS_URL for more)")
         config.workers = 1
@@ -114,6 +116,18 @@ def _overlap(first: str, second: str) -> bool:
     (host_a, port_a), (host_b, port_b) = host_port(first), host_port(second)
     wildcard = {"", "0.0.0.0", "::"}  # noqa: S104
     return port_a == port_b and (host_a == host_b or host_a in wildcard or host_b in wildcard)
+
+
+def penalty_policy(settings: Settings) -> Policy | None:
+    """How each worker penalises addresses cut off for HTTP/2 abuse (None: it does not)."""
+    if not settings.h2_abuse_penalty:
+        return None
+    return Policy(
+        first=settings.h2_abuse_penalty,
+        cap=settings.h2_abuse_penalty_max,
+        addresses=settings.h2_abuse_penalty_addresses,
+        exempt=settings.trusted_networks,
+    )
 
 
 def _load_config(config_file: Path | None) -> TlsConfig:

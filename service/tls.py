@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from hypercorn.config import Config
 
 from service.config import ConfigError, read_file
+from service.transport.penalty_box import Policy
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,12 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 class TlsConfig(Config):
-    """Hypercorn's configuration, whose TLS context offers only the groups in GROUPS."""
+    """Hypercorn's configuration, whose TLS context offers only the groups in GROUPS.
+
+    It also carries to each worker the HTTP/2 abuse penalty (service/transport/penalty_box.py).
+    """
+
+    penalty_policy: Policy | None = None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         context: ssl.SSLContext | None = super().create_ssl_context()

@@ -45,14 +45,13 @@ def run_workers(config: Any) -> int:
 
 def serve_worker(config: Any, sockets: Any, shutdown_event: Any) -> None:
     """Run one Hypercorn worker until the shutdown event is set."""
-    from hypercorn.asyncio.run import asyncio_worker, uvloop_worker
+    from service.transport.accept_gate import run_worker
 
     # As in Hypercorn: a Ctrl-C reaches a worker only as the shutdown event the master
     # sets; a SIGTERM sent to the worker itself ends it at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    worker = uvloop_worker if config.worker_class == "uvloop" else asyncio_worker
-    worker(config=config, sockets=sockets, shutdown_event=shutdown_event)
+    run_worker(config, sockets, shutdown_event)
 
 
 class StopRequest:

@@ -124,19 +124,24 @@ class RawH2:
         self._reading = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str) -> RawH2:
-        """Connect (https: TLS with ALPN h2; http: h2c) and send the preface."""
+    async def open(cls, url: str, source: str | None = None) -> RawH2:
+        """Connect (https: TLS with ALPN h2; http: h2c) and send the preface.
+
+        With source, the socket is bound to that address before it connects (any of 127/8
+        reaches a server on 127.0.0.1).
+        """
         scheme, _, address = url.rstrip("/").partition("://")
         host, port = address.rsplit(":", 1)
+        local = {"local_addr": (source, 0)} if source else {}
         if scheme == "http":
-            reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+            reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20, **local)
         else:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             context.set_alpn_protocols(["h2"])
             reader, writer = await asyncio.open_connection(
-                host, int(port), ssl=context, server_hostname=host, limit=1 << 20
+                host, int(port), ssl=context, server_hostname=host, limit=1 << 20, **local
             )
             assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         connection = cls(reader, writer)

@@ -1,10 +1,15 @@
-"""HTTP/2 abuse meets GOAWAY ENHANCE_YOUR_CALM; a stream too many is refused alone."""
+"""HTTP/2 abuse meets GOAWAY ENHANCE_YOUR_CALM and a penalty; a stream too many is refused alone.
+
+Attackers connect from addresses of their own (127.0.0.2 and up; all of 127/8 reaches the
+server), bystanders from 127.0.0.1: an address cut off is refused new connections a while.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -32,6 +37,8 @@ from tests.servers import RunningServer, server_env, start_server
 
 FLOOD_FRAMES = 20_000
 CLOSE_WITHIN = 10.0  # seconds from the first frame of a flood to the end of its connection
+ATTACKERS = (f"127.0.0.{number}" for number in range(10, 255))  # one address per attack
+PENALTY = 2.0  # seconds, for a first offence, on the penalty test's server
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +146,7 @@ async def test_a_frame_flood_gets_goaway_enhance_your_calm(
     server: RunningServer, kind: str
 ) -> None:
     async with bystander(server) as statuses:
-        attacker = await RawH2.open(server.url)
+        attacker = await RawH2.open(server.url, source=next(ATTACKERS))
         try:
             _, frames = attacker.headers(request(), end_stream=False)
             await attacker.send(frames)  # stream 1 stays open
@@ -152,7 +159,10 @@ async def test_a_frame_flood_gets_goaway_enhance_your_calm(
     assert statuses and set(statuses) == {200}
     log = server.log()
     assert "Traceback" not in log, log
-    assert f"sent too many {kind} frames: GOAWAY ENHANCE_YOUR_CALM" in log
+    assert (
+        f"sent too many {kind} frames: GOAWAY ENHANCE_YOUR_CALM, connection closed; "
+        "its new connections refused for 1.0 s" in log
+    )
 
 
 def reset(stream_id: int) -> bytes:
@@ -174,7 +184,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_without_a_traceback(
     server: RunningServer,
 ) -> None:
     async with bystander(server) as statuses:
-        attacker = await RawH2.open(server.url)
+        attacker = await RawH2.open(server.url, source=next(ATTACKERS))
         try:
             started = time.monotonic()
             sent = await flood(attacker, rapid_resets(attacker), batch=100)
@@ -186,6 +196,76 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_without_a_traceback(
     log = server.log()
     assert "Traceback" not in log and "TooManyStreamsError" not in log, log
     assert "sent too many RST_STREAM frames: GOAWAY ENHANCE_YOUR_CALM" in log
+
+
+@pytest.fixture(scope="module")
+def penalising_server(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The service with one worker, whose first penalty is PENALTY seconds."""
+    directory = tmp_path_factory.mktemp("h2-penalty")
+    env = server_env(settings, directory) | {"H2_ABUSE_PENALTY": str(PENALTY)}
+    running = start_server(env, workers=1, log_dir=directory)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+async def attempt(server: RunningServer, source: str) -> str:
+    """A new connection from source and one request on it: "200", or how it was refused."""
+    try:
+        connection = await asyncio.wait_for(RawH2.open(server.url, source=source), 5)
+    except (ConnectionError, ssl.SSLError) as exc:
+        return f"refused ({type(exc).__name__})"
+    try:
+        return await connection.request(request())
+    finally:
+        await connection.close()
+
+
+@pytest.mark.fault
+async def test_an_address_cut_off_for_abuse_is_refused_at_accept_until_its_penalty_ends(
+    penalising_server: RunningServer,
+) -> None:
+    server = penalising_server
+    attacker_address = "127.0.0.2"
+    async with bystander(server) as statuses:
+        attacker = await RawH2.open(server.url, source=attacker_address)
+        try:
+            await flood(attacker, pings())
+            code = await asyncio.wait_for(asyncio.shield(attacker.goaway), CLOSE_WITHIN)
+        finally:
+            await attacker.close()
+        cut = time.monotonic()  # the penalty began before the GOAWAY left the server
+        assert code == ErrorCodes.ENHANCE_YOUR_CALM
+        # (when the attempt began, whom from, how long it took, its outcome)
+        attempts: list[tuple[float, str, float, str]] = []
+        while time.monotonic() - cut < PENALTY + 5.0:
+            for source in (attacker_address, "127.0.0.1"):
+                began = time.monotonic()
+                outcome = await attempt(server, source)
+                attempts.append((began - cut, source, time.monotonic() - began, outcome))
+            if attempts[-2][3] == "200":
+                break
+            await asyncio.sleep(0.05)
+    attacker_attempts = [each for each in attempts if each[1] == attacker_address]
+    during = [each for each in attacker_attempts if each[0] < PENALTY - 0.25]
+    assert len(during) >= 3, attempts  # the penalty was seen, not slept through
+    assert all(outcome.startswith("refused") for *_, outcome in during), attempts
+    assert all(took < 0.5 for _, _, took, _ in during), attempts  # refused at once
+    assert attacker_attempts[-1][3] == "200", attempts  # served again once it ended
+    assert attacker_attempts[-1][0] < PENALTY + 5.0, attempts
+    # Others were served all along: the bystander's connection, and new ones.
+    assert all(outcome == "200" for _, source, _, outcome in attempts if source == "127.0.0.1")
+    assert statuses and set(statuses) == {200}
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert (
+        f"HTTP/2 client {attacker_address} sent too many PING frames: GOAWAY ENHANCE_YOUR_CALM, "
+        f"connection closed; its new connections refused for {PENALTY:.1f} s" in log
+    )
+    assert f"new connection from {attacker_address} refused at accept" in log
 
 
 @pytest.mark.fault

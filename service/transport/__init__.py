@@ -3,8 +3,11 @@
 Every speed-up patches one library internal, keeps the library's behaviour (its tests run
 the same exchange against the library's own code where they can), and says in its
 docstring what it saves; what clients can fill is bounded in bytes (memo.py). h2_guard
-changes HTTP/2 behaviour on purpose, as a security fix. The library versions are pinned
-exactly in pyproject.toml; docs/performance.md keeps a record of each change.
+changes HTTP/2 behaviour on purpose, as a security fix; the addresses it cuts off go to
+the penalty box (penalty_box.py), which each worker's loop consults at accept
+(accept_gate.py, run by service/workers.py rather than installed here). The library
+versions are pinned exactly in pyproject.toml; docs/performance.md keeps a record of
+each change.
 """
 
 from __future__ import annotations

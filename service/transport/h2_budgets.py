@@ -2,7 +2,8 @@
 
 Each connection has a token bucket per kind of frame (BUDGETS); a frame taken from an
 empty one raises h2's DenialOfServiceError, which h2 answers with GOAWAY
-ENHANCE_YOUR_CALM. The guard also keeps what the connection's streams are doing that the
+ENHANCE_YOUR_CALM, and the client's address goes to the penalty box (penalty_box.py).
+The guard also keeps what the connection's streams are doing that the
 libraries do not track: which applications still run after their stream was reset.
 Installed by service/transport/h2_guard.py.
 """
@@ -27,6 +28,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+
+from service.transport import penalty_box
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class ConnectionGuard:
         if bucket[0] < 0:
             if self.breach is None:
                 self.breach = kind[1]
-                _log_breach(self.peer, kind[1])
+                _log_breach(self.peer, kind[1], penalty_box.BOX.penalise(self.peer))
                 if self.transport is not None:
                     asyncio.get_running_loop().call_later(ABORT_AFTER, self.transport.abort)
             raise h2.exceptions.DenialOfServiceError(f"too many {kind[1]} frames")
@@ -153,7 +156,7 @@ class ConnectionGuard:
 _last_logged: dict[str, tuple[float, int]] = {}  # name: (when, connections closed since)
 
 
-def _log_breach(peer: Any, kind: str) -> None:
+def _log_breach(peer: Any, kind: str, penalty: float | None) -> None:
     """One line per closed connection, at most one per frame and LOG_INTERVAL (with a count)."""
     now = time.monotonic()
     at, unlogged = _last_logged.get(kind, (-LOG_INTERVAL, 0))
@@ -163,9 +166,11 @@ def _log_breach(peer: Any, kind: str) -> None:
     _last_logged[kind] = (now, 0)
     host = peer[0] if isinstance(peer, tuple) and peer else "unknown"
     more = f" (and {unlogged} more since the last such line)" if unlogged else ""
+    boxed = f"; its new connections refused for {penalty:.1f} s" if penalty else ""
     log.warning(
-        "HTTP/2 client %s sent too many %s frames: GOAWAY ENHANCE_YOUR_CALM, connection closed%s",
+        "HTTP/2 client %s sent too many %s frames: GOAWAY ENHANCE_YOUR_CALM, connection closed%s%s",
         host,
         kind,
+        boxed,
         more,
     )
