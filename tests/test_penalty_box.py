@@ -7,6 +7,7 @@ import socket
 import ssl
 import tracemalloc
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -47,6 +48,15 @@ def test_each_offence_doubles_the_penalty_up_to_the_cap(clock: list[float]) -> N
         clock[0] += penalties[-1] or 0.0  # it comes back as soon as it may
         assert offender.admits(("192.0.2.7", 50001))
     assert penalties == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_a_trusted_proxy_is_never_penalised(clock: list[float]) -> None:
+    proxies = Policy(first=1.0, cap=8.0, addresses=100, exempt=(ip_network("10.0.0.0/8"),))
+    gate = box(proxies)
+    assert gate.penalise(("10.1.2.3", 443)) is None
+    assert gate.admits(("10.1.2.3", 50000))
+    assert gate.penalise(("192.0.2.7", 443)) == 1.0
+    assert not gate.admits(("192.0.2.7", 50000))
 
 
 def test_time_without_offence_forgives_a_doubling_per_cap(clock: list[float]) -> None:
