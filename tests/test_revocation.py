@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import redis
 import redis.asyncio.connection as aredis_connection
 
 from service.config import Settings
+from service.ids import new_id
 from service.store import Store
 from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBlocklist
 from tests.conftest import (
@@ -202,6 +204,35 @@ def count_redis_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     monkeypatch.setattr(aredis_connection.AbstractConnection, "send_packed_command", counting)
     return sent
+
+
+async def test_verification_during_revocations_never_finds_redis_behind(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.loop import WorkerLoop
+
+    # Writes back to back (no propagation wait), so that many land while Redis is read.
+    store = Store(settings.model_copy(update={"revocation_propagation_ms": 0}), WorkerLoop())
+    now = int(time.time())
+
+    async def revoke_many() -> None:
+        for _ in range(300):
+            await store.revoke([Entry(Kind.TOKEN, new_id(), now + 60)])
+
+    async def verify_many() -> None:
+        for _ in range(200):
+            await store.verify()
+
+    try:
+        await store.warm_up()
+        with caplog.at_level(logging.ERROR, logger="service.store"):
+            await asyncio.gather(revoke_many(), revoke_many(), verify_many())
+    finally:
+        await store.close()
+    # A write answered while Redis was being read is no sign that Redis went back.
+    assert [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR
+    ] == []
 
 
 async def test_durable_record_holds_every_kind(settings: Settings, tmp_path: Path) -> None:

@@ -148,11 +148,14 @@ class Store:
         then what it may lack is written again, streamed in batches.
         """
         doubts = self._doubts
+        # The floor as it was before Redis is read: a write answered while it is read
+        # raises the floor past the seq read, and Redis would seem to have gone back.
+        floor = self.blocklist.floor
         state = await self.blocklist.state()
         async with self.db.session() as session:
             latest = await latest_seq(session)
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
-        went_back = state.seq < max(self.blocklist.floor, settled)
+        went_back = state.seq < max(floor, settled)
         if state.loaded and not went_back and state.seq >= latest:
             self._cleared(doubts)
             self.blocklist.raise_floor(state.seq)
@@ -162,7 +165,7 @@ class Store:
                 "Redis holds revocations up to #%d, not #%d: it went back to older data or "
                 "a worker could not reach it; reloading, every check fails closed until then",
                 state.seq,
-                max(self.blocklist.floor, settled),
+                max(floor, settled),
             )
             await self.blocklist.invalidate()
         started = time.monotonic()
@@ -188,11 +191,12 @@ class Store:
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""
+        floor = self.blocklist.floor  # before Redis is read (see recover)
         state = await self.blocklist.state()
         async with self.db.session() as session:
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
         behind = self._doubts != self._doubts_cleared
-        if not state.loaded or behind or state.seq < max(self.blocklist.floor, settled):
+        if not state.loaded or behind or state.seq < max(floor, settled):
             await self.recover()
         else:
             self.blocklist.raise_floor(state.seq)
