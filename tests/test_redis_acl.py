@@ -21,7 +21,7 @@ def acl_settings(settings: Settings, prefix: str) -> Iterator[Settings]:
 def test_the_documented_acl_is_read_whole() -> None:
     arguments = documented_acl()
     assert arguments[:3] == ["ACL", "SETUSER", "authsvc"]
-    assert {"~authsvc:*", "&authsvc:revoked", "-@all", "+evalsha", "+subscribe"} <= set(arguments)
+    assert {"~authsvc:*", "&authsvc:revoked*", "-@all", "+evalsha", "+subscribe"} <= set(arguments)
 
 
 async def test_every_flow_runs_under_the_documented_acl(
