@@ -36,7 +36,10 @@ class ServiceFlask(Flask):
 def create_app(settings: Settings | None = None) -> ServiceFlask:
     """Build the application; nothing here opens a socket or starts a loop."""
     settings = settings or load_settings()
-    app = ServiceFlask(__name__, instance_path=str(settings.instance_dir.resolve()))
+    # No static folder: nothing is served from one, and an undocumented route would be.
+    app = ServiceFlask(
+        __name__, instance_path=str(settings.instance_dir.resolve()), static_folder=None
+    )
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -74,13 +77,14 @@ def _init_passwords(app: Flask, settings: Settings) -> None:
 
 
 def _register_blueprints(app: Flask, settings: Settings) -> None:
-    from service import auth, oauth
+    from service import api_doc, auth, oauth
     from service.api.views import bp as api_bp
 
     app.register_blueprint(health.bp)
     auth.init_app(app, settings)
     oauth.init_app(app)
     app.register_blueprint(api_bp)
+    api_doc.init_app(app, settings)
 
 
 async def start_app(app: Flask) -> None:

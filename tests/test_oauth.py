@@ -294,6 +294,10 @@ async def test_verifier_without_challenge_gets_no_code(
         REDIRECT + "?x=1",
         REDIRECT.upper(),
         "http://client.example/callback",
+        # Not echoed into the error's description: there, such characters made a 500.
+        REDIRECT + "é",
+        REDIRECT + '"',
+        REDIRECT + "\\",
     ],
 )
 async def test_unregistered_redirect_uri_is_refused_without_redirecting(
@@ -338,6 +342,24 @@ async def test_implicit_and_password_grants_are_refused(
     )
     assert password.status_code == 400
     assert password.json()["error"] == "unsupported_grant_type"
+
+
+@pytest.mark.parametrize("response_type", ["token", "é", 'code"', "code\\", "\x7f", ""])
+async def test_unsupported_response_types_are_reported_not_echoed(
+    client: httpx.AsyncClient, settings: Settings, response_type: str
+) -> None:
+    """Reported to the client's redirect URI when it checks out, else as an error page."""
+    registered = await new_client(settings)
+    known = await client.get(
+        authorize_url(registered.client.client_id, response_type=response_type, state="s1")
+    )
+    assert query_of(known)["error"] == "unsupported_response_type"
+    assert query_of(known)["state"] == "s1"
+    unknown = await client.get(authorize_url("no-such-client", response_type=response_type))
+    assert unknown.status_code == 400
+    body = unknown.json()
+    assert body["error"] == "unsupported_response_type"
+    assert body["error_description"] == "The response_type is not supported; only code is."
 
 
 async def test_unknown_client_gets_an_error_page_not_a_redirect(client: httpx.AsyncClient) -> None:

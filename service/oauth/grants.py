@@ -101,6 +101,22 @@ class AuthorizationCodeGrant(FamilyTokens, grants.AuthorizationCodeGrant):  # ty
 
     TOKEN_ENDPOINT_AUTH_METHODS = [*SECRET_AUTH, "none"]
 
+    @staticmethod
+    def validate_authorization_redirect_uri(request: Any, client: Client) -> str:
+        """Authlib's check, without the requested URI in the error's description.
+
+        Authlib echoes the URI there, and refuses to build an error whose description has
+        a character RFC 6749 5.2 forbids (non-ASCII, a quote, a backslash): a ValueError,
+        so a 500 instead of invalid_request.
+        """
+        requested = request.payload.redirect_uri
+        if requested and not client.check_redirect_uri(requested):
+            raise InvalidRequestError("The redirect_uri is not registered for this client.")
+        found: str = grants.AuthorizationCodeGrant.validate_authorization_redirect_uri(
+            request, client
+        )
+        return found
+
     def family(self) -> Family:
         code: AuthorizationCode = self.request.authorization_code
         return Family(grant_id=code.grant_id, expires_at=code.grant_expires)

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749.errors import InvalidClientError
+from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from flask import Flask
 from flask import request as http_request
 
@@ -39,6 +39,35 @@ class Server(AuthorizationServer):  # type: ignore[misc]
         except InvalidClientError as failure:
             # Counted per client id and address: past a limit, 429 slow_down instead.
             raise client_throttle.counted(failure) from None
+
+    def get_authorization_grant(self, request: Any) -> Any:
+        """Authlib's, but an unsupported response_type is not echoed into the error.
+
+        Authlib makes the requested response_type the error's description, and refuses to
+        build an error whose description has a character RFC 6749 5.2 forbids there (any
+        non-ASCII, a quote, a backslash): a ValueError, so a 500 instead of the error.
+        """
+        if any(
+            grant.check_authorization_endpoint(request) for grant, _ in self._authorization_grants
+        ):
+            return super().get_authorization_grant(request)
+        raise UnsupportedResponseTypeError(
+            request.payload.response_type,
+            description="The response_type is not supported; only code is.",
+            state=request.payload.state,
+            redirect_uri=self._error_redirect_uri(request),
+        )
+
+    def _error_redirect_uri(self, request: Any) -> str | None:
+        """Where to report an error: the client's redirect URI once both check out (4.1.2.1)."""
+        client = self.query_client(request.payload.client_id or "")
+        if client is None:
+            return None
+        requested: str | None = request.payload.redirect_uri
+        if requested:
+            return requested if client.check_redirect_uri(requested) else None
+        default: str | None = client.get_default_redirect_uri()
+        return default
 
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):
