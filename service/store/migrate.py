@@ -105,6 +105,9 @@ async def _lock(url: str, connect_args: dict[str, Any]) -> AsyncConnection:
     conn = await create_async_engine(
         url, poolclass=pool.NullPool, connect_args=connect_args
     ).connect()
+    # The lock belongs to the session, not a transaction: an open transaction here would
+    # make CREATE INDEX CONCURRENTLY in a migration wait for this connection for ever.
+    await conn.execution_options(isolation_level="AUTOCOMMIT")
     key = {"key": MIGRATION_LOCK_KEY}
     if not (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key)).scalar():
         log.info("another process is migrating this database: waiting for it to finish")
