@@ -133,18 +133,18 @@ def _describe(account: Account) -> dict[str, object]:
     }
 
 
-async def _revoking(change: Awaitable[Any], done: str) -> int:
-    """Await a change that revokes tokens, and print done once they are refused everywhere."""
+async def _revoking(change: Awaitable[Any], done: str, effect: str) -> int:
+    """Await a change that revokes tokens; say so once they are refused everywhere."""
     try:
         await change
     except BlocklistUnavailable:
         print(
-            f"{done}, but Redis could not take the revocation: it is recorded, and the "
+            f"{done}, but Redis could not be reached: the revocation is recorded, and the "
             "service's workers put it in force within seconds of reaching Redis",
             file=sys.stderr,
         )
         return 1
-    print(done)
+    print(f"{done}: {effect}")
     return 0
 
 
@@ -215,7 +215,8 @@ async def _disable(args: argparse.Namespace, store: Store, _p: Passwords) -> int
     _note_embedded(store)
     return await _revoking(
         admin.disable(store=store, user_id=account.id),
-        f"disabled {_name(account)}: it cannot sign in, and its tokens are refused",
+        f"disabled {_name(account)}",
+        "it cannot sign in, and its tokens are refused",
     )
 
 
@@ -240,8 +241,8 @@ async def _delete(args: argparse.Namespace, store: Store, _p: Passwords) -> int:
 
     return await _revoking(
         delete(),
-        f"deleted {_name(account)}: its tokens are refused, and its sessions and OAuth "
-        "grants are gone",
+        f"deleted {_name(account)}",
+        "its tokens are refused, and its sessions and OAuth grants are gone",
     )
 
 
@@ -250,7 +251,8 @@ async def _revoke(args: argparse.Namespace, store: Store, _p: Passwords) -> int:
     _note_embedded(store)
     return await _revoking(
         admin.revoke_sessions(store=store, user_id=account.id),
-        f"revoked every session of {_name(account)}: its tokens are refused",
+        f"revoked every session of {_name(account)}",
+        "its tokens are refused",
     )
 
 
@@ -266,7 +268,7 @@ async def _pw(args: argparse.Namespace, store: Store, passwords: Passwords) -> i
             raise admin.NoSuchUser(args.user)
 
     return await _revoking(
-        change(), f"set the password of {_name(account)}: its earlier sessions are revoked"
+        change(), f"set the password of {_name(account)}", "its earlier sessions are revoked"
     )
 
 
