@@ -23,7 +23,7 @@ from alembic import command
 from service.auth import admin
 from service.config import Settings
 from service.ids import new_id
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.store import Store
 from service.store import sessions as session_store
 from service.store import users as user_store
@@ -332,7 +332,7 @@ async def test_a_login_racing_a_disable_ends_revoked(settings: Settings) -> None
     The login's check holds the row (FOR SHARE) until it commits; disabling waits for it
     and takes its cutoff after, so the session's id falls under the cutoff.
     """
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     try:
         await store.warm_up()
         async with store.db.session() as session:
@@ -355,7 +355,7 @@ async def test_a_login_racing_a_disable_ends_revoked(settings: Settings) -> None
         assert await asyncio.wait_for(disabling, 10) is True
         soon = int(time.time()) + 600
         ref = TokenRef(jti=new_id(), exp=soon, sid=sid, sxp=soon, sub=str(account.id))
-        assert await store.check_async(ref) is Verdict.REVOKED
+        assert await store.check(ref) is Verdict.REVOKED
         async with store.db.session() as session:
             assert not await user_store.lock_enabled(session, user_id=account.id)
     finally:

@@ -21,7 +21,7 @@ from service.auth import admin
 from service.auth.passwords import Passwords
 from service.auth.schemas import Email, Password, Username
 from service.config import Settings
-from service.loop import LoopThread
+from service.loop import WorkerLoop
 from service.store import Store
 from service.store.blocklist import BlocklistUnavailable
 from service.store.migrate import database_errors
@@ -95,7 +95,7 @@ def _run(command: Command, args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_store(command: Command, args: argparse.Namespace, settings: Settings) -> int:
-    store = Store(settings, LoopThread())
+    store = Store(settings, WorkerLoop())
     passwords = Passwords(settings)
     try:
         with database_errors(settings):
