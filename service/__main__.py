@@ -80,7 +80,6 @@ def _parser() -> argparse.ArgumentParser:
     from service.oauth.cli import add_commands
 
     add_user_commands(commands)
-
     add_commands(commands)
     return parser
 
