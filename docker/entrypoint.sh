@@ -5,7 +5,7 @@
 #     exec the server on BIND (TLS) and PROXY_BIND (plain HTTP, if set) with WORKERS
 #     processes. BIND set empty: PROXY_BIND alone, behind a TLS-terminating ingress.
 #   migrate: wait for the backends, apply migrations, exit.
-#   anything else: python -m service ARGS (create-user, clients, keys, ...).
+#   anything else: python -m service ARGS (users, clients, keys, ...).
 # DATABASE_URL, REDIS_URL, SECRET_KEY and JWT_SECRET may instead be given as files:
 # DATABASE_URL_FILE=/run/secrets/database_url and so on.
 set -eu

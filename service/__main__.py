@@ -1,10 +1,9 @@
-"""Command line: `python -m service serve|migrate|create-user|clients|keys`."""
+"""Command line: `python -m service serve|migrate|wait|users|clients|keys`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
 import os
 import sys
@@ -77,20 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
     wait.set_defaults(func=_wait)
 
-    create_user = commands.add_parser("create-user", help="create an account")
-    create_user.add_argument("username")
-    create_user.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from standard input instead of prompting",
-    )
-    create_user.add_argument(
-        "--dev", action="store_true", help="development mode: embedded defaults"
-    )
-    create_user.set_defaults(func=_create_user)
-
+    from service.auth.cli import add_commands as add_user_commands
     from service.oauth.cli import add_commands
 
+    add_user_commands(commands)
     add_commands(commands)
     return parser
 
@@ -175,51 +164,6 @@ async def _wait_async(settings: Settings, seconds: float) -> int:
                 delay = min(delay * 2, 5.0)
     finally:
         await store.db.dispose()
-
-
-def _create_user(args: argparse.Namespace, settings: Settings) -> int:
-    from pydantic import TypeAdapter, ValidationError
-
-    from service.auth.schemas import Credentials
-
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat: ") != password:
-            print("passwords differ", file=sys.stderr)
-            return 1
-    try:
-        creds = TypeAdapter(Credentials).validate_python(
-            {"username": args.username, "password": password}
-        )
-    except ValidationError as exc:
-        print(f"invalid: {exc.errors(include_url=False)[0]['msg']}", file=sys.stderr)
-        return 1
-    return asyncio.run(_create_user_async(settings, creds.username, creds.password))
-
-
-async def _create_user_async(settings: Settings, username: str, password: str) -> int:
-    from service.auth.passwords import Passwords
-    from service.store.db import Database
-    from service.store.migrate import database_errors
-    from service.store.users import UsernameTaken, create_user
-
-    passwords = Passwords(settings)
-    database = Database(settings)
-    try:
-        password_hash = await passwords.hash(password)
-        with database_errors(settings):
-            async with database.session() as session:
-                account = await create_user(session, username=username, password_hash=password_hash)
-    except UsernameTaken:
-        print(f"username {username!r} is taken", file=sys.stderr)
-        return 1
-    finally:
-        passwords.shutdown()
-        await database.dispose()
-    print(f"created {account.username} ({account.id})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     access_token_ttl: int = Field(default=900, ge=30, le=86400)
     refresh_token_ttl: int = Field(default=30 * 86400, ge=300, le=400 * 86400)
     default_scopes: str = "profile email"
+    # Whether anyone may create an account at /auth/register; `users create` always may.
+    registration_open: bool = True
 
     verified_token_memo: int = Field(default=8192, ge=0, le=1_000_000)
     revocation_check: bool = True

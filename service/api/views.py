@@ -5,9 +5,11 @@ from __future__ import annotations
 from flask import Blueprint
 from flask_jwt_extended import get_jwt, jwt_required
 
+from service.auth.accounts import get_account
 from service.hotpath import runs_inline
 from service.isolation import no_database
 from service.oauth.scopes import require_scope
+from service.store import get_store
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -31,9 +33,12 @@ def profile() -> dict[str, str]:
 
 
 @bp.get("/email")
-@no_database
 @jwt_required()
 @require_scope("email")
-def email() -> dict[str, str | None]:
-    """The token's user's email address: accounts have none yet (scope email)."""
-    return {"sub": get_jwt()["sub"], "email": None}
+async def email() -> dict[str, str | None]:
+    """The token's user's email address, null if they gave none (scope email)."""
+    claims = get_jwt()
+    if claims["sub"] == claims.get("client_id"):
+        return {"sub": claims["sub"], "email": None}  # a client acting for itself
+    account = await get_account(store=get_store(), user_id=claims["sub"])
+    return {"sub": claims["sub"], "email": account.email}

@@ -1,4 +1,4 @@
-"""Account operations: registration and password changes."""
+"""Account operations: registration, password and email changes."""
 
 from __future__ import annotations
 
@@ -7,29 +7,49 @@ import uuid
 from service.auth import attempts
 from service.auth.passwords import Passwords
 from service.auth.sessions import revoke_all_sessions
+from service.config import Settings
 from service.errors import ApiError, unauthorized
 from service.store import Store
 from service.store import users as user_store
 from service.store.throttle import Throttle
-from service.store.users import Account, UsernameTaken
+from service.store.users import Account, EmailTaken, UsernameTaken
+
+USERNAME_TAKEN = "That username is already taken."
+# Says no more than that: not whose it is, nor the address itself.
+EMAIL_TAKEN = "That email address is already in use by another account."
+REGISTRATION_CLOSED = "Registration is closed: an administrator creates accounts."
 
 
-async def register(*, store: Store, passwords: Passwords, username: str, password: str) -> Account:
-    """Create an account; 409 if the username is taken."""
+def require_open_registration(settings: Settings) -> None:
+    """403 while self-registration is switched off (REGISTRATION_OPEN=false)."""
+    if not settings.registration_open:
+        raise ApiError(403, REGISTRATION_CLOSED)
+
+
+async def register(
+    *, store: Store, passwords: Passwords, username: str, password: str, email: str | None = None
+) -> Account:
+    """Create an account; 409 if the username or the email address is taken."""
     password_hash = await passwords.hash(password)
     try:
         async with store.db.session() as session:
             return await user_store.create_user(
-                session, username=username, password_hash=password_hash
+                session, username=username, password_hash=password_hash, email=email
             )
     except UsernameTaken:
-        raise ApiError(409, "That username is already taken.") from None
+        raise ApiError(409, USERNAME_TAKEN) from None
+    except EmailTaken:
+        raise ApiError(409, EMAIL_TAKEN) from None
 
 
 async def get_account(*, store: Store, user_id: str) -> Account:
     """The account a token speaks for; 401 if it no longer exists."""
+    try:
+        uid = uuid.UUID(user_id)
+    except ValueError:
+        raise unauthorized("The token does not speak for an account.") from None
     async with store.db.session() as session:
-        account = await user_store.get_account(session, user_id=uuid.UUID(user_id))
+        account = await user_store.get_account(session, user_id=uid)
     if account is None:
         raise unauthorized("The account no longer exists.")
     return account
@@ -46,21 +66,73 @@ async def change_password(
     new: str,
     address: str,
 ) -> None:
-    """Check the current password, store the new hash, and revoke every session of the user.
-
-    A wrong current password counts as a failed sign-in: a stolen access token must not
-    buy unlimited guesses.
-    """
+    """Check the current password, store the new hash, and revoke every session of the user."""
     uid = uuid.UUID(user_id)
-    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
-    await attempts.check(throttle=throttle, attempt=attempt)
-    async with store.db.session() as session:
-        current_hash = await user_store.get_password_hash(session, user_id=uid)
-    if not (await passwords.verify(current_hash, current)).ok:
-        await attempts.failed(throttle=throttle, attempt=attempt)
-        raise ApiError(403, "The current password is wrong.")
-    await attempts.succeeded(throttle=throttle, attempt=attempt)
+    await _confirm_password(
+        store=store,
+        passwords=passwords,
+        throttle=throttle,
+        user_id=uid,
+        username=username,
+        password=current,
+        address=address,
+    )
     new_hash = await passwords.hash(new)
     async with store.db.session() as session:
         await user_store.set_password_hash(session, user_id=uid, password_hash=new_hash)
     await revoke_all_sessions(store=store, user_id=user_id, reason="password-change")
+
+
+async def change_email(
+    *,
+    store: Store,
+    passwords: Passwords,
+    throttle: Throttle,
+    user_id: str,
+    username: str,
+    current: str,
+    email: str | None,
+    address: str,
+) -> None:
+    """Check the current password, then set (or, with None, remove) the email; 409 if taken."""
+    uid = uuid.UUID(user_id)
+    await _confirm_password(
+        store=store,
+        passwords=passwords,
+        throttle=throttle,
+        user_id=uid,
+        username=username,
+        password=current,
+        address=address,
+    )
+    try:
+        async with store.db.session() as session:
+            found = await user_store.set_email(session, user_id=uid, email=email)
+    except EmailTaken:
+        raise ApiError(409, EMAIL_TAKEN) from None
+    if not found:
+        raise unauthorized("The account no longer exists.")
+
+
+async def _confirm_password(
+    *,
+    store: Store,
+    passwords: Passwords,
+    throttle: Throttle,
+    user_id: uuid.UUID,
+    username: str,
+    password: str,
+    address: str,
+) -> None:
+    """403 unless password is the account's; a wrong one counts as a failed sign-in.
+
+    A stolen access token must not buy unlimited guesses.
+    """
+    attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
+    await attempts.check(throttle=throttle, attempt=attempt)
+    async with store.db.session() as session:
+        current_hash = await user_store.get_password_hash(session, user_id=user_id)
+    if not (await passwords.verify(current_hash, password)).ok:
+        await attempts.failed(throttle=throttle, attempt=attempt)
+        raise ApiError(403, "The current password is wrong.")
+    await attempts.succeeded(throttle=throttle, attempt=attempt)

@@ -23,6 +23,8 @@ async def verify_credentials(
 ) -> tuple[Account, Verification] | None:
     """The account and its password check, or None; unknown users cost what wrong ones do.
 
+    None as well for a disabled account, whatever the password.
+
     Failures count as failed sign-ins (attempts.py): past a limit, TooManyAttempts (429).
     """
     attempt = attempts.sign_in(settings=store.settings, username=username, address=address)
@@ -33,7 +35,9 @@ async def verify_credentials(
             found = await user_store.find_credentials(session, username=username)
     account, password_hash = found if found else (None, None)
     verification = await passwords.verify(password_hash, password)
-    if account is None or not verification.ok:
+    # A disabled account is answered as a wrong password, after the same work: the
+    # answer tells a guesser nothing, not even that the password was right.
+    if account is None or account.disabled or not verification.ok:
         await attempts.failed(throttle=throttle, attempt=attempt)
         return None
     await attempts.succeeded(throttle=throttle, attempt=attempt)

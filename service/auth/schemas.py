@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Annotated, TypeVar
 
 from flask import request
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+
+from service.auth.emails import MAX_LENGTH, normalize_email
 
 Username = Annotated[
     str, StringConstraints(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
 ]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=256)]
+Email = Annotated[str, StringConstraints(max_length=MAX_LENGTH), AfterValidator(normalize_email)]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,6 +30,19 @@ class Credentials(Body):
 
     username: Username
     password: Password
+
+
+class Registration(Credentials):
+    """A new account: username, password and, if the user gives one, an email address."""
+
+    email: Email | None = None
+
+
+class EmailChange(Body):
+    """A new email address (null removes it), confirmed with the current password."""
+
+    email: Email | None
+    current_password: Password
 
 
 class PasswordChange(Body):

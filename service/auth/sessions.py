@@ -7,6 +7,8 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords
 from service.auth.tokens import TokenPair, issue_pair
@@ -60,6 +62,10 @@ async def login(
         scope=settings.default_scopes,
     )
     async with store.db.session() as session:
+        # Checked again under a lock: an account disabled while its password was being
+        # checked gets no session, and one disabled later sees this sid revoked.
+        if not await user_store.lock_enabled(session, user_id=account.id):
+            raise ApiError(401, LOGIN_FAILED, headers={"WWW-Authenticate": 'Basic realm="authsvc"'})
         if verification.new_hash:
             await user_store.set_password_hash(
                 session, user_id=account.id, password_hash=verification.new_hash
@@ -116,18 +122,36 @@ async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
 
 async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> None:
     """Revoke every token of a user issued up to now, on every device."""
-    cutoff_ms = time.time_ns() // 1_000_000
-    until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
     async with store.revoking() as (session, revocations):
-        await session_store.close_user_sessions(
-            session, user_id=uuid.UUID(user_id), cutoff_ms=cutoff_ms, reason=reason
+        await end_user_sessions(
+            session, revocations, store=store, user_id=uuid.UUID(user_id), reason=reason
         )
-        # Browser sign-ins up to the end of the cutoff millisecond end as well.
-        await user_store.end_sessions_before(
-            session,
-            user_id=uuid.UUID(user_id),
-            cutoff=datetime.fromtimestamp((cutoff_ms + 1) / 1000, UTC),
-        )
-        revocations.append(
-            Entry(kind=Kind.USER, subject=user_id, expires_at=until, cutoff_ms=cutoff_ms)
-        )
+
+
+async def end_user_sessions(
+    session: AsyncSession,
+    revocations: list[Entry],
+    *,
+    store: Store,
+    user_id: uuid.UUID,
+    reason: str,
+    ahead_ms: int = 0,
+) -> None:
+    """Within store.revoking(): revoke every session of the user begun up to now.
+
+    ahead_ms moves the cutoff that far past this host's clock, for accounts that may not
+    sign in again (disabled, deleted): session ids carry the clock of the host that made
+    them, which may run a little ahead of this one.
+    """
+    cutoff_ms = time.time_ns() // 1_000_000 + ahead_ms
+    until = cutoff_ms // 1000 + store.settings.refresh_token_ttl + 1
+    await session_store.close_user_sessions(
+        session, user_id=user_id, cutoff_ms=cutoff_ms, reason=reason
+    )
+    # Browser sign-ins up to the end of the cutoff millisecond end as well.
+    await user_store.end_sessions_before(
+        session, user_id=user_id, cutoff=datetime.fromtimestamp((cutoff_ms + 1) / 1000, UTC)
+    )
+    revocations.append(
+        Entry(kind=Kind.USER, subject=str(user_id), expires_at=until, cutoff_ms=cutoff_ms)
+    )

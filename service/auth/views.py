@@ -11,11 +11,18 @@ from service.addresses import client_address
 from service.auth import accounts, sessions
 from service.auth.jwt import revokes_presented_token
 from service.auth.passwords import Passwords, hashes_password
-from service.auth.schemas import Credentials, PasswordChange, parse_body
+from service.auth.schemas import (
+    Credentials,
+    EmailChange,
+    PasswordChange,
+    Registration,
+    parse_body,
+)
 from service.oauth.scopes import first_party_only
 from service.store import get_store
 from service.store.blocklist import BlocklistUnavailable
 from service.store.throttle import get_throttle
+from service.store.users import Account
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -33,13 +40,23 @@ def _passwords() -> Passwords:
 
 @bp.post("/register")
 @hashes_password
-async def register() -> tuple[dict[str, str], int]:
-    """Create an account."""
-    body = parse_body(Credentials)
+async def register() -> tuple[dict[str, str | None], int]:
+    """Create an account, unless registration is closed."""
+    store = get_store()
+    accounts.require_open_registration(store.settings)
+    body = parse_body(Registration)
     account = await accounts.register(
-        store=get_store(), passwords=_passwords(), username=body.username, password=body.password
+        store=store,
+        passwords=_passwords(),
+        username=body.username,
+        password=body.password,
+        email=body.email,
     )
-    return {"id": str(account.id), "username": account.username}, 201
+    return _describe(account), 201
+
+
+def _describe(account: Account) -> dict[str, str | None]:
+    return {"id": str(account.id), "username": account.username, "email": account.email}
 
 
 @bp.post("/login")
@@ -122,10 +139,31 @@ async def change_password() -> Response:
     return Response(status=204)
 
 
+@bp.post("/email")
+@hashes_password
+@jwt_required()
+@first_party_only
+async def change_email() -> dict[str, str | None]:
+    """Set, change or (with null) remove the email address; needs the current password."""
+    body = parse_body(EmailChange)
+    claims = get_jwt()
+    store = get_store()
+    await accounts.change_email(
+        store=store,
+        passwords=_passwords(),
+        throttle=get_throttle(),
+        user_id=claims["sub"],
+        username=claims["name"],
+        current=body.current_password,
+        email=body.email,
+        address=client_address(request.environ),
+    )
+    return _describe(await accounts.get_account(store=store, user_id=claims["sub"]))
+
+
 @bp.get("/me")
 @jwt_required()
 @first_party_only
-async def me() -> dict[str, str]:
+async def me() -> dict[str, str | None]:
     """The account behind the access token."""
-    account = await accounts.get_account(store=get_store(), user_id=get_jwt()["sub"])
-    return {"id": str(account.id), "username": account.username}
+    return _describe(await accounts.get_account(store=get_store(), user_id=get_jwt()["sub"]))

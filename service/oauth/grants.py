@@ -41,11 +41,14 @@ class S256Challenge(CodeChallenge):  # type: ignore[misc]
 
 
 def _account(user_id: Any) -> Account | None:
+    """The account tokens are issued for; None (invalid_grant) if it is gone or disabled."""
+
     async def lookup() -> Account | None:
         async with bridge.store().db.session() as session:
             return await user_store.get_account(session, user_id=user_id)
 
-    return bridge.run(lookup())
+    account = bridge.run(lookup())
+    return None if account is None or account.disabled else account
 
 
 class FamilyTokens:

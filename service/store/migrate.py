@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The PostgreSQL advisory lock key that every `migrate` run of this service takes ("authsvc").
 MIGRATION_LOCK_KEY = int.from_bytes(b"authsvc")
+LOCK_POLL_SECONDS = 0.2
 
 
 def alembic_config(settings: Settings) -> Config:
@@ -105,8 +107,16 @@ async def _lock(url: str, connect_args: dict[str, Any]) -> AsyncConnection:
     conn = await create_async_engine(
         url, poolclass=pool.NullPool, connect_args=connect_args
     ).connect()
-    key = {"key": MIGRATION_LOCK_KEY}
-    if not (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key)).scalar():
-        log.info("another process is migrating this database: waiting for it to finish")
-        await conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
+    # CREATE INDEX CONCURRENTLY (in a migration) waits for every transaction of the
+    # database that holds a snapshot. So the lock is held by the session, outside any
+    # transaction, and a run that must wait asks again and again rather than waiting in a
+    # statement: the migration it waits for would otherwise wait for it, for ever.
+    await conn.execution_options(isolation_level="AUTOCOMMIT")
+    statement, key = text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+    waiting = False
+    while not (await conn.execute(statement, key)).scalar():
+        if not waiting:
+            log.info("another process is migrating this database: waiting for it to finish")
+            waiting = True
+        await asyncio.sleep(LOCK_POLL_SECONDS)
     return conn

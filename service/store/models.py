@@ -61,6 +61,8 @@ class User(Base):
     """A first-party account; the password hash never leaves the store layer."""
 
     __tablename__ = "users"
+    # A unique index rather than a constraint: PostgreSQL builds one without blocking writes.
+    __table_args__ = (Index("uq_users_email_key", "email_key", unique=True),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
     username: Mapped[str] = mapped_column(String(64))
@@ -70,6 +72,11 @@ class User(Base):
     password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Logout-all and password changes end browser sign-ins made before this moment.
     sessions_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Optional; unique under its lower-cased form, as usernames are under theirs.
+    email: Mapped[str | None] = mapped_column(String(254))
+    email_key: Mapped[str | None] = mapped_column(String(254))
+    # A disabled account cannot sign in; its tokens were revoked when it was disabled.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class LoginSession(Base):

@@ -138,7 +138,7 @@ def _widened(current: Any, scopes: list[str]) -> ColumnElement[str]:
 async def find_signed_in_account(
     session: AsyncSession, *, user_id: uuid.UUID, signed_in_at: datetime
 ) -> Account | None:
-    """The account of a browser sign-in, unless it is gone or was signed out everywhere since.
+    """The account of a browser sign-in, unless gone, disabled or signed out everywhere since.
 
     Logout-all and password changes move sessions_valid_after; password_changed_at also
     covers changes recorded before that column existed.
@@ -147,6 +147,7 @@ async def find_signed_in_account(
         await session.execute(
             select(User.id, User.username).where(
                 User.id == user_id,
+                User.disabled_at.is_(None),
                 User.password_changed_at <= signed_in_at,
                 or_(User.sessions_valid_after.is_(None), User.sessions_valid_after <= signed_in_at),
             )
