@@ -135,15 +135,17 @@ PATHS: dict[str, dict[str, Schema]] = {
             "register",
             "auth",
             "Create an account",
-            "Usernames are unique regardless of case; passwords are hashed with Argon2id.",
+            "Usernames and email addresses are unique regardless of case; passwords are hashed "
+            "with Argon2id. Closed (403) when REGISTRATION_OPEN is false.",
             PUBLIC,
             responses(
                 *WITH_JSON_BODY,
                 "Unavailable",
                 s201=json_response("The account.", "Account"),
-                s409=problem_response("The username is taken."),
+                s403=problem_response("Self-registration is closed."),
+                s409=problem_response("The username or the email address is taken."),
             ),
-            requestBody=json_body("Credentials"),
+            requestBody=json_body("Registration"),
         )
     },
     "/auth/login": {
@@ -227,6 +229,28 @@ PATHS: dict[str, dict[str, Schema]] = {
             requestBody=json_body("PasswordChange"),
         )
     },
+    "/auth/email": {
+        "post": operation(
+            "changeEmail",
+            "auth",
+            "Set, change or remove the email address",
+            "Needs the current password; null removes the address. A wrong current password "
+            "is counted as a failed sign-in.",
+            BEARER,
+            responses(
+                *WITH_JSON_BODY,
+                "Unauthorized",
+                "TooManyRequests",
+                "Unavailable",
+                s200=json_response("The account.", "Account"),
+                s403=problem_response(
+                    "The current password is wrong, or the token is an OAuth client's."
+                ),
+                s409=problem_response("The email address is taken."),
+            ),
+            requestBody=json_body("EmailChange"),
+        )
+    },
     "/auth/me": {
         "get": operation(
             "me",
@@ -272,7 +296,8 @@ PATHS: dict[str, dict[str, Schema]] = {
             "email",
             "api",
             "The token's user's email address",
-            "Needs the scope email. Accounts have no email address yet: always null.",
+            "Needs the scope email. null when the account has no address, or for a client acting "
+            "for itself.",
             scoped("email"),
             responses(
                 "Unauthorized",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.auth.schemas import Credentials, PasswordChange
+from pydantic import BaseModel
+
+from service.auth.schemas import Credentials, EmailChange, PasswordChange, Registration
 from service.oauth.clients import AUTH_METHODS
 from service.oauth.scopes import SCOPES
 from service.oauth.server import metadata
@@ -40,7 +42,7 @@ def obj(properties: Schema, *, required: tuple[str, ...] = (), **keywords: Any) 
     return schema
 
 
-def model_schema(model: type[Credentials] | type[PasswordChange]) -> Schema:
+def model_schema(model: type[BaseModel]) -> Schema:
     """The JSON Schema of a request model, exactly as the service validates it."""
     return model.model_json_schema()
 
@@ -133,11 +135,14 @@ SCHEMAS: dict[str, Schema] = {
         description="RFC 6749 section 5.2 error body of the OAuth endpoints.",
     ),
     "Credentials": model_schema(Credentials),
+    "Registration": model_schema(Registration),
     "PasswordChange": model_schema(PasswordChange),
+    "EmailChange": model_schema(EmailChange),
     "Account": obj(
         {
             "id": string("The account's id.", format="uuid"),
             "username": string("The account's username."),
+            "email": {"type": ["string", "null"], "description": "The address, if any."},
         },
         required=("id", "username"),
     ),
