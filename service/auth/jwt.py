@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from datetime import timedelta
+from importlib.metadata import version
+from types import MethodType
 from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, request
@@ -18,30 +22,66 @@ from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+log = logging.getLogger(__name__)
 
-class MemoizingJWTManager(JWTManager):
-    """Flask-JWT-Extended's manager, verifying each token's signature once (see verified.py).
 
-    Flask-JWT-Extended parses a token four times per request; on a hit only the expiry
-    and the key are checked again.
+# What the verified-token memo replaces in Flask-JWT-Extended (pinned exactly).
+DECODE_PARAMETERS = ("self", "encoded_token", "csrf_value", "allow_expired")
+
+jwt = JWTManager()
+
+
+def memo_shapes_differ() -> list[str]:
+    """Where Flask-JWT-Extended's internals differ from what the memo replaces (empty: none)."""
+    problems = []
+    decode = getattr(JWTManager, "_decode_jwt_from_config", None)
+    if decode is None or tuple(inspect.signature(decode).parameters) != DECODE_PARAMETERS:
+        problems.append(
+            "JWTManager._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)"
+        )
+    if not callable(getattr(view_decorators, "get_unverified_jwt_headers", None)):
+        problems.append("view_decorators.get_unverified_jwt_headers")
+    return problems
+
+
+def install_memo() -> bool:
+    """Verify each token's signature once (see verified.py); False, with a warning, if unsafe.
+
+    Flask-JWT-Extended parses and verifies a token four times per request. With the memo,
+    a token seen again has only its expiry and its key checked again.
     """
+    problems = memo_shapes_differ()
+    if problems:
+        log.warning(
+            "verified-token memo NOT applied: Flask-JWT-Extended %s differs: %s; "
+            "every token is verified on every request",
+            version("flask-jwt-extended"),
+            "; ".join(problems),
+        )
+        return False
+    jwt._decode_jwt_from_config = MethodType(_memoized_decode, jwt)  # type: ignore[method-assign]
+    # Flask-JWT-Extended parses the header once more right after decoding the token.
+    view_decorators.get_unverified_jwt_headers = memoized_header  # type: ignore[attr-defined]
+    return True
 
-    def _decode_jwt_from_config(
-        self, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False
-    ) -> dict[str, Any]:
-        memo: VerifiedTokens | None = current_app.extensions.get("verified_tokens")
-        if memo is None or csrf_value is not None or allow_expired:
-            return dict(super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired))
-        claims = memo.lookup(encoded_token, self._decode_key_callback)
-        if claims is not None:
-            return claims
-        claims = dict(super()._decode_jwt_from_config(encoded_token))
-        expires_at = claims.get("exp")
-        if isinstance(expires_at, int | float):
-            header = get_unverified_header(encoded_token)
-            key = self._decode_key_callback(header, claims)
-            memo.remember(encoded_token, Verified(header, dict(claims), key, float(expires_at)))
+
+def _memoized_decode(
+    manager: JWTManager, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False
+) -> dict[str, Any]:
+    decode = JWTManager._decode_jwt_from_config
+    memo: VerifiedTokens | None = current_app.extensions.get("verified_tokens")
+    if memo is None or csrf_value is not None or allow_expired:
+        return dict(decode(manager, encoded_token, csrf_value, allow_expired))
+    claims = memo.lookup(encoded_token, manager._decode_key_callback)
+    if claims is not None:
         return claims
+    claims = dict(decode(manager, encoded_token))
+    expires_at = claims.get("exp")
+    if isinstance(expires_at, int | float):
+        header = get_unverified_header(encoded_token)
+        key = manager._decode_key_callback(header, claims)
+        memo.remember(encoded_token, Verified(header, dict(claims), key, float(expires_at)))
+    return claims
 
 
 def memoized_header(encoded_token: str) -> dict[str, Any]:
@@ -49,12 +89,6 @@ def memoized_header(encoded_token: str) -> dict[str, Any]:
     memo: VerifiedTokens | None = current_app.extensions.get("verified_tokens")
     header = memo.header(encoded_token) if memo is not None else None
     return header if header is not None else get_unverified_header(encoded_token)
-
-
-# Flask-JWT-Extended parses the header once more right after decoding the token.
-view_decorators.get_unverified_jwt_headers = memoized_header  # type: ignore[attr-defined]
-
-jwt = MemoizingJWTManager()
 
 
 def jwt_config(settings: Settings) -> dict[str, Any]:
@@ -101,7 +135,8 @@ def _public_pem(private_pem: str) -> str:
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure and bind the JWT manager."""
     app.config.update(jwt_config(settings), REVOCATION_CHECK=settings.revocation_check)
-    app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
+    if settings.verified_token_memo and install_memo():
+        app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
     jwt.init_app(app)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, TypeVar
 
 from flask import request
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from service.auth.emails import MAX_LENGTH, normalize_email
@@ -14,7 +14,12 @@ Username = Annotated[
     str, StringConstraints(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
 ]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=256)]
-Email = Annotated[str, StringConstraints(max_length=MAX_LENGTH), AfterValidator(normalize_email)]
+Email = Annotated[
+    str,
+    StringConstraints(max_length=MAX_LENGTH),
+    AfterValidator(normalize_email),
+    Field(json_schema_extra={"format": "email"}),
+]
 
 M = TypeVar("M", bound=BaseModel)
 

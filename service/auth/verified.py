@@ -3,7 +3,8 @@
 A token's signature and claim checks depend only on its bytes and the key, so a token
 verified once needs only its expiry checked again. An entry is used only while the key
 loader still returns the key that verified it, so a removed signing key ends its entries
-at once. Revocation is not memoised: the blocklist is asked on every request.
+at once. It holds no revocation answer: those are the kept verdicts of
+service/store/revocation_feed.py, which every revocation naming them drops.
 """
 
 from __future__ import annotations
