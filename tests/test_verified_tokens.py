@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from types import SimpleNamespace
@@ -11,9 +12,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from flask_jwt_extended import JWTManager
+from flask_jwt_extended import JWTManager, view_decorators
 
+from service import close_app, create_app
 from service.auth import verified
+from service.auth.jwt import memo_shapes_differ
 from service.auth.verified import KeyLoader, Verified, VerifiedTokens
 from service.config import Settings
 from tests.conftest import Session
@@ -233,3 +236,23 @@ async def test_a_memoised_token_is_refused_once_expired(
     refused = await hello(client, short)
     assert refused.status_code == 401
     assert detail(refused) == "The token has expired."
+
+
+def test_the_memo_is_left_out_where_the_library_differs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert memo_shapes_differ() == []
+
+    def renamed(self: JWTManager, token: str, csrf: Any = None, expired: bool = False) -> Any:
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(JWTManager, "_decode_jwt_from_config", renamed)
+    monkeypatch.delattr(view_decorators, "get_unverified_jwt_headers")
+    assert len(memo_shapes_differ()) == 2
+    with caplog.at_level(logging.WARNING, logger="service.auth.jwt"):
+        app = create_app(settings)
+    try:
+        assert "verified_tokens" not in app.extensions  # the library's own decoding runs
+        assert "verified-token memo NOT applied" in caplog.text
+    finally:
+        close_app(app)
