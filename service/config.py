@@ -24,6 +24,16 @@ PLACEHOLDER_SECRETS = {
 MIN_SECRET_BYTES = 32
 # Development's issuer when neither JWT_ISSUER nor `serve --dev --bind` says otherwise.
 DEV_ISSUER = "https://127.0.0.1:8443"
+# The speed-ups service/transport/ makes to library internals, as LIBRARY_CHANGES names them
+# (docs/performance.md keeps a record of each), in the order they are applied.
+PERFORMANCE_CHANGES = (
+    "hpack_memo",
+    "h2_headers",
+    "date_header",
+    "idle_timer",
+    "coalesce",
+    "h2_direct",
+)
 
 
 class Environment(StrEnum):
@@ -122,6 +132,9 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     expose_worker_id: bool = False
+    # Which PERFORMANCE_CHANGES to apply: "all", "none" (stock Hypercorn, h2 and hpack), or
+    # a comma list of names. The HTTP/2 abuse guard is a security fix: always applied.
+    library_changes: str = "all"
 
     @property
     def is_development(self) -> bool:
@@ -134,6 +147,11 @@ class Settings(BaseSettings):
         if self.database_max_requests is not None:
             return self.database_max_requests
         return max(1, self.request_threads - 4)
+
+    @property
+    def library_change_names(self) -> frozenset[str]:
+        """The performance changes LIBRARY_CHANGES selects."""
+        return parse_library_changes(self.library_changes)
 
     @property
     def embedded_database(self) -> bool:
@@ -151,6 +169,12 @@ class Settings(BaseSettings):
         if value:
             _check_issuer(value)
         return value
+
+    @field_validator("library_changes")
+    @classmethod
+    def _library_changes_are_known(cls, value: str) -> str:
+        parse_library_changes(value)
+        return value.strip().lower()
 
     @field_validator("database_url")
     @classmethod
@@ -217,6 +241,23 @@ class Settings(BaseSettings):
             if value is not None:
                 _check_secret_strength(name, value)
         return self
+
+
+def parse_library_changes(value: str) -> frozenset[str]:
+    """The performance changes a LIBRARY_CHANGES value names (ValueError if it names others)."""
+    value = value.strip().lower()
+    if value == "all":
+        return frozenset(PERFORMANCE_CHANGES)
+    if value == "none":
+        return frozenset()
+    names = {name.strip() for name in value.split(",")}
+    unknown = sorted(names - set(PERFORMANCE_CHANGES))
+    if unknown:
+        raise ValueError(
+            f"LIBRARY_CHANGES names unknown changes {unknown}: use all, none, or a comma list "
+            f"of {', '.join(PERFORMANCE_CHANGES)}"
+        )
+    return frozenset(names)
 
 
 def _check_secret_strength(name: str, value: str) -> None:

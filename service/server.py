@@ -12,7 +12,7 @@ from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
 from service.auth.prefetch import revocation_prefetch
 from service.binds import BindError, check_binds
-from service.config import ConfigError, Settings, read_file
+from service.config import ConfigError, Settings, load_settings, read_file
 from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -27,7 +27,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
-    transport.install()
+    settings = settings or load_settings()
+    transport.install(settings.library_change_names)
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
     clients = ClientPrefetch(settings, flask_app.extensions["oauth_keyring"])
