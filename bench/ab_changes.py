@@ -264,7 +264,7 @@ def decide(comparison: Comparison) -> tuple[str, str]:
         return "keep", "; ".join(reasons)
     if noisy:
         return "too noisy to decide: keep", "; ".join(noisy)
-    return "drop", "every pair under 5% on the protocols it acts on"
+    return "drop", "throughput under 5%, every pair of the same sign, no p99 gain in every pair"
 
 
 def render(comparisons: list[Comparison], meta: dict[str, object]) -> str:
