@@ -307,7 +307,9 @@ def render(comparisons: list[Comparison], meta: dict[str, object]) -> str:
         "The machine has 2 cores shared with other work, and the load generators share them "
         "with the servers: compare within a row. 'others' CPU' is the share of the machine "
         "other processes took during that comparison; the speed probe (a fixed loop on one "
-        "core, best of three) slower after than before means the host itself slowed down.",
+        "core, best of three) slower after than before means the host itself slowed down. "
+        "A change's rows for a protocol it does not act on measure nothing but this run's "
+        "noise: a median that far from 1 can be noise on the other rows too.",
     ]
     return "\n".join(lines) + "\n"
 
