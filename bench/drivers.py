@@ -167,6 +167,17 @@ def h2load(
         return _parse_h2load(completed.stdout + completed.stderr, log)
 
 
+def get_h1(base_url: str, token: str, seconds: float) -> Result:
+    """Protected GET (/api/hello with a Bearer token) over HTTP/1.1 (wrk)."""
+    return wrk(f"{base_url}/api/hello", "get.lua", [token], seconds)
+
+
+def get_h2(base_url: str, token: str, seconds: float, streams: int = H2_STREAMS) -> Result:
+    """Protected GET (/api/hello with a Bearer token) over HTTP/2 (h2load)."""
+    header = f"authorization: Bearer {token}"
+    return h2load(f"{base_url}/api/hello", seconds, [header], streams=streams)
+
+
 def _parse_h2load(output: str, log: Path) -> Result:
     """Read h2load's summary and its per-request log."""
     finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", output)

@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = stacks.ours(made, args.service_src.resolve())
         stack.command[stack.command.index("--workers") + 1] = args.workers
         try:
-            _migrate(stack)
+            stacks.migrate(stack)
             stacks.start(stack, Path(workdir))
             stacks.wait_ready(stack, client.tls_context(made.cert))
             context = client.tls_context(made.cert)
@@ -447,22 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "h2_abuse.md").write_text(text + "\n")
     return 0
-
-
-def _migrate(stack: stacks.Stack) -> None:
-    """Apply the service's migrations to the run's database."""
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "migrate"],
-        cwd=stack.cwd,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ class Bench:
             nocheck = stacks.ours(self.backends, self.args.service_src, extra)
             nocheck.name, nocheck.label, nocheck.check = NO_CHECK, "ours, no check", False
             self.stacks.append(nocheck)
-        _migrate(self.stacks[0])
+        stacks.migrate(self.stacks[0])
         ours_client = _create_client(self.stacks[0])
         for stack in self.stacks:  # the references' fixed client, or the one just created
             env = stack.env
@@ -409,16 +409,14 @@ class Bench:
 
     def _get_h1(self, stack: Stack, seconds: float) -> Result:
         """Protected GET over HTTP/1.1 (wrk)."""
-        token = self.tokens[stack.name].access
-        return drivers.wrk(f"{stack.url}/api/hello", "get.lua", [token], seconds)
+        return drivers.get_h1(stack.url, self.tokens[stack.name].access, seconds)
 
     def _get_h2(
         self, stack: Stack, seconds: float | None = None, streams: int = drivers.H2_STREAMS
     ) -> Result:
         """Protected GET over HTTP/2 (h2load), for the plan's GET run unless told."""
-        header = f"authorization: Bearer {self.tokens[stack.name].access}"
         duration = self.plan.get_s if seconds is None else seconds
-        return drivers.h2load(f"{stack.url}/api/hello", duration, [header], streams=streams)
+        return drivers.get_h2(stack.url, self.tokens[stack.name].access, duration, streams)
 
     def _login_h1(self, stack: Stack, seconds: float) -> Result:
         """wrk login that also keeps every token pair handed out (for refresh and logout)."""
@@ -614,16 +612,6 @@ def _service_has(setting: str) -> bool:
     from service.config import Settings
 
     return setting in Settings.model_fields
-
-
-def _migrate(stack: Stack) -> None:
-    """Apply the service's migrations to the run's database."""
-    command = [sys.executable, "-m", "service", "migrate"]
-    done = subprocess.run(
-        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=120
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
 def _create_client(stack: Stack) -> client.OAuthClient:

@@ -81,6 +81,16 @@ def ours(backends: Backends, service_src: Path, extra: dict[str, str] | None = N
     return Stack("ours", "ours (Hypercorn)", command, env, service_src, port, "/readyz")
 
 
+def migrate(stack: Stack) -> None:
+    """Apply the service's migrations to the run's database (with stack's settings)."""
+    command = [sys.executable, "-m", "service", "migrate"]
+    done = subprocess.run(
+        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
 def ref_flask(backends: Backends, *, check: bool = True) -> Stack:
     """Reference (a): Flask-JWT-Extended + redis-py under gunicorn gthread."""
     port = free_port()

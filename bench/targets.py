@@ -61,7 +61,7 @@ def _runs(report: Report, key: tuple[str, str, str]) -> list[Result]:
     return report.results.get(key, [])
 
 
-def _pairs(
+def pair_ratios(
     mine: list[Result], theirs: list[Result], ratio: Callable[[Result, Result], float]
 ) -> list[float]:
     """The ratio within each pair (each list holds one run per pass, in order)."""
@@ -76,7 +76,7 @@ def _ratio(
     wanted: float,
 ) -> Row | None:
     a, b = _runs(report, mine), _runs(report, theirs)
-    pairs = _pairs(a, b, lambda x, y: x.rps / y.rps)
+    pairs = pair_ratios(a, b, lambda x, y: x.rps / y.rps)
     if not pairs:
         return None
     median = statistics.median(pairs)
@@ -106,8 +106,8 @@ def _check_cost(report: Report, protocol: str) -> Row | None:
     """
     ours, without = _check_runs(report, protocol, False)
     side_ours, side_without = _check_runs(report, protocol, True)
-    passes = _pairs(ours, without, _cost_of)
-    side = _pairs(side_ours, side_without, _cost_of)
+    passes = pair_ratios(ours, without, _cost_of)
+    side = pair_ratios(side_ours, side_without, _cost_of)
     if not passes and not side:
         return None
     median = statistics.median(passes + side)
@@ -147,7 +147,7 @@ def _cost_shown(report: Report, protocol: str, *, side_by_side: bool) -> Row | N
 
 def _cost(ours: list[Result], without: list[Result]) -> tuple[float, str] | None:
     """The check's cost: the median of the pairs, and the pooled cost and each pair."""
-    costs = _pairs(ours, without, _cost_of)
+    costs = pair_ratios(ours, without, _cost_of)
     if not costs:
         return None
     pooled_cost = 1 - pooled(ours).rps / pooled(without).rps

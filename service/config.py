@@ -25,6 +25,18 @@ PLACEHOLDER_SECRETS = {
 MIN_SECRET_BYTES = 32
 # Development's issuer when neither JWT_ISSUER nor `serve --dev --bind` says otherwise.
 DEV_ISSUER = "https://127.0.0.1:8443"
+# The speed-ups service/transport/ makes to library internals, as LIBRARY_CHANGES names them
+# (docs/performance.md keeps a record of each), in the order they are applied.
+TRANSPORT_CHANGES = (
+    "hpack_memo",
+    "h2_headers",
+    "date_header",
+    "idle_timer",
+    "coalesce",
+    "h2_direct",
+)
+# And the one in Flask-JWT-Extended: each token's signature verified once (auth/verified.py).
+PERFORMANCE_CHANGES = (*TRANSPORT_CHANGES, "verified_tokens")
 
 
 class Environment(StrEnum):
@@ -138,6 +150,9 @@ class Settings(BaseSettings):
     # believed; empty: nobody's.
     trusted_proxies: str = ""
     expose_worker_id: bool = False
+    # Which PERFORMANCE_CHANGES to apply: "all", "none" (stock Hypercorn, h2 and hpack), or
+    # a comma list of names. The HTTP/2 abuse guard is a security fix: always applied.
+    library_changes: str = "all"
 
     @property
     def is_development(self) -> bool:
@@ -150,6 +165,11 @@ class Settings(BaseSettings):
         if self.database_max_requests is not None:
             return self.database_max_requests
         return max(1, self.request_threads - 4)
+
+    @property
+    def library_change_names(self) -> frozenset[str]:
+        """The performance changes LIBRARY_CHANGES selects."""
+        return parse_library_changes(self.library_changes)
 
     @property
     def embedded_database(self) -> bool:
@@ -197,6 +217,12 @@ class Settings(BaseSettings):
                     "such as 10.0.0.0/8, without host bits)"
                 ) from None
         return value
+
+    @field_validator("library_changes")
+    @classmethod
+    def _library_changes_are_known(cls, value: str) -> str:
+        parse_library_changes(value)
+        return value.strip().lower()
 
     @field_validator("database_url")
     @classmethod
@@ -288,6 +314,23 @@ def _check_bind(setting: str, bind: str) -> None:
         raise ValueError(
             f"{setting}: {bind!r} is not host:port (for example 0.0.0.0:8080 or [::]:8080)"
         )
+
+
+def parse_library_changes(value: str) -> frozenset[str]:
+    """The performance changes a LIBRARY_CHANGES value names (ValueError if it names others)."""
+    value = value.strip().lower()
+    if value == "all":
+        return frozenset(PERFORMANCE_CHANGES)
+    if value == "none":
+        return frozenset()
+    names = {name.strip() for name in value.split(",")}
+    unknown = sorted(names - set(PERFORMANCE_CHANGES))
+    if unknown:
+        raise ValueError(
+            f"LIBRARY_CHANGES names unknown changes {unknown}: use all, none, or a comma list "
+            f"of {', '.join(PERFORMANCE_CHANGES)}"
+        )
+    return frozenset(names)
 
 
 def _check_secret_strength(name: str, value: str) -> None:

@@ -11,7 +11,7 @@ from service import create_app, start_app, stop_app, transport
 from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
 from service.binds import BindError, check_binds, host_port
-from service.config import ConfigError, Settings, read_file
+from service.config import ConfigError, Settings, load_settings, read_file
 from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -27,7 +27,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
-    transport.install()
+    settings = settings or load_settings()
+    transport.install(settings.library_change_names)
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
     database = flask_app.extensions["store"].db

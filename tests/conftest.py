@@ -24,11 +24,11 @@ import redis
 from flask import Flask
 
 from service import create_app, server
-from service.config import Environment, Settings
+from service.config import PERFORMANCE_CHANGES, Environment, Settings
 from service.server import build_asgi_app
 from service.store.migrate import upgrade
 from tests.proxy import TcpProxy
-from tests.servers import SnapshottingRedis
+from tests.servers import SnapshottingRedis, enabled_changes
 
 INSTALL_HINT = {
     "postgres": "PostgreSQL: set DATABASE_URL, or run a server on 127.0.0.1:5432, or install one "
@@ -36,6 +36,17 @@ INSTALL_HINT = {
     "redis": "Redis: set REDIS_URL, or run a server on 127.0.0.1:6379, or install one "
     "(Debian: apt-get install redis-server) so pytest-redis can start a throwaway server.",
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the tests of a library change this run leaves out (LIBRARY_CHANGES)."""
+    enabled = enabled_changes()
+    for item in items:
+        for marker in item.iter_markers("library_change"):
+            (name,) = marker.args
+            assert name in PERFORMANCE_CHANGES, f"{item.nodeid}: no library change {name!r}"
+            if name not in enabled:
+                item.add_marker(pytest.mark.skip(reason=f"{name} is off (LIBRARY_CHANGES)"))
 
 
 def _answers(host: str, port: int) -> bool:

@@ -27,6 +27,7 @@ from hyperframe.frame import (
 )
 
 from service.transport import coalesce
+from tests.servers import enabled_changes
 
 Headers = list[tuple[bytes, bytes]]
 CLOSED = "connection closed"
@@ -116,6 +117,7 @@ class RawH2:
         self.decoder = hpack.Decoder(max_header_list_size=1 << 20)
         self.statuses: dict[int, int] = {}
         self.resets: dict[int, int] = {}
+        self.data: dict[int, list[tuple[bytes, bool]]] = {}  # DATA frames: body, END_STREAM
         self.done: dict[int, asyncio.Future[str]] = {}
         self.goaway: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.closed = asyncio.Event()
@@ -238,11 +240,9 @@ class RawH2:
             headers = dict(self.decoder.decode(frame.data, raw=True))
             if b":status" in headers:
                 self.statuses[stream_id] = int(headers[b":status"])
-        elif isinstance(frame, DataFrame) and frame.flow_controlled_length:
-            for credit_to in (0, stream_id):
-                update = WindowUpdateFrame(credit_to)
-                update.window_increment = frame.flow_controlled_length
-                self.writer.write(update.serialize())
+        elif isinstance(frame, DataFrame):
+            self.data.setdefault(stream_id, []).append((frame.data, "END_STREAM" in frame.flags))
+            self._credit(frame)
         elif isinstance(frame, RstStreamFrame):
             self.resets[stream_id] = frame.error_code
             self._end(stream_id, f"reset {frame.error_code}")
@@ -250,6 +250,14 @@ class RawH2:
             self.goaway.set_result(frame.error_code)
         if "END_STREAM" in frame.flags:
             self._end(stream_id, str(self.statuses.get(stream_id, "no status")))
+
+    def _credit(self, frame: DataFrame) -> None:
+        """Give back the flow-control credit a DATA frame took."""
+        if frame.flow_controlled_length:
+            for credit_to in (0, frame.stream_id):
+                update = WindowUpdateFrame(credit_to)
+                update.window_increment = frame.flow_controlled_length
+                self.writer.write(update.serialize())
 
     def _end(self, stream_id: int, outcome: str) -> None:
         future = self.done.get(stream_id)
@@ -277,8 +285,12 @@ async def chunked_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(app: Any, **settings: Any) -> AsyncIterator[str]:
-    """Hypercorn (writes coalesced) serving an ASGI app over h2c on a free port, in this loop."""
-    coalesce.install()
+    """Hypercorn (writes coalesced) serving an ASGI app over h2c on a free port, in this loop.
+
+    Unless LIBRARY_CHANGES leaves coalesce out: then Hypercorn writes as it does itself.
+    """
+    if "coalesce" in enabled_changes():
+        coalesce.install()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

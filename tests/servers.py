@@ -14,10 +14,19 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.config import Settings
+from service.config import Settings, parse_library_changes
 from service.tls import ensure_dev_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def enabled_changes() -> frozenset[str]:
+    """The library changes this run applies: LIBRARY_CHANGES (all unless set), as servers do.
+
+    Servers started here inherit the variable; `LIBRARY_CHANGES=none pytest ...` runs the
+    tests against the libraries' own code.
+    """
+    return parse_library_changes(os.environ.get("LIBRARY_CHANGES", "all"))
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from wsgiref.handlers import format_date_time
 
+import pytest
 from hypercorn.config import Config
 
 from service.transport import date_header
@@ -17,6 +18,7 @@ def test_each_second_has_its_own_date() -> None:
         assert date_header.cached_format_date_time(moment) == format_date_time(moment)
 
 
+@pytest.mark.library_change("date_header")
 def test_hypercorn_responses_carry_the_current_date() -> None:
     date_header.install()
     before = time.time()

@@ -14,6 +14,8 @@ from hypercorn.protocol.h2 import H2Protocol
 from service.transport import h2_direct
 from tests.h2_raw import CHUNK, exchange, serving, status
 
+pytestmark = pytest.mark.library_change("h2_direct")
+
 SMALL = b'{"message": "Hello"}'
 
 

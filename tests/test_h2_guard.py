@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import ssl
 import time
@@ -466,8 +467,11 @@ def test_other_library_shapes_leave_the_libraries_alone(
         monkeypatch.setattr(H2Protocol, name, original)
     receive_frame = h2_guard._original["receive_frame"]
     monkeypatch.setattr(H2Connection, "_receive_frame", receive_frame)
-    function = h2_guard.SHAPES["receive_frame"][0]
-    monkeypatch.setitem(h2_guard.SHAPES, "receive_frame", (function, ["self", "frame"], {"gone"}))
+    shapes = [
+        dataclasses.replace(shape, names={"gone"}) if shape.name == "receive_frame" else shape
+        for shape in h2_guard.SHAPES
+    ]
+    monkeypatch.setattr(h2_guard, "SHAPES", shapes)
     with caplog.at_level("WARNING", logger=h2_guard.__name__):
         h2_guard.install()
     assert [record.levelname for record in caplog.records] == ["WARNING"]

@@ -26,6 +26,7 @@ def test_invalid_input_still_raises_every_time() -> None:
             hpack_memo.memo_decode_huffman(b"\xff\xff\xff\xff")
 
 
+@pytest.mark.library_change("hpack_memo")
 def test_installed_decoder_round_trips_headers() -> None:
     hpack_memo.install()
     assert hpack.hpack.decode_huffman is hpack_memo.memo_decode_huffman  # type: ignore[attr-defined]

@@ -28,11 +28,14 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture(params=["timer", "hypercorn"])
+@pytest.fixture(
+    params=[pytest.param("timer", marks=pytest.mark.library_change("idle_timer")), "hypercorn"]
+)
 def idle(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run each test with the timer, and with Hypercorn's own task (the behaviour to match)."""
-    idle_timer.install()
-    if request.param == "hypercorn":
+    if request.param == "timer":
+        idle_timer.install()
+    else:
         monkeypatch.setattr(hypercorn.asyncio.tcp_server, "AsyncioSingleTask", AsyncioSingleTask)
     yield request.param
 

@@ -188,6 +188,7 @@ async def hello(client: httpx.AsyncClient, token: str) -> httpx.Response:
     return await client.get("/api/hello", headers={"Authorization": f"Bearer {token}"})
 
 
+@pytest.mark.library_change("verified_tokens")
 async def test_a_token_is_verified_in_full_once(
     client: httpx.AsyncClient, user: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +239,7 @@ async def test_a_memoised_token_is_refused_once_expired(
     assert detail(refused) == "The token has expired."
 
 
+@pytest.mark.library_change("verified_tokens")
 def test_the_memo_is_left_out_where_the_library_differs(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

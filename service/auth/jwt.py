@@ -135,7 +135,8 @@ def _public_pem(private_pem: str) -> str:
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure and bind the JWT manager."""
     app.config.update(jwt_config(settings), REVOCATION_CHECK=settings.revocation_check)
-    if settings.verified_token_memo and install_memo():
+    wanted = "verified_tokens" in settings.library_change_names
+    if wanted and settings.verified_token_memo and install_memo():
         app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
     jwt.init_app(app)
 

@@ -13,6 +13,8 @@ from typing import Any
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.events import Closed, Event, RawData
 
+from service.transport.shapes import Shape, differing
+
 FLUSH_BYTES = 64 * 1024
 
 _original_send = TCPServer.protocol_send
@@ -63,6 +65,36 @@ async def initiate_server_close(self: Any) -> None:
     """Hypercorn's server-side close, after writing what is queued."""
     _flush(self)
     await _original_server_close(self)
+
+
+SHAPES = [
+    Shape(
+        "TCPServer.__init__",
+        TCPServer.__init__,
+        ["self", "app", "loop", "config", "context", "state", "reader", "writer"],
+        {"loop", "writer"},
+    ),
+    Shape(
+        "TCPServer.protocol_send",
+        _original_send,
+        ["self", "event"],
+        {"RawData", "Closed", "data", "write", "drain", "writer", "protocol", "handle"},
+    ),
+    Shape("TCPServer._close", _original_close, ["self"], {"writer", "close"}),
+    Shape(
+        "TCPServer._initiate_server_close",
+        _original_server_close,
+        ["self"],
+        {"Closed", "handle", "writer", "close"},
+    ),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of Hypercorn's internals this change relies on is not as it expects."""
+    return differing(
+        SHAPES, {"RawData.data": "data" in getattr(RawData, "__dataclass_fields__", {})}
+    )
 
 
 def install() -> None:

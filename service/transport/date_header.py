@@ -11,6 +11,8 @@ from wsgiref.handlers import format_date_time
 
 import hypercorn.config
 
+from service.transport.shapes import Shape, differing
+
 _last: tuple[int, str] = (-1, "")
 
 
@@ -22,6 +24,22 @@ def cached_format_date_time(timestamp: float) -> str:
     if last[0] != second:
         last = _last = (second, format_date_time(second))
     return last[1]
+
+
+SHAPES = [
+    Shape(
+        "Config.response_headers",
+        hypercorn.config.Config.response_headers,
+        ["self", "protocol"],
+        {"format_date_time", "time"},
+    ),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of Hypercorn's internals this change relies on is not as it expects."""
+    names = {"hypercorn.config.format_date_time": hasattr(hypercorn.config, "format_date_time")}
+    return differing(SHAPES, names)
 
 
 def install() -> None:

@@ -15,18 +15,74 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import h2.connection
 import h2.exceptions
 from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
-from priority.priority import MissingStreamError
+from priority.priority import MissingStreamError, PriorityTree
+
+from service.transport.shapes import Shape, differing
 
 _original_stream_send = H2Protocol.stream_send
 _original_app_send = HTTPStream.app_send
+_stock_protocol_init = H2Protocol.__init__  # h2_guard wraps it
 QUEUED = "_streams_sent_by_task"
 ENDED = "_streams_ended_by_their_body"
 LAST_BODY = "_sending_last_body"
+
+
+SHAPES = [
+    Shape(
+        "H2Protocol.stream_send",
+        _original_stream_send,
+        ["self", "event"],
+        {"Body", "EndBody", "StreamClosed", "stream_buffers", "priority", "_flush"},
+    ),
+    Shape(
+        "H2Protocol.__init__",
+        _stock_protocol_init,
+        [
+            "self",
+            "app",
+            "config",
+            "context",
+            "task_group",
+            "connection_state",
+            "ssl",
+            "client",
+            "server",
+            "send",
+        ],
+        {"connection", "streams", "stream_buffers", "priority"},
+    ),
+    Shape("H2Protocol._flush", H2Protocol._flush, ["self"], {"data_to_send"}),
+    Shape("HTTPStream.app_send", _original_app_send, ["self", "message"], {"response", "Body"}),
+    Shape(
+        "H2Connection.send_data",
+        h2.connection.H2Connection.send_data,
+        ["self", "stream_id", "data", "end_stream", "pad_length"],
+    ),
+    Shape("H2Connection.end_stream", h2.connection.H2Connection.end_stream, ["self", "stream_id"]),
+    Shape(
+        "H2Connection.local_flow_control_window",
+        h2.connection.H2Connection.local_flow_control_window,
+        ["self", "stream_id"],
+    ),
+    Shape(
+        "H2Connection.__init__",
+        h2.connection.H2Connection.__init__,
+        ["self", "config"],
+        {"max_outbound_frame_size"},
+    ),
+    Shape("PriorityTree.remove_stream", PriorityTree.remove_stream, ["self", "stream_id"]),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of Hypercorn's and h2's internals this change relies on is not as it expects."""
+    return differing(SHAPES)
 
 
 def install() -> None:

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable
-from importlib.metadata import version
 from typing import Any
 
 import h2.connection
@@ -52,6 +50,7 @@ from service.transport.h2_budgets import (
     REFUSED,
     ConnectionGuard,
 )
+from service.transport.shapes import Shape, differing, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +200,9 @@ async def handle_app(
 
 
 # What the replacements rely on: each original's parameters, and the names its code uses.
-SHAPES: dict[str, tuple[Callable[..., Any], list[str], set[str]]] = {
-    "protocol_init": (
+SHAPES: list[Shape] = [
+    Shape(
+        "protocol_init",
         _original["protocol_init"],
         [
             "self",
@@ -218,54 +218,50 @@ SHAPES: dict[str, tuple[Callable[..., Any], list[str], set[str]]] = {
         ],
         {"connection", "client", "send", "streams", "stream_buffers", "priority"},
     ),
-    "handle": (
+    Shape(
+        "handle",
         _original["handle"],
         ["self", "event"],
         {"RawData", "receive_data", "data", "closed"},
     ),
-    "handle_events": (_original["handle_events"], ["self", "events"], {"streams"}),
-    "create_stream": (
+    Shape("handle_events", _original["handle_events"], ["self", "events"], {"streams"}),
+    Shape(
+        "create_stream",
         _original["create_stream"],
         ["self", "request"],
         {"streams", "stream_buffers", "priority", "insert_stream"},
     ),
-    "priority_updated": (
+    Shape(
+        "priority_updated",
         _original["priority_updated"],
         ["self", "event"],
         {"reprioritize", "insert_stream", "depends_on"},
     ),
-    "send_data": (
+    Shape(
+        "send_data",
         _original["send_data"],
         ["self", "stream_id"],
         {"stream_buffers", "priority", "remove_stream"},
     ),
-    "receive_frame": (
-        _original["receive_frame"],
-        ["self", "frame"],
-        {"_frame_dispatch_table"},
+    Shape(
+        "receive_frame", _original["receive_frame"], ["self", "frame"], {"_frame_dispatch_table"}
     ),
-    "receive_headers_frame": (
+    Shape(
+        "receive_headers_frame",
         _original["receive_headers_frame"],
         ["self", "frame"],
         {"TooManyStreamsError", "max_concurrent_streams", "_get_or_create_stream"},
     ),
-    "handle_app": (
+    Shape(
+        "handle_app",
         _original["handle_app"],
         ["app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"],
-        set(),
     ),
-}
+]
 
 
 def shapes_differ() -> list[str]:
     """What of the libraries' internals the guard relies on is not as it expects."""
-    differ = []
-    for name, (function, parameters, names) in SHAPES.items():
-        code = getattr(function, "__code__", None)
-        if code is None or list(inspect.signature(function).parameters) != parameters:
-            differ.append(f"{name}: parameters")
-        elif not names <= set(code.co_names):
-            differ.append(f"{name}: uses {sorted(names - set(code.co_names))}")
     checks = {
         "spawn_app calls _handle": "_handle"
         in hypercorn.asyncio.task_group.TaskGroup.spawn_app.__code__.co_names,
@@ -282,21 +278,18 @@ def shapes_differ() -> list[str]:
         in h2.connection.H2Connection.__init__.__code__.co_names,
         "H2Stream.reset_stream": hasattr(h2.stream.H2Stream, "reset_stream"),
     }
-    return differ + [name for name, holds in checks.items() if not holds]
+    return differing(SHAPES, checks)
 
 
 def install() -> None:
     """Guard Hypercorn's HTTP/2 connections (idempotent; per process), if the shapes hold."""
     differ = shapes_differ()
     if differ:
-        versions = ", ".join(
-            f"{name} {version(name)}" for name in ("hypercorn", "h2", "hyperframe", "priority")
-        )
         log.warning(
             "HTTP/2 abuse guard NOT installed: library internals differ (%s; %s); "
             "the libraries' own behaviour applies",
             "; ".join(differ),
-            versions,
+            library_versions(),
         )
         return
     H2Protocol.__init__ = protocol_init  # type: ignore[method-assign]

@@ -24,6 +24,7 @@ from h2.utilities import (
 from hpack.struct import Header
 
 from service.transport.memo import BoundedMemo, header_bytes
+from service.transport.shapes import Shape, differing
 
 MEMO_BYTES = 4 * 1024 * 1024  # per worker and memo
 ENTRY_BYTES = 16 * 1024  # a request with a large token and cookies fits
@@ -85,6 +86,36 @@ def memo_normalize_outbound_headers(
         normalized = tuple(normalize_outbound_headers(sent, flags, should_split_outbound_cookies))
         _normalized.put(key, normalized, header_bytes(sent) + header_bytes(normalized))
     return list(normalized)
+
+
+SHAPES = [
+    Shape(
+        "H2Stream._build_headers_frames",
+        h2.stream.H2Stream._build_headers_frames,
+        ["self", "headers", "encoder", "first_frame", "hdr_validation_flags"],
+        {"normalize_outbound_headers", "validate_outbound_headers"},
+    ),
+    Shape(
+        "H2Stream._process_received_headers",
+        h2.stream.H2Stream._process_received_headers,
+        ["self", "headers", "header_validation_flags", "header_encoding"],
+        {"validate_headers"},
+    ),
+    Shape("validate_headers", validate_headers, ["headers", "hdr_validation_flags"]),
+    Shape(
+        "validate_outbound_headers", validate_outbound_headers, ["headers", "hdr_validation_flags"]
+    ),
+    Shape(
+        "normalize_outbound_headers",
+        normalize_outbound_headers,
+        ["headers", "hdr_validation_flags", "should_split_outbound_cookies"],
+    ),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of h2's internals this change relies on is not as it expects."""
+    return differing(SHAPES)
 
 
 def install() -> None:

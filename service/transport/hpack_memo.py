@@ -28,6 +28,7 @@ from hpack.huffman_table import decode_huffman
 from hpack.struct import HeaderTuple
 
 from service.transport.memo import BoundedMemo, header_bytes
+from service.transport.shapes import Shape, differing
 
 HUFFMAN_MEMO_BYTES = 2 * 1024 * 1024  # per worker: ~1,000 remembered Bearer tokens
 HUFFMAN_ENTRY_BYTES = 8 * 1024  # a value and its encoding: a large JWT fits
@@ -89,6 +90,31 @@ def memo_decode(self: hpack.hpack.Decoder, data: bytes, raw: bool = False) -> It
     if len(key[0]) < BLOCK_ENTRY_BYTES and _unchanged(state, _table_state(self)):
         blocks.put(key, (state, tuple(headers)), len(key[0]) + header_bytes(headers))
     return headers
+
+
+SHAPES = [
+    Shape("Decoder.decode", _decode_block, ["self", "data", "raw"], {"max_header_list_size"}),
+    Shape(
+        "Decoder._decode_literal",
+        hpack.hpack.Decoder._decode_literal,
+        ["self", "data", "should_index"],
+        {"decode_huffman", "header_table"},
+    ),
+    Shape("decode_huffman", decode_huffman, ["huffman_string"]),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of hpack's internals this change relies on is not as it expects."""
+    decoder = hpack.hpack.Decoder()
+    table = decoder.__dict__.get("header_table")
+    checks = {
+        "Decoder.header_table.dynamic_entries": hasattr(table, "dynamic_entries"),
+        "Decoder.header_table.maxsize": hasattr(table, "maxsize"),
+        "Decoder.max_allowed_table_size": hasattr(decoder, "max_allowed_table_size"),
+        "Decoder.max_header_list_size": hasattr(decoder, "max_header_list_size"),
+    }
+    return differing(SHAPES, checks)
 
 
 def install() -> None:

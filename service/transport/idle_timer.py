@@ -18,6 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import hypercorn.asyncio.tcp_server
+from hypercorn.asyncio.task_group import TaskGroup
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import AsyncioSingleTask
+
+from service.transport.shapes import Shape, differing
+
+_stock_server_close = TCPServer._initiate_server_close  # coalesce wraps it
 
 
 class IdleTimer:
@@ -94,6 +101,40 @@ async def _close_idle_on_shutdown(terminated: Any, timers: weakref.WeakSet[IdleT
     for timer in list(timers):
         if timer.armed:
             timer.fire()
+
+
+SHAPES = [
+    Shape(
+        "TCPServer.__init__",
+        TCPServer.__init__,
+        ["self", "app", "loop", "config", "context", "state", "reader", "writer"],
+        {"AsyncioSingleTask", "idle_task", "context", "config"},
+    ),
+    Shape("TCPServer.run", TCPServer.run, ["self"], {"idle_task", "restart", "_idle_timeout"}),
+    Shape(
+        "TCPServer._idle_timeout",
+        TCPServer._idle_timeout,
+        ["self"],
+        {"_initiate_server_close", "keep_alive_timeout", "terminated"},
+    ),
+    Shape("TCPServer._initiate_server_close", _stock_server_close, ["self"]),
+    Shape(
+        "AsyncioSingleTask.restart",
+        AsyncioSingleTask.restart,
+        ["self", "task_group", "action"],
+        {"_task_group", "create_task"},
+    ),
+    Shape("AsyncioSingleTask.stop", AsyncioSingleTask.stop, ["self"]),
+    Shape("TaskGroup.__init__", TaskGroup.__init__, ["self", "loop"], {"_task_group"}),
+]
+
+
+def shapes_differ() -> list[str]:
+    """What of Hypercorn's internals this change relies on is not as it expects."""
+    stock = hypercorn.asyncio.tcp_server.__dict__.get("AsyncioSingleTask")
+    return differing(
+        SHAPES, {"tcp_server.AsyncioSingleTask": stock in (AsyncioSingleTask, IdleTimer)}
+    )
 
 
 def install() -> None:
