@@ -1,4 +1,4 @@
-"""Redis behind Sentinel: a primary killed and its replica promoted never lets a revoked token in."""
+"""Redis behind Sentinel: a failover to a replica never lets a revoked token in."""
 
 from __future__ import annotations
 
