@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -74,7 +76,10 @@ async def status(http: httpx.AsyncClient, token: str) -> int:
 
 
 async def test_a_failover_keeps_revoked_tokens_out_and_recovers_by_itself(
-    settings: Settings, sentinels: SentinelGroup, tmp_path: Path
+    settings: Settings,
+    sentinels: SentinelGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     own = make_settings(
         tmp_path,
@@ -99,6 +104,7 @@ async def test_a_failover_keeps_revoked_tokens_out_and_recovers_by_itself(
         forget_last_write(sentinels.replica_port, before)
         assert await status(http, kept.access) == 200
 
+        caplog.set_level(logging.INFO, logger="service.store")
         sentinels.kill(sentinels.primary_port)
         killed = time.monotonic()
         unavailable: list[float] = []
@@ -125,6 +131,11 @@ async def test_a_failover_keeps_revoked_tokens_out_and_recovers_by_itself(
             f"\nfailover: 503 from {unavailable[0]:.2f} s to {unavailable[-1]:.2f} s after the "
             f"primary was killed; 200 again at {recovered:.2f} s"
         )
+        # The promoted replica answered with another run_id: the blocklist was reloaded
+        # from the durable record, from the replica's own seq on.
+        loaded = re.search(rf"durable record after #{before} in ([0-9.]+) s", caplog.text)
+        assert loaded is not None, caplog.text
+        print(f"the promoted replica was loaded from PostgreSQL in {loaded[1]} s")
         # The promoted replica was reloaded from the durable record: it holds the logout
         # it never received, and takes new ones.
         for revoked in (early, late):
