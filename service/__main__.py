@@ -146,9 +146,9 @@ async def _wait_async(settings: Settings, seconds: float) -> int:
             try:
                 await store.db.ping()
                 if settings.redis_url is not None:
-                    import redis.asyncio as aredis
+                    from service.store.redis_target import connect, parse_target
 
-                    client = aredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+                    client = connect(parse_target(settings.redis_url), timeout=2)
                     try:
                         await client.ping()
                     finally:

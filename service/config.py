@@ -407,16 +407,12 @@ def _check_database_url(value: str) -> None:
 
 def _check_redis_url(value: str) -> None:
     """Refuse a REDIS_URL that redis-py would refuse, or read other than it says."""
-    from redis.connection import parse_url
+    from service.store.redis_target import parse_target
 
     try:
-        parse_url(value)  # type: ignore[no-untyped-call]
+        parse_target(value)
     except ValueError as exc:
         raise ValueError(f"REDIS_URL is not usable: {exc}") from None
-    parts = urlsplit(value)
-    database = parts.path.lstrip("/")
-    if parts.scheme in {"redis", "rediss"} and database and not database.isdigit():
-        raise ValueError(f"REDIS_URL names database {database!r}: it must be a number")
 
 
 def load_settings(**overrides: Any) -> Settings:

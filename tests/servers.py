@@ -232,3 +232,127 @@ class SnapshottingRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+MASTER_NAME = "authsvc"
+
+
+def start_redis_process(*arguments: str) -> subprocess.Popen[bytes]:
+    """redis-server with these arguments, its output discarded."""
+    return subprocess.Popen(["redis-server", *arguments], stdout=subprocess.DEVNULL)
+
+
+def wait_for_redis(port: int, timeout: float = 10.0) -> None:
+    """Wait until a Redis (or a sentinel) answers PING on 127.0.0.1:port."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, f"nothing answers on port {port}"
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+class SentinelGroup:
+    """One primary, one replica and three sentinels on free loopback ports, without persistence.
+
+    The sentinels call the primary down after down_after_ms without an answer, and fail
+    over to the replica (a quorum of two).
+    """
+
+    def __init__(self, directory: Path, *, down_after_ms: int = 1000) -> None:
+        self.directory = directory
+        self.down_after_ms = down_after_ms
+        self.primary_port = free_port()
+        self.replica_port = free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL for the service: the sentinels and the master name."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
+
+    def start(self) -> None:
+        """Start the primary, its replica (synced), then the sentinels (agreed on the replica)."""
+        common = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+        self.processes[self.primary_port] = start_redis_process(
+            "--port", str(self.primary_port), *common
+        )
+        wait_for_redis(self.primary_port)
+        self.processes[self.replica_port] = start_redis_process(
+            "--port", str(self.replica_port), "--replicaof", "127.0.0.1", str(self.primary_port),
+            *common,
+        )  # fmt: skip
+        self._wait_for_sync()
+        for port in self.sentinel_ports:
+            config = self.directory / f"sentinel-{port}.conf"
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {MASTER_NAME} 5000\n"
+                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+            )
+            self.processes[port] = start_redis_process(str(config), "--sentinel")
+        for port in self.sentinel_ports:
+            wait_for_redis(port)
+        self._wait_for_sentinels()
+
+    def _wait_for_sync(self) -> None:
+        client = redis.Redis(host="127.0.0.1", port=self.replica_port)
+        deadline = time.monotonic() + 10
+        try:
+            while client.info("replication").get("master_link_status") != "up":
+                assert time.monotonic() < deadline, "the replica never synced"
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def _wait_for_sentinels(self) -> None:
+        """Wait until every sentinel knows the replica and the other sentinels."""
+        deadline = time.monotonic() + 20
+        for port in self.sentinel_ports:
+            client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+            try:
+                while True:
+                    state = client.sentinel_master(MASTER_NAME)
+                    if state["num-slaves"] >= 1 and state["num-other-sentinels"] >= 2:
+                        break
+                    assert time.monotonic() < deadline, "the sentinels never met"
+                    time.sleep(0.1)
+            finally:
+                client.close()
+
+    def primary(self) -> int:
+        """The port of the primary, as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+            try:
+                _, primary = client.sentinel_get_master_addr_by_name(MASTER_NAME)
+                return int(primary)
+            except redis.ConnectionError:
+                continue
+            finally:
+                client.close()
+        raise AssertionError("no sentinel answers")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the server on that port: what it had not replicated is lost."""
+        process = self.processes.pop(port)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        """Stop every process for good."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.processes.clear()

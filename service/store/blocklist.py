@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from service.ids import issued_millis
 from service.store import revocation_feed as feed
+from service.store.redis_target import connect, parse_target
 from service.store.revocation_feed import Receipt, RevocationFeed, Subject, message
 
 CHECK_SCRIPT = """
@@ -225,7 +226,7 @@ class RedisBlocklist:
         propagation: float = 0.0,
         kept_verdicts: int = 8192,
     ) -> None:
-        self._url = url
+        self._target = parse_target(url)
         self._prefix = prefix
         self._shards = shards
         self._widths = {
@@ -269,17 +270,15 @@ class RedisBlocklist:
             # Past max_connections a call waits for a free connection (up to the timeout)
             # instead of failing at once. A pooled connection found closed (Redis restarted
             # meanwhile) is replaced and the call tried once more; a timeout is not retried.
-            pool = aredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
+            self._redis = connect(
+                self._target,
                 timeout=self._timeout,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
+                max_connections=self._max_connections,
+                blocking=True,
                 health_check_interval=30,
                 redis_connect_func=self._on_connect,
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
-            self._redis = aredis.Redis.from_pool(pool)
             self._check_script = self._redis.register_script(CHECK_SCRIPT)
         return self._redis
 
@@ -379,12 +378,7 @@ class RedisBlocklist:
         if self._feed is None:
             # A connection of its own, never retried behind the feed's back: a lost
             # subscription must be seen at once, as every message may have been missed.
-            subscriber = aredis.Redis.from_url(
-                self._url,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            subscriber = connect(self._target, timeout=self._timeout, retry=Retry(NoBackoff(), 0))
             self._feed = RevocationFeed(
                 subscriber,
                 channel=self._channel,

@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from service.config import Settings
+from service.store.redis_target import connect, parse_target
 
 Op = Literal["check", "fail", "pass"]
 
@@ -146,7 +147,7 @@ class RedisThrottle:
     def __init__(
         self, url: str, *, prefix: str, secret: str | None, timeout: float, max_connections: int
     ) -> None:
-        self._url = url
+        self._target = parse_target(url)
         self._names = KeyNames(prefix, secret)
         self._timeout = timeout
         self._max_connections = max_connections
@@ -157,11 +158,10 @@ class RedisThrottle:
 
     def _connect(self) -> tuple[aredis.Redis, AsyncScript]:
         if self._client is None or self._script is None or self._pid != os.getpid():
-            self._client = aredis.Redis.from_url(
-                self._url,
+            self._client = connect(
+                self._target,
+                timeout=self._timeout,
                 max_connections=self._max_connections,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
                 health_check_interval=30,
             )
             self._script = self._client.register_script(SCRIPT)
