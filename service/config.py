@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
     verified_token_memo: int = Field(default=8192, ge=0, le=1_000_000)
     revocation_check: bool = True
-    revocation_propagation_ms: int = Field(default=50, ge=0, le=1000)
+    revocation_propagation_ms: int = Field(default=200, ge=0, le=1000)
     revocation_shards: int = Field(default=256, ge=1, le=65536)
     revocation_bucket_seconds: int = Field(default=60, ge=1, le=3600)
     revocation_session_bucket_seconds: int = Field(default=3600, ge=1, le=86400)

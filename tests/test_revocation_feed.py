@@ -228,14 +228,24 @@ async def test_no_worker_accepts_a_token_once_its_revocation_returned(
         returned.result()
 
 
-async def test_a_revocation_waits_out_the_window(worker: RedisBlocklist) -> None:
-    ref = new_ref()
-    started = time.monotonic()
-    await worker.add(revocations_of(ref)[:1])
-    assert time.monotonic() - started >= WINDOW
-    started = time.monotonic()
-    await worker.add([])
-    assert time.monotonic() - started < WINDOW
+async def test_an_idle_writer_subscribes_and_hears_its_own_acknowledgement(
+    settings: Settings, prefix: str
+) -> None:
+    window = 2.0
+    writer = keeping(str(settings.redis_url), prefix, window)
+    try:
+        assert await writer.rebuild(durable())
+        await kept(writer, new_ref())
+        await asyncio.sleep(IDLE_AFTER + window / 4 + 0.3)  # no lookup for a while: it unsubscribed
+        assert not feed_of(writer).subscribed
+        started = time.monotonic()
+        await writer.add(revocations_of(new_ref())[:1])
+        assert time.monotonic() - started < window / 4
+        started = time.monotonic()
+        await writer.add([])
+        assert time.monotonic() - started < window / 4
+    finally:
+        await writer.close()
 
 
 async def test_a_revocation_returns_once_every_subscribed_worker_read_it(
@@ -276,6 +286,19 @@ async def test_a_reader_that_never_acknowledges_holds_the_writer_for_the_window(
     finally:
         silent.close()
         await writer.close()
+
+
+async def test_a_process_that_never_checks_waits_out_the_window(
+    settings: Settings, prefix: str
+) -> None:
+    command = keeping(str(settings.redis_url), prefix)  # a command, not a worker
+    try:
+        assert await command.rebuild(durable())
+        started = time.monotonic()
+        await command.add(revocations_of(new_ref())[:1])
+        assert time.monotonic() - started >= WINDOW
+    finally:
+        await command.close()
 
 
 async def test_a_silent_subscription_makes_every_check_ask_redis(worker: RedisBlocklist) -> None:

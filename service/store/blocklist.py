@@ -403,6 +403,12 @@ class RedisBlocklist:
         if feed is None:
             await self._write(entries, seq, None)
             return
+        if feed.started:
+            # Subscribed, the writer hears the acknowledgements: a worker whose feed went
+            # idle subscribes again first (a round trip or two) rather than wait the whole
+            # window. A process that never checks (a command) just waits the window.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.subscribe(), self._propagation / 2)
         with feed.receipt() as receipt:
             readers = await self._write(entries, seq, receipt)
             if receipt is None:

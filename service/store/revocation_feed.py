@@ -222,13 +222,29 @@ class RevocationFeed:
         self._task: asyncio.Task[None] | None = None
         self.subscription: PubSub | None = None
         self.subscribed = False
+        self._ready = asyncio.Event()
 
     def lookup(self, ref: Revocable) -> int | None:
         """A verdict that is safe to reuse now, if one is kept; subscribes when idle."""
+        self._start()
+        return self.cache.get(ref, clock(), self.window)
+
+    @property
+    def started(self) -> bool:
+        """Whether this process ever looked a verdict up (it serves checks)."""
+        return self._task is not None
+
+    async def subscribe(self) -> bool:
+        """Make sure the subscription runs and wait for it (callers bound the wait)."""
+        self.cache.last_lookup = clock()  # a write counts as use: it keeps the feed alive
+        self._start()
+        await self._ready.wait()
+        return self.subscribed
+
+    def _start(self) -> None:
         if self._task is None or self._task.done():
             self.cache.last_lookup = clock()
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return self.cache.get(ref, clock(), self.window)
 
     @contextlib.contextmanager
     def receipt(self) -> Iterator[Receipt | None]:
@@ -250,11 +266,13 @@ class RevocationFeed:
             try:
                 await asyncio.wait_for(self._subscribe(pubsub), self._timeout)
                 self.subscribed = True
+                self._ready.set()
                 await self._read(pubsub)
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("revocation feed unavailable: %s", type(exc).__name__)
             finally:
                 self.subscribed = False
+                self._ready.clear()
                 self._forget()
                 self.subscription = None
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
