@@ -9,11 +9,13 @@ a new token takes the blocking path once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flask import Flask
 
+from service import metrics
 from service.auth.verified import VerifiedTokens
 from service.store.blocklist import BlocklistUnavailable, TokenRef, Verdict
 
@@ -39,10 +41,12 @@ def revocation_prefetch(app: Flask) -> Callable[[dict[str, Any]], Awaitable[None
             return
         ref = TokenRef.from_claims(claims)
         answer: Verdict | BlocklistUnavailable
+        started = time.perf_counter()
         try:
             answer = await store.check_async(ref)
         except BlocklistUnavailable as exc:
             answer = exc
+        metrics.check_timed("pipelined", time.perf_counter() - started)
         environ[ENVIRON_KEY] = (ref, answer)
 
     return prefetch

@@ -14,6 +14,7 @@ from datetime import timedelta
 from flask import Flask, current_app
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import metrics
 from service.config import Settings
 from service.loop import LoopThread
 from service.store.blocklist import (
@@ -81,6 +82,7 @@ class Store:
                 self._doubt()
                 raise
 
+    @metrics.timed_check
     def check(self, ref: TokenRef) -> Verdict:
         """The per-request revocation check; fails closed while Redis may lack a revocation."""
         return self._settled(lambda: self.blocklist.check(ref))

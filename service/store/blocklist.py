@@ -34,6 +34,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
+from service import metrics
 from service.ids import issued_millis
 from service.store import revocation_feed as feed
 from service.store.check_pipeline import CheckPipeline, command, encode, parse_run_id
@@ -371,6 +372,7 @@ class RedisBlocklist:
         return Verdict(int(result))
 
     def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
+        metrics.redis_error("check")
         if not self._down_until:
             self._generation += 1
         self._down_until = time.monotonic() + BREAKER_SECONDS
@@ -410,6 +412,7 @@ class RedisBlocklist:
         feed = self._current_feed()
         if feed is not None:
             kept = feed.lookup(ref)
+            metrics.kept_verdict(kept is not None)
             if kept is not None:
                 return cast(Verdict, kept)
             generation = feed.cache.generation
@@ -474,6 +477,7 @@ class RedisBlocklist:
                 pipe.publish(self._channel, message(map(_subject, entries), seq or 0))
                 await pipe.execute()
         except RedisError as exc:
+            metrics.redis_error("write")
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         self.raise_floor(seq)
 
@@ -498,6 +502,7 @@ class RedisBlocklist:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.expireat(key, end)
 
+    @metrics.counted_rebuild
     async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
         """Copy durable revocations in, then mark the blocklist loaded; one process at a time.
 
