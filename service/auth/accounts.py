@@ -8,6 +8,7 @@ from service.auth import attempts
 from service.auth.passwords import Passwords
 from service.auth.sessions import revoke_all_sessions
 from service.errors import ApiError, unauthorized
+from service.events import audit
 from service.store import Store
 from service.store import users as user_store
 from service.store.throttle import Throttle
@@ -19,11 +20,13 @@ async def register(*, store: Store, passwords: Passwords, username: str, passwor
     password_hash = await passwords.hash(password)
     try:
         async with store.db.session() as session:
-            return await user_store.create_user(
+            account = await user_store.create_user(
                 session, username=username, password_hash=password_hash
             )
     except UsernameTaken:
         raise ApiError(409, "That username is already taken.") from None
+    audit("registered", user_id=account.id)
+    return account
 
 
 async def get_account(*, store: Store, user_id: str) -> Account:
@@ -58,9 +61,11 @@ async def change_password(
         current_hash = await user_store.get_password_hash(session, user_id=uid)
     if not (await passwords.verify(current_hash, current)).ok:
         await attempts.failed(throttle=throttle, attempt=attempt)
+        audit("login_failed", user_id=user_id, via="password_change")
         raise ApiError(403, "The current password is wrong.")
     await attempts.succeeded(throttle=throttle, attempt=attempt)
     new_hash = await passwords.hash(new)
     async with store.db.session() as session:
         await user_store.set_password_hash(session, user_id=uid, password_hash=new_hash)
+    audit("password_changed", user_id=user_id)
     await revoke_all_sessions(store=store, user_id=user_id, reason="password-change")
