@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from service import errors, health, store
+from service import access, errors, exposition, health, store
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
 from service.loop import LoopThread
@@ -21,6 +21,7 @@ class ServiceFlask(Flask):
     """Flask whose async views run on the process's long-lived loop, not a loop per call."""
 
     session_interface = LazyCookieSessions()
+    request_class = access.RouteNotingRequest
 
     def async_to_sync(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         """Run coroutine views on this app's loop thread."""
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     _init_passwords(app, settings)
     errors.init_app(app)
     _register_blueprints(app, settings)
+    exposition.init_app(app, settings)
+    access.init_app(app, access_log=settings.logs_requests)
     return app
 
 

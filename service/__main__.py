@@ -17,6 +17,7 @@ from service.config import (
     Settings,
     load_settings,
 )
+from service.logs import configure as configure_logs
 
 log = logging.getLogger("service")
 
@@ -24,15 +25,11 @@ log = logging.getLogger("service")
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one command; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Alembic announces its plugins as it is imported: noise before a one-line error.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     if getattr(args, "dev", False):
         os.environ["SERVICE_ENV"] = "development"
     try:
         settings = load_settings()
+        configure_logs(settings)
         return int(args.func(args, settings))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -105,7 +102,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.is_development and not _issuer_configured():
         # Workers read their settings from the environment: tell them too.
         os.environ["JWT_ISSUER"] = development_issuer(getattr(config, "bind", []))
-    return serve(config)
+    return serve(config, settings)
 
 
 def _issuer_configured() -> bool:

@@ -13,6 +13,7 @@ from service.auth.passwords import hashing_lane
 from service.auth.prefetch import revocation_prefetch
 from service.binds import BindError, check_binds
 from service.config import ConfigError, Settings, read_file
+from service.exposition import MetricsListenerError, run_metrics
 from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -67,7 +68,11 @@ def hypercorn_config(
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
     if access_log:
-        config.accesslog = "-"
+        # The service's own access log (service/access.py), for the workers to read.
+        os.environ["ACCESS_LOG"] = "true"
+    if config.errorlog == "-":
+        # Hypercorn's own lines go through the service's handler and format (service/logs.py).
+        config.errorlog = logging.getLogger("hypercorn.error")
     config.certfile, config.keyfile = (str(p) for p in _certificates(settings))
     if settings.embedded_blocklist and config.workers != 1:
         log.warning("in-process blocklist: running ONE worker (set REDIS_URL for more)")
@@ -118,11 +123,12 @@ def announce(settings: Settings) -> None:
         )
 
 
-def serve(config: Any) -> int:
+def serve(config: Any, settings: Settings) -> int:
     """Run the workers, each with its own sockets, until told to stop; the exit status."""
     try:
         check_binds(config)
-    except BindError as exc:
+        with run_metrics(settings):
+            return run_workers(config)
+    except (BindError, MetricsListenerError) as exc:
         log.error("%s", exc)
         return 1
-    return run_workers(config)

@@ -23,6 +23,8 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from service.exposition import process_ended
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -47,6 +49,11 @@ def serve_worker(config: Any, sockets: Any, shutdown_event: Any) -> None:
     """Run one Hypercorn worker until the shutdown event is set."""
     from hypercorn.asyncio.run import asyncio_worker, uvloop_worker
 
+    from service import logs, metrics
+    from service.config import load_settings
+
+    logs.configure(load_settings())
+    metrics.worker_started()
     # As in Hypercorn: a Ctrl-C reaches a worker only as the shutdown event the master
     # sets; a SIGTERM sent to the worker itself ends it at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,6 +178,7 @@ class Supervisor:
             if slot.process is not None and slot.process.sentinel in ready:
                 process, slot.process = slot.process, None
                 process.join()
+                process_ended(process.pid)
                 if not self._after_exit(slot, f"worker {process.pid} {_ending(process)}"):
                     return False
         return True
