@@ -97,8 +97,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         config_file=args.config,
         bind=args.bind,
         workers=args.workers,
-        access_log=args.access_log,
     )
+    if args.access_log:
+        os.environ["ACCESS_LOG"] = "true"  # read by the workers (service/access.py)
     if settings.is_development and not _issuer_configured():
         # Workers read their settings from the environment: tell them too.
         os.environ["JWT_ISSUER"] = development_issuer(getattr(config, "bind", []))

@@ -56,7 +56,6 @@ def hypercorn_config(
     config_file: Path | None = None,
     bind: list[str] | None = None,
     workers: int | None = None,
-    access_log: bool = False,
 ) -> object:
     """Build Hypercorn's Config from hypercorn.toml plus command-line overrides."""
     config = _load_config(config_file)
@@ -67,9 +66,6 @@ def hypercorn_config(
         config.workers = workers
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
-    if access_log:
-        # The service's own access log (service/access.py), for the workers to read.
-        os.environ["ACCESS_LOG"] = "true"
     if config.errorlog == "-":
         # Hypercorn's own lines go through the service's handler and format (service/logs.py).
         config.errorlog = logging.getLogger("hypercorn.error")
