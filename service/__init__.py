@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask
 
-from service import errors, health, hotpath, store
+from service import access, errors, exposition, health, hotpath, store
 from service.addresses import TrustedProxies
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
@@ -26,6 +26,7 @@ class ServiceFlask(Flask):
     """Flask whose async views run on the worker's one loop, not a fresh loop per call."""
 
     session_interface = LazyCookieSessions()
+    request_class = access.RouteNotingRequest
 
     def async_to_sync(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         """Run coroutine views on the worker's loop, waiting from the request's thread."""
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     hotpath.init_app(app)
     _register_blueprints(app, settings)
     _believe_trusted_proxies(app, settings)
+    exposition.init_app(app, settings)
+    access.init_app(app, access_log=settings.logs_requests)
     return app
 
 

@@ -16,6 +16,7 @@ from service.config import (
     Settings,
     load_settings,
 )
+from service.logs import configure as configure_logs
 
 log = logging.getLogger("service")
 
@@ -23,15 +24,11 @@ log = logging.getLogger("service")
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one command; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Alembic announces its plugins as it is imported: noise before a one-line error.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     if getattr(args, "dev", False):
         os.environ["SERVICE_ENV"] = "development"
     try:
         settings = load_settings()
+        configure_logs(settings)
         return int(args.func(args, settings))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -95,14 +92,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         config_file=args.config,
         bind=args.bind,
         workers=args.workers,
-        access_log=args.access_log,
         proxy_only=args.proxy_only,
     )
+    if args.access_log:
+        os.environ["ACCESS_LOG"] = "true"  # read by the workers (service/access.py)
     if settings.is_development and not _issuer_configured():
         # Workers read their settings from the environment: tell them too.
         tls_binds = [] if args.proxy_only else getattr(config, "bind", [])
         os.environ["JWT_ISSUER"] = development_issuer(tls_binds)
-    return serve(config)
+    return serve(config, settings)
 
 
 def _issuer_configured() -> bool:

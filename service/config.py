@@ -154,10 +154,35 @@ class Settings(BaseSettings):
     # a comma list of names. The HTTP/2 abuse guard is a security fix: always applied.
     library_changes: str = "all"
 
+    # Logs (service/logs.py): JSON lines unless development; LOG_LEVEL is the service's own
+    # loggers' level (libraries stay at INFO: their DEBUG lines can carry header values).
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool | None = None  # default: on in production, off in development
+    # Metrics (service/exposition.py): never on the public port unless METRICS_PUBLIC.
+    metrics_bind: str | None = None  # host:port of the master's plain-HTTP listener
+    metrics_public: bool = False  # also serve GET /metrics on the main port, behind...
+    metrics_token: str | None = None  # ...this bearer secret
+
     @property
     def is_development(self) -> bool:
         """Whether embedded defaults and generated secrets are allowed."""
         return self.service_env is Environment.DEVELOPMENT
+
+    @property
+    def json_logs(self) -> bool:
+        """Whether log lines are JSON objects (LOG_FORMAT; json unless development)."""
+        return self.log_format == "json" if self.log_format else not self.is_development
+
+    @property
+    def logs_requests(self) -> bool:
+        """Whether every request gets an access-log line (ACCESS_LOG; on unless development)."""
+        return self.access_log if self.access_log is not None else not self.is_development
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """METRICS_BIND as (host, port), or None when there is no metrics listener."""
+        return _parse_bind(self.metrics_bind) if self.metrics_bind else None
 
     @property
     def database_request_slots(self) -> int:
@@ -224,6 +249,13 @@ class Settings(BaseSettings):
         parse_library_changes(value)
         return value.strip().lower()
 
+    @field_validator("metrics_bind")
+    @classmethod
+    def _metrics_bind_parses(cls, value: str | None) -> str | None:
+        if value:
+            _parse_bind(value)
+        return value or None
+
     @field_validator("database_url")
     @classmethod
     def _database_url_parses(cls, value: str | None) -> str | None:
@@ -285,13 +317,19 @@ class Settings(BaseSettings):
             missing.append("JWT_PRIVATE_KEY_FILE")
         if not self.jwt_issuer:
             missing.append("JWT_ISSUER")
+        if self.metrics_public and not self.metrics_token:
+            missing.append("METRICS_TOKEN (for METRICS_PUBLIC)")
         if missing:
             raise ValueError(
                 "production mode requires "
                 + ", ".join(missing)
                 + " (or set SERVICE_ENV=development for a local run)"
             )
-        for name, value in (("SECRET_KEY", self.secret_key), ("JWT_SECRET", self.jwt_secret)):
+        for name, value in (
+            ("SECRET_KEY", self.secret_key),
+            ("JWT_SECRET", self.jwt_secret),
+            ("METRICS_TOKEN", self.metrics_token),
+        ):
             if value is not None:
                 _check_secret_strength(name, value)
         return self
@@ -362,6 +400,15 @@ def _check_issuer(value: str) -> None:
             "JWT_ISSUER must be the service's https URL, without query or fragment "
             "(for example https://auth.example.com)"
         )
+
+
+def _parse_bind(value: str) -> tuple[str, int]:
+    """host:port (an IPv6 host in brackets) as (host, port), or a ValueError saying why not."""
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("METRICS_BIND must be host:port, such as 127.0.0.1:9464")
+    return host, int(port)
 
 
 def read_file(setting: str, path: Path) -> bytes:
@@ -444,6 +491,8 @@ def _fill_development_secrets(settings: Settings) -> Settings:
         updates["secret_key"] = _instance_secret(settings.instance_dir / "dev-secret-key")
     if settings.jwt_algorithm == "HS256" and not settings.jwt_secret:
         updates["jwt_secret"] = _instance_secret(settings.instance_dir / "dev-jwt-secret")
+    if settings.metrics_public and not settings.metrics_token:
+        updates["metrics_token"] = _instance_secret(settings.instance_dir / "dev-metrics-token")
     return settings.model_copy(update=updates) if updates else settings
 
 

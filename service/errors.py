@@ -12,6 +12,7 @@ from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalErr
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from service import metrics
 from service.store.blocklist import BlocklistUnavailable
 from service.store.db import unavailable_reason
 
@@ -154,6 +155,8 @@ def init_app(app: Flask) -> None:
 
 def _unavailable(exc: Exception) -> Response:
     """503: a backend is down, hung or out of connections; the request may be retried."""
+    if isinstance(exc, PoolTimeout):  # raised before any statement: not counted elsewhere
+        metrics.database_error("pool_timeout")
     log.warning("storage unavailable: %s", unavailable_reason(exc) or type(exc).__name__)
     return problem(
         503, "A storage backend is unavailable; retry shortly.", headers={"Retry-After": "2"}

@@ -12,6 +12,7 @@ from service.adapter import AsgiAdapter
 from service.auth.passwords import hashing_lane
 from service.binds import BindError, check_binds, host_port
 from service.config import ConfigError, Settings, load_settings, read_file
+from service.exposition import MetricsListenerError, run_metrics
 from service.hotpath import inline_policy
 from service.isolation import database_policy
 from service.oauth.prefetch import ClientPrefetch
@@ -54,7 +55,6 @@ def hypercorn_config(
     config_file: Path | None = None,
     bind: list[str] | None = None,
     workers: int | None = None,
-    access_log: bool = False,
     proxy_only: bool = False,
 ) -> object:
     """Build Hypercorn's Config from hypercorn.toml plus command-line overrides.
@@ -70,8 +70,9 @@ def hypercorn_config(
         config.workers = workers
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
-    if access_log:
-        config.accesslog = "-"
+    if config.errorlog == "-":
+        # Hypercorn's own lines go through the service's handler and format (service/logs.py).
+        config.errorlog = logging.getLogger("hypercorn.error")
     if config.insecure_bind:
         raise ConfigError("insecure_bind in the Hypercorn configuration: set PROXY_BIND instead")
     if proxy_only:
@@ -179,11 +180,12 @@ def announce(settings: Settings) -> None:
         )
 
 
-def serve(config: Any) -> int:
+def serve(config: Any, settings: Settings) -> int:
     """Run the workers, each with its own sockets, until told to stop; the exit status."""
     try:
         check_binds(config)
-    except BindError as exc:
+        with run_metrics(settings):
+            return run_workers(config)
+    except (BindError, MetricsListenerError) as exc:
         log.error("%s", exc)
         return 1
-    return run_workers(config)

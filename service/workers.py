@@ -23,6 +23,8 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from service.exposition import process_ended
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -45,8 +47,12 @@ def run_workers(config: Any) -> int:
 
 def serve_worker(config: Any, sockets: Any, shutdown_event: Any) -> None:
     """Run one Hypercorn worker until the shutdown event is set."""
+    from service import logs, metrics
+    from service.config import load_settings
     from service.transport.accept_gate import run_worker
 
+    logs.configure(load_settings())
+    metrics.worker_started()
     # As in Hypercorn: a Ctrl-C reaches a worker only as the shutdown event the master
     # sets; a SIGTERM sent to the worker itself ends it at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -170,6 +176,7 @@ class Supervisor:
             if slot.process is not None and slot.process.sentinel in ready:
                 process, slot.process = slot.process, None
                 process.join()
+                process_ended(process.pid)
                 if not self._after_exit(slot, f"worker {process.pid} {_ending(process)}"):
                     return False
         return True

@@ -26,7 +26,9 @@ BASE = {
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings read the environment: start every test from an empty one."""
     for name in list(os.environ):
-        if name.startswith(("DATABASE_", "REDIS_", "JWT_", "SECRET_", "SERVICE_", "TLS_")):
+        if name.startswith(
+            ("DATABASE_", "REDIS_", "JWT_", "SECRET_", "SERVICE_", "TLS_", "METRICS_", "LOG_")
+        ) or name in ("ACCESS_LOG",):
             monkeypatch.delenv(name)
 
 
@@ -87,6 +89,48 @@ def test_serve_refuses_to_start_in_production_without_config(tmp_path: Path) -> 
 def test_the_revocation_check_cannot_be_switched_off_in_production() -> None:
     with pytest.raises(ConfigError, match="REVOCATION_CHECK"):
         load_settings(**BASE, jwt_secret=STRONG, revocation_check=False)
+
+
+def test_public_metrics_need_a_strong_token_in_production() -> None:
+    with pytest.raises(ConfigError, match=r"requires METRICS_TOKEN \(for METRICS_PUBLIC\)"):
+        load_settings(**BASE, jwt_secret=STRONG, metrics_public=True)
+    with pytest.raises(ConfigError, match="METRICS_TOKEN must be"):
+        load_settings(**BASE, jwt_secret=STRONG, metrics_public=True, metrics_token="changeme")
+    settings = load_settings(**BASE, jwt_secret=STRONG, metrics_public=True, metrics_token=STRONG)
+    assert settings.metrics_public and settings.metrics_token == STRONG
+
+
+def test_development_makes_a_metrics_token_when_metrics_are_public(tmp_path: Path) -> None:
+    assert load_settings(service_env="development", instance_dir=tmp_path).metrics_token is None
+    first = load_settings(service_env="development", instance_dir=tmp_path, metrics_public=True)
+    again = load_settings(service_env="development", instance_dir=tmp_path, metrics_public=True)
+    assert first.metrics_token and len(first.metrics_token) >= 32
+    assert first.metrics_token == again.metrics_token
+    assert (tmp_path / "dev-metrics-token").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    "bind", ["9464", ":9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "[::1]", "h:p"]
+)
+def test_a_metrics_bind_is_a_host_and_a_port(bind: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(**BASE, jwt_secret=STRONG, metrics_bind=bind)
+    assert str(refused.value) == "METRICS_BIND must be host:port, such as 127.0.0.1:9464"
+
+
+def test_logs_and_metrics_follow_the_environment_unless_told(tmp_path: Path) -> None:
+    production = load_settings(**BASE, jwt_secret=STRONG)
+    assert production.json_logs and production.logs_requests
+    assert production.metrics_address is None and not production.metrics_public
+    development = load_settings(
+        service_env="development", instance_dir=tmp_path, metrics_bind="[::1]:9464"
+    )
+    assert not development.json_logs and not development.logs_requests
+    assert development.metrics_address == ("::1", 9464)
+    told = load_settings(**BASE, jwt_secret=STRONG, log_format="text", access_log=False)
+    assert not told.json_logs and not told.logs_requests
+    with pytest.raises(ConfigError, match="LOG_LEVEL"):
+        load_settings(**BASE, jwt_secret=STRONG, log_level="LOUD")
 
 
 def test_every_setting_is_in_the_readme_reference() -> None:

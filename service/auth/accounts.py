@@ -9,6 +9,7 @@ from service.auth.passwords import Passwords
 from service.auth.sessions import revoke_all_sessions
 from service.config import Settings
 from service.errors import ApiError, unauthorized
+from service.events import audit
 from service.store import Store
 from service.store import users as user_store
 from service.store.throttle import Throttle
@@ -33,13 +34,15 @@ async def register(
     password_hash = await passwords.hash(password)
     try:
         async with store.db.session() as session:
-            return await user_store.create_user(
+            account = await user_store.create_user(
                 session, username=username, password_hash=password_hash, email=email
             )
     except UsernameTaken:
         raise ApiError(409, USERNAME_TAKEN) from None
     except EmailTaken:
         raise ApiError(409, EMAIL_TAKEN) from None
+    audit("registered", user_id=account.id)
+    return account
 
 
 async def get_account(*, store: Store, user_id: str) -> Account:
@@ -80,6 +83,7 @@ async def change_password(
     new_hash = await passwords.hash(new)
     async with store.db.session() as session:
         await user_store.set_password_hash(session, user_id=uid, password_hash=new_hash)
+    audit("password_changed", user_id=user_id)
     await revoke_all_sessions(store=store, user_id=user_id, reason="password-change")
 
 
@@ -134,5 +138,6 @@ async def _confirm_password(
         current_hash = await user_store.get_password_hash(session, user_id=user_id)
     if not (await passwords.verify(current_hash, password)).ok:
         await attempts.failed(throttle=throttle, attempt=attempt)
+        audit("login_failed", user_id=str(user_id), via="password_confirmation")
         raise ApiError(403, "The current password is wrong.")
     await attempts.succeeded(throttle=throttle, attempt=attempt)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable
 from service.addresses import address_group
 from service.config import Settings
 from service.errors import ApiError, ServiceUnavailable
+from service.events import audit
 from service.store.throttle import Attempt, Counter, Throttle, ThrottleUnavailable
 from service.store.users import username_key
 
@@ -85,4 +86,5 @@ async def _counted(call: Awaitable[float]) -> float:
 
 def _refuse_if(wait: float) -> None:
     if wait > 0:
+        audit("login_throttled", retry_after=max(1, math.ceil(wait)))
         raise TooManyAttempts(wait)

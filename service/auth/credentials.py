@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.auth import attempts
 from service.auth.passwords import Passwords, Verification
+from service.events import audit
 from service.store import Store
 from service.store import users as user_store
 from service.store.throttle import Throttle
@@ -39,6 +40,7 @@ async def verify_credentials(
     # answer tells a guesser nothing, not even that the password was right.
     if account is None or account.disabled or not verification.ok:
         await attempts.failed(throttle=throttle, attempt=attempt)
+        audit("login_failed", user_id=account.id if account else None)
         return None
     await attempts.succeeded(throttle=throttle, attempt=attempt)
     return account, verification

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import metrics
 from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords
 from service.auth.tokens import TokenPair, issue_pair
 from service.errors import ApiError, unauthorized
+from service.events import audit
 from service.ids import new_id
 from service.store import Store
 from service.store import sessions as session_store
 from service.store import users as user_store
-from service.store.blocklist import Entry, Kind
+from service.store.blocklist import BlocklistUnavailable, Entry, Kind
 from service.store.throttle import Throttle
-
-log = logging.getLogger(__name__)
 
 LOGIN_FAILED = "The username or password is wrong."
 
@@ -77,6 +77,7 @@ async def login(
             refresh_jti=pair.refresh_jti,
             expires_at=datetime.fromtimestamp(session_expires, UTC),
         )
+    audit("login", user_id=account.id, sid=sid)
     return pair
 
 
@@ -93,8 +94,8 @@ async def refresh(*, store: Store, claims: dict[str, object]) -> TokenPair:
             session, sid=sid, presented_jti=presented, next_jti=next_jti
         )
     if info is None:
+        audit("refresh_replay", user_id=claims.get("sub"), sid=sid)
         await revoke_session(store=store, sid=sid, reason="refresh-reuse")
-        log.warning("refresh token reuse detected; session revoked")
         raise unauthorized("The refresh token was already used; the session is revoked.")
     settings = store.settings
     return issue_pair(
@@ -108,6 +109,27 @@ async def refresh(*, store: Store, claims: dict[str, object]) -> TokenPair:
     )
 
 
+async def logout(*, store: Store, user_id: str, sid: str) -> None:
+    """End one login session: its access token and its refresh tokens."""
+    await _audited(revoke_session(store=store, sid=sid, reason="logout"), "logout", user_id, sid)
+
+
+async def logout_all(*, store: Store, user_id: str, sid: str) -> None:
+    """End every login session of the user, on every device."""
+    revocation = revoke_all_sessions(store=store, user_id=user_id, reason="logout-all")
+    await _audited(revocation, "logout_all", user_id, sid)
+
+
+async def _audited(revocation: Awaitable[None], event: str, user_id: str, sid: str) -> None:
+    """Await a revocation, then audit it; also when it is only recorded (Redis down, 202)."""
+    try:
+        await revocation
+    except BlocklistUnavailable:
+        audit(event, user_id=user_id, sid=sid, pending=True)
+        raise
+    audit(event, user_id=user_id, sid=sid)
+
+
 async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
     """Revoke every token of one session, durably and in the blocklist."""
     async with store.revoking() as (session, revocations):
@@ -118,6 +140,7 @@ async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
             else int(time.time()) + store.settings.refresh_token_ttl
         )
         revocations.append(Entry(kind=Kind.SESSION, subject=sid, expires_at=until))
+        metrics.revoked(reason)  # counted once recorded, also if Redis then fails (202)
 
 
 async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> None:
@@ -126,6 +149,7 @@ async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> Non
         await end_user_sessions(
             session, revocations, store=store, user_id=uuid.UUID(user_id), reason=reason
         )
+        metrics.revoked(reason)
 
 
 async def end_user_sessions(

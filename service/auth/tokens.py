@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flask_jwt_extended import create_access_token, create_refresh_token
 
+from service import metrics
 from service.ids import new_id
 
 
@@ -61,6 +62,7 @@ def issue_pair(
         identity=user_id,
         additional_claims={"jti": refresh_jti, "sid": sid, "exp": session_expires},
     )
+    metrics.tokens_issued("access", "refresh")
     return TokenPair(
         access_token=access,
         refresh_token=refresh,

@@ -89,8 +89,9 @@ async def refresh() -> tuple[dict[str, object], int, dict[str, str]]:
 @revokes_presented_token
 async def logout() -> Response:
     """Revoke this session: the access token and its refresh tokens."""
+    claims = get_jwt()
     return await _revoked(
-        sessions.revoke_session(store=get_store(), sid=get_jwt()["sid"], reason="logout")
+        sessions.logout(store=get_store(), user_id=claims["sub"], sid=claims["sid"])
     )
 
 
@@ -100,10 +101,9 @@ async def logout() -> Response:
 @revokes_presented_token
 async def logout_all() -> Response:
     """Revoke every token of this user, on every device."""
+    claims = get_jwt()
     return await _revoked(
-        sessions.revoke_all_sessions(
-            store=get_store(), user_id=get_jwt()["sub"], reason="logout-all"
-        )
+        sessions.logout_all(store=get_store(), user_id=claims["sub"], sid=claims["sid"])
     )
 
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from service.config import Settings
+from service.events import audit
 from service.loop import WorkerLoop
 from service.oauth import clients, keys
 from service.oauth.models import Client
@@ -192,6 +193,7 @@ async def _keys_retire(args: argparse.Namespace, database: Database, _s: Setting
     if not retired:
         print("no such active key", file=sys.stderr)
         return 1
+    audit("key_retired", kid=args.kid, at=at.isoformat())
     print(
         f"retired {args.kid}: it signs nothing from {at.isoformat()} on, "
         "and stays published until its tokens have expired"

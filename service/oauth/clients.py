@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from service.events import audit
 from service.oauth.models import Client, digest
 from service.oauth.scopes import SCOPES
 from service.store import Store
@@ -110,6 +111,7 @@ async def register_client(
             auth_method=auth_method,
             resource_server=resource_server,
         )
+    audit("client_created", client_id=row.client_id, auth_method=auth_method)
     return Registered(client=Client.from_row(row), secret=secret)
 
 
@@ -142,6 +144,7 @@ async def rotate_secret(*, database: Database, client_id: str) -> str | None:
     secret = secrets.token_urlsafe(32)
     async with database.session() as session:
         await client_store.set_secret_hash(session, client_id=client_id, secret_hash=digest(secret))
+    audit("client_secret_rotated", client_id=client_id)
     return secret
 
 
@@ -159,7 +162,10 @@ async def delete_client(*, store: Store, client_id: str) -> bool:
             for grant_id, expires in grants
         )
     async with store.db.session() as session:
-        return await client_store.delete_client(session, client_id=client_id)
+        deleted = await client_store.delete_client(session, client_id=client_id)
+    if deleted:
+        audit("client_deleted", client_id=client_id, grants_revoked=len(grants))
+    return deleted
 
 
 async def purge_expired(*, database: Database) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from authlib.oauth2.rfc7009 import RevocationEndpoint as _RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint as _IntrospectionEndpoint
 
+from service.events import audit
 from service.oauth import bridge, families
 from service.oauth.models import AccessToken, Client, RefreshToken
 from service.oauth.tokens import decode_access_token
@@ -55,6 +56,8 @@ class RevocationEndpoint(_RevocationEndpoint):  # type: ignore[misc]
 
     def revoke_token(self, token: AccessToken | RefreshToken, request: Any) -> None:
         store = bridge.store()
+        grant = token.grant_id if isinstance(token, RefreshToken) else token.claims.get("sid")
+        audit("oauth_token_revoked", client_id=request.client.client_id, grant_id=grant)
         if isinstance(token, RefreshToken):
             bridge.run(
                 families.revoke_family(store=store, grant_id=token.grant_id, reason="revoked")

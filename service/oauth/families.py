@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from service import metrics
+from service.events import audit
 from service.ids import new_id
 from service.oauth.models import AuthorizationCode, RefreshToken, digest
 from service.oauth.tokens import Family
@@ -17,8 +18,6 @@ from service.store.models import utcnow
 from service.store.oauth_models import OAuthCode, OAuthGrant, OAuthRefreshToken
 
 CODE_TTL = 600  # RFC 6749 section 4.1.2: at most 10 minutes
-
-log = logging.getLogger(__name__)
 
 
 async def start_authorization(
@@ -64,7 +63,7 @@ async def redeem_code(*, store: Store, code: str, client_id: str) -> Authorizati
             await grant_store.get_grant(session, grant_id=spent.row.grant_id) if spent.row else None
         )
     if spent.replayed_grant:
-        log.warning("authorization code replayed; its grant is revoked")
+        audit("code_replay", client_id=client_id, grant_id=spent.replayed_grant)
         await revoke_family(store=store, grant_id=spent.replayed_grant, reason="code-replay")
     if spent.row is None or grant is None or grant.revoked_at is not None:
         return None
@@ -83,7 +82,7 @@ async def find_usable_refresh_token(
             await grant_store.get_grant(session, grant_id=found.row.grant_id) if found.row else None
         )
     if found.replayed_grant:
-        await _revoke_replayed(store=store, grant_id=found.replayed_grant)
+        await _revoke_replayed(store=store, grant_id=found.replayed_grant, client_id=client_id)
     if found.row is None or grant is None:
         return None
     return RefreshToken.from_row(found.row, grant_expires=grant.expires_at, grant_revoked=False)
@@ -112,12 +111,12 @@ async def rotate_refresh_token(
             session, token_hash=digest(presented), client_id=client_id, successor=row
         )
     if spent.replayed_grant:
-        await _revoke_replayed(store=store, grant_id=spent.replayed_grant)
+        await _revoke_replayed(store=store, grant_id=spent.replayed_grant, client_id=client_id)
     return spent.row is not None
 
 
-async def _revoke_replayed(*, store: Store, grant_id: str) -> None:
-    log.warning("refresh token replayed; its grant is revoked")
+async def _revoke_replayed(*, store: Store, grant_id: str, client_id: str) -> None:
+    audit("oauth_refresh_replay", client_id=client_id, grant_id=grant_id)
     await revoke_family(store=store, grant_id=grant_id, reason="refresh-reuse")
 
 
@@ -161,6 +160,7 @@ async def revoke_family(*, store: Store, grant_id: str, reason: str) -> None:
     """Revoke a grant: its refresh tokens in PostgreSQL, its access tokens by sid."""
     async with store.db.session() as session:
         expires_at = await grant_store.revoke_grant(session, grant_id=grant_id, reason=reason)
+    metrics.revoked(reason)  # recorded: the grant's row says so from here on
     until = (
         int(expires_at.timestamp())
         if expires_at
@@ -171,7 +171,9 @@ async def revoke_family(*, store: Store, grant_id: str, reason: str) -> None:
 
 async def revoke_access_token(*, store: Store, jti: str, exp: int) -> None:
     """Revoke one access token by jti until it expires."""
-    await store.revoke([Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp)])
+    async with store.revoking() as (_, revocations):
+        revocations.append(Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp))
+        metrics.revoked("revoked")
 
 
 def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:

@@ -10,6 +10,7 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc7636 import CodeChallenge
 
+from service import metrics
 from service.ids import new_id
 from service.oauth import bridge, families
 from service.oauth.models import AuthorizationCode, Client, RefreshToken
@@ -211,6 +212,7 @@ class RefreshTokenGrant(FamilyTokens, grants.RefreshTokenGrant):  # type: ignore
         )
         if not rotated:
             raise InvalidGrantError()
+        metrics.tokens_issued("oauth_access", "oauth_refresh")
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
         """Nothing to do: the token was spent when its successor was saved."""

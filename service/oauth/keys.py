@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import ECAlgorithm
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.events import audit
 from service.loop import on_event_loop
 from service.store import Store
 from service.store import oauth_keys as key_store
@@ -110,6 +111,7 @@ async def create_key(
         public_jwk=jwk,
         activates_at=activates_at or utcnow(),
     )
+    audit("key_rotated", kid=kid, activates_at=(activates_at or utcnow()).isoformat())
     return kid
 
 

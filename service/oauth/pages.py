@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from flask import session
 
 from service.errors import ApiError
+from service.events import audit
 from service.store import Store
 from service.store import oauth as client_store
 from service.store.users import Account
@@ -63,6 +64,7 @@ def sign_in(account: Account) -> None:
     session[USER_KEY] = str(account.id)
     session[SINCE_KEY] = time.time()
     session[CSRF_KEY] = secrets.token_urlsafe(32)
+    audit("login", user_id=account.id, via="authorize_page")
 
 
 def csrf_token() -> str:

@@ -10,6 +10,7 @@ from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedRespons
 from flask import Flask
 from flask import request as http_request
 
+from service import metrics
 from service.oauth import bridge, client_throttle, families, prefetch
 from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
@@ -80,6 +81,7 @@ class Server(AuthorizationServer):  # type: ignore[misc]
 
     def save_token(self, token: dict[str, Any], request: Any) -> None:
         if "refresh_token" not in token:
+            metrics.tokens_issued("oauth_access" if request.user else "client_credentials")
             return
         bridge.run(
             families.save_refresh_token(
@@ -91,6 +93,7 @@ class Server(AuthorizationServer):  # type: ignore[misc]
                 scope=token["scope"],
             )
         )
+        metrics.tokens_issued("oauth_access", "oauth_refresh")
 
 
 def create_server(app: Flask) -> Server:

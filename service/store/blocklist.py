@@ -36,6 +36,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service import metrics
 from service.ids import issued_millis
 from service.store import revocation_feed as feed
 from service.store.redis_target import connect, parse_target
@@ -305,6 +306,7 @@ class RedisBlocklist:
             raise BlocklistUnavailable("blocklist unreachable moments ago")
 
     def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
+        metrics.redis_error("check")
         if not self._down_until and self._redis is not None:
             # Every pooled connection may be stale now (a restarted server): start afresh
             # rather than let each fail once more and hold the breaker open again.
@@ -329,7 +331,10 @@ class RedisBlocklist:
         if feed is None:
             return None
         kept = feed.lookup(ref)
-        return None if kept is None else Verdict(kept)
+        if kept is None:
+            return None  # counted as a miss by the check that follows, in a thread
+        metrics.kept_verdict(True)
+        return Verdict(kept)
 
     async def check(self, ref: TokenRef) -> Verdict:
         """A kept verdict, else one EVALSHA: is the token, its session or its user revoked?"""
@@ -337,6 +342,7 @@ class RedisBlocklist:
         generation = 0
         if feed is not None:
             kept = feed.lookup(ref)
+            metrics.kept_verdict(kept is not None)
             if kept is not None:
                 return Verdict(kept)
             generation = feed.cache.generation
@@ -345,6 +351,7 @@ class RedisBlocklist:
             feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
         return verdict
 
+    @metrics.timed_check
     async def _ask(self, ref: TokenRef) -> Verdict:
         """Run the check script for ref on the pool, with the run_id the pool last learned."""
         self._refuse_if_down()
@@ -432,6 +439,7 @@ class RedisBlocklist:
                 pipe.publish(self._channel, announcement)
                 replies = await pipe.execute()
         except RedisError as exc:
+            metrics.redis_error("write")
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         self.raise_floor(seq)
         return int(replies[-1])
@@ -457,6 +465,7 @@ class RedisBlocklist:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.expireat(key, end)
 
+    @metrics.counted_rebuild
     async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
         """Copy durable revocations in, then mark the blocklist loaded; one process at a time.
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service import metrics
 from service.config import Settings
 
 # SQLSTATE classes of a database that cannot answer now, not of a wrong request: connection
@@ -132,7 +133,14 @@ def _create_engine(url: str, settings: Settings) -> AsyncEngine:
         connect_args=bounds(settings),
     )
     event.listen(engine.sync_engine, "handle_error", _drop_interrupted)
+    event.listen(engine.sync_engine, "handle_error", _count_error)
     return engine
+
+
+def _count_error(context: ExceptionContext) -> None:
+    """Count a failed statement or connection attempt: unavailable (down, hung) or error."""
+    error = context.sqlalchemy_exception or context.original_exception
+    metrics.database_error("unavailable" if unavailable_reason(error) else "error")
 
 
 def _drop_interrupted(context: ExceptionContext) -> None:

@@ -23,6 +23,7 @@ from flask import current_app
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from service import metrics
 from service.config import Settings
 from service.store.redis_target import connect, parse_target
 
@@ -183,6 +184,7 @@ class RedisThrottle:
         try:
             wait_ms = await script(keys=keys, args=args, client=client)
         except (RedisError, OSError) as exc:
+            metrics.redis_error("throttle")
             if not self._down_until:
                 log.warning("throttle counters unreachable: %s", type(exc).__name__)
             self._down_until = time.monotonic() + BREAKER_SECONDS
