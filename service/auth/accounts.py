@@ -79,6 +79,7 @@ async def change_password(
         username=username,
         password=current,
         address=address,
+        via="password_change",
     )
     new_hash = await passwords.hash(new)
     async with store.db.session() as session:
@@ -108,6 +109,7 @@ async def change_email(
         username=username,
         password=current,
         address=address,
+        via="email_change",
     )
     try:
         async with store.db.session() as session:
@@ -127,6 +129,7 @@ async def _confirm_password(
     username: str,
     password: str,
     address: str,
+    via: str,
 ) -> None:
     """403 unless password is the account's; a wrong one counts as a failed sign-in.
 
@@ -138,6 +141,6 @@ async def _confirm_password(
         current_hash = await user_store.get_password_hash(session, user_id=user_id)
     if not (await passwords.verify(current_hash, password)).ok:
         await attempts.failed(throttle=throttle, attempt=attempt)
-        audit("login_failed", user_id=str(user_id), via="password_confirmation")
+        audit("login_failed", user_id=str(user_id), via=via)
         raise ApiError(403, "The current password is wrong.")
     await attempts.succeeded(throttle=throttle, attempt=attempt)
