@@ -89,6 +89,9 @@ NOTES = [
     "(nbf, sid, sxp, type, name).",
     "Refresh and logout runs use each token once: tokens/run above. Logout reuses the "
     "sessions of the refresh runs (their access tokens).",
+    "Ours runs with ACCESS_LOG=false, like its no-check twin and the references (which log "
+    "nothing per request); with the access log on, production's default, a GET costs about "
+    "5-10% more (docs/performance.md).",
 ]
 
 

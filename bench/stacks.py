@@ -73,6 +73,10 @@ def ours(backends: Backends, service_src: Path, extra: dict[str, str] | None = N
             "TLS_CERT_FILE": str(backends.cert),
             "TLS_KEY_FILE": str(backends.key),
             "EXPOSE_WORKER_ID": "true",
+            # The references write no access log; ours and its no-check twin (development
+            # mode, where the default is off) write none either, so every stack is compared
+            # doing the same work. The access log's own cost: docs/performance.md.
+            "ACCESS_LOG": "false",
         }
         | (extra or {})
     )

@@ -126,3 +126,23 @@ def authorize_url(client_id: str, **params: str) -> str:
     query = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT}
     query.update({"scope": "profile", "state": "xyz"}, **params)
     return f"/oauth/authorize?{urlencode({k: v for k, v in query.items() if v})}"
+
+
+async def authorization_code(
+    http: httpx.AsyncClient, client_id: str, username: str, password: str, scope: str = "profile"
+) -> tuple[str, str]:
+    """Sign in and consent in a browser session for a PKCE code; the code and its verifier."""
+    verifier, challenge = pkce()
+    url = "/oauth/authorize?" + str(
+        httpx.QueryParams(
+            response_type="code",
+            client_id=client_id,
+            redirect_uri=REDIRECT,
+            scope=scope,
+            code_challenge=challenge,
+            code_challenge_method="S256",
+        )
+    )
+    async with browser(http) as agent:
+        code = query_of(await sign_in_and_consent(agent, url, username, password))["code"]
+    return code, verifier

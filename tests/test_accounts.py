@@ -41,6 +41,7 @@ from tests.conftest import (
 )
 from tests.oauth_helpers import (
     REDIRECT,
+    authorization_code,
     bearer,
     browser,
     new_client,
@@ -369,19 +370,9 @@ async def test_delete_revokes_tokens_and_removes_oauth_grants(
     client: httpx.AsyncClient, settings: Settings, user: Session
 ) -> None:
     registered = await new_client(settings)
-    verifier, challenge = pkce()
-    url = "/oauth/authorize?" + str(
-        httpx.QueryParams(
-            response_type="code",
-            client_id=registered.client.client_id,
-            redirect_uri=REDIRECT,
-            scope="profile email",
-            code_challenge=challenge,
-            code_challenge_method="S256",
-        )
+    code, verifier = await authorization_code(
+        client, registered.client.client_id, user.username, user.password, "profile email"
     )
-    async with browser(client) as agent:
-        code = query_of(await sign_in_and_consent(agent, url, user.username, user.password))["code"]
     auth = (registered.client.client_id, str(registered.secret))
     oauth = (
         await client.post(

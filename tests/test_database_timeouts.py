@@ -20,12 +20,9 @@ from service.store.db import Database, unavailable_reason
 from tests.conftest import Session, login, make_settings, register, serve_in_process
 from tests.oauth_helpers import (
     REDIRECT,
+    authorization_code,
     bearer,
-    browser,
     new_client,
-    pkce,
-    query_of,
-    sign_in_and_consent,
 )
 from tests.proxy import TcpProxy
 from tests.servers import ROOT
@@ -119,19 +116,9 @@ async def status(response: Awaitable[httpx.Response], expected: int = 200) -> ht
 async def oauth_access_token(http: httpx.AsyncClient, settings: Settings, user: Session) -> str:
     """An OAuth access token with scope profile, through the code flow."""
     registered = await new_client(settings)
-    verifier, challenge = pkce()
-    url = "/oauth/authorize?" + str(
-        httpx.QueryParams(
-            response_type="code",
-            client_id=registered.client.client_id,
-            redirect_uri=REDIRECT,
-            scope="profile",
-            code_challenge=challenge,
-            code_challenge_method="S256",
-        )
+    code, verifier = await authorization_code(
+        http, registered.client.client_id, user.username, PASSWORD
     )
-    async with browser(http) as agent:
-        code = query_of(await sign_in_and_consent(agent, url, user.username, PASSWORD))["code"]
     response = await http.post(
         "/oauth/token",
         data={

@@ -44,8 +44,7 @@ def test_the_committed_lockfiles_match_pyproject() -> None:
         (
             '"cryptography>=43",',
             '"cryptography>=43",\n    "tomli-w>=1.0",',
-            "requirements/runtime.txt: tomli-w>=1.0 (needed by pyproject.toml) "
-            "is not pinned",
+            "requirements/runtime.txt: tomli-w>=1.0 (needed by pyproject.toml) is not pinned",
         ),
         ('"alembic>=1.14"', '"alembic>=999"', "does not satisfy alembic>=999"),
         (
