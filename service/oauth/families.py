@@ -169,9 +169,9 @@ async def revoke_family(*, store: Store, grant_id: str, reason: str) -> None:
     await store.revoke([Entry(kind=Kind.SESSION, subject=grant_id, expires_at=until)])
 
 
-async def revoke_access_token(*, store: Store, jti: str, exp: int) -> None:
-    """Revoke one access token by jti until it expires."""
-    await store.revoke([Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp)])
+async def revoke_access_token(*, store: Store, jti: str, exp: int, sub: str | None = None) -> None:
+    """Revoke one access token (of subject sub) by jti until it expires."""
+    await store.revoke([Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp, user=sub)])
 
 
 def is_family_blocked(*, store: Store, token: RefreshToken) -> bool:
