@@ -1,0 +1,176 @@
+"""Redis Cluster: a check stays one script in one slot, and a failover lets no revoked token in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from service.config import Settings
+from service.store.blocklist import Kind, TokenRef
+from service.store.cluster_blocklist import ClusterBlocklist
+from service.store.groups import GROUPS, group_of, group_tags
+from tests.conftest import Session, login, make_settings, register, serve_in_process
+from tests.servers import RedisClusterGroup
+
+PASSWORD = "correct horse battery"
+PREFIX = "cluster:"
+
+
+def test_groups_spread_evenly_over_the_slots() -> None:
+    tags = group_tags()
+    assert [key_slot(tag.encode()) for tag in tags] == [g * 16384 // GROUPS for g in range(GROUPS)]
+
+
+def test_the_keys_of_one_check_share_one_slot_and_users_spread() -> None:
+    blocklist = ClusterBlocklist(
+        "redis+cluster://127.0.0.1:7000/",
+        prefix=PREFIX,
+        shards=16,
+        bucket_seconds=60,
+        timeout=0.5,
+        max_connections=4,
+    )
+    now = int(time.time())
+    slots = set()
+    for n in range(200):
+        user = f"user-{n}"
+        ref = TokenRef(jti=f"j{n}", exp=now + 60, sid=f"s{n}", sxp=now + 3600, sub=user)
+        group = group_of(user)
+        keys = blocklist._check_keys(group, ref)
+        assert len({key_slot(key.encode()) for key in keys}) == 1, keys
+        written = blocklist.group_bucket_key(group, Kind.TOKEN, ref.jti, ref.exp)
+        assert written == keys[1]
+        slots.add(key_slot(keys[0].encode()))
+    assert len(slots) > 100  # 200 users over 256 groups
+
+
+# A real cluster
+
+
+def sub_of(session: Session) -> str:
+    """The user id an access token carries."""
+    payload = session.access.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisClusterGroup]:
+    """Three primaries with a replica each, of this test's own."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: apt-get install redis-server")
+        pytest.skip("redis-server is not installed")
+    group = RedisClusterGroup(tmp_path)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+async def status(http: httpx.AsyncClient, token: str) -> int:
+    """The protected resource's answer to this access token."""
+    response = await http.get("/api/hello", headers={"Authorization": f"Bearer {token}"})
+    return response.status_code
+
+
+@pytest.mark.fault
+async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
+    settings: Settings,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=cluster.url,
+        redis_prefix=PREFIX,
+        secret_key=settings.secret_key,
+        jwt_secret=settings.jwt_secret,
+    )
+    tags = group_tags()
+    async with serve_in_process(own) as http:
+        username = await register(http, PASSWORD)
+        early, late, kept = [await login(http, username, PASSWORD) for _ in range(3)]
+        group = group_of(sub_of(kept))
+        home = cluster.port_of_key(f"{PREFIX}{{{tags[group]}}}ready")
+        assert await status(http, early.access) == 200
+        assert (await http.post("/auth/logout", headers=early.bearer())).status_code == 204
+        assert await status(http, early.access) == 401
+        assert await status(http, kept.access) == 200
+        assert (await http.post("/auth/logout", headers=late.bearer())).status_code == 204
+        assert await status(http, late.access) == 401
+
+        # Another user whose group lives on another primary.
+        for _ in range(20):
+            other_name = await register(http, PASSWORD)
+            other = await login(http, other_name, PASSWORD)
+            other_group = group_of(sub_of(other))
+            if cluster.port_of_key(f"{PREFIX}{{{tags[other_group]}}}ready") != home:
+                break
+        else:
+            raise AssertionError("every user landed on one primary")
+        assert await status(http, other.access) == 200
+
+        caplog.set_level(logging.INFO, logger="service.store")
+        caplog.clear()
+        cluster.kill(home)
+        killed = time.monotonic()
+        unavailable: dict[str, list[float]] = {"home": [], "other": []}
+        recovered = None
+        while recovered is None or time.monotonic() - recovered < 2.0:
+            assert time.monotonic() - killed < 40, "the service never recovered"
+            for revoked in (early, late):
+                assert await status(http, revoked.access) in {401, 503}, (
+                    "a revoked token was accepted during the failover"
+                )
+            now = time.monotonic() - killed
+            answers = {
+                "home": await status(http, kept.access),
+                "other": await status(http, other.access),
+            }
+            for name, answer in answers.items():
+                assert answer in {200, 503}
+                if answer == 503:
+                    unavailable[name].append(now)
+            if answers["home"] == 503:
+                assert recovered is None, f"503 again {now - recovered:.2f} s after recovering"
+            elif recovered is None and unavailable["home"]:
+                recovered = now
+            await asyncio.sleep(0.02)
+
+        assert home not in cluster.primaries()
+        assert unavailable["home"], "the failover went unnoticed"
+        for name, moments in unavailable.items():
+            window = f"from {moments[0]:.2f} s to {moments[-1]:.2f} s" if moments else "never"
+            print(
+                f"\n{name} user's primary {'killed' if name == 'home' else 'alive'}: 503 {window}"
+            )
+        print(f"home user's checks answered 200 again {recovered:.2f} s after the kill")
+        # The promoted replica answered with another run_id: its groups were reloaded from
+        # the durable record, and only those.
+        loaded = re.findall(r"durable record into (\d+) groups in ([0-9.]+) s", caplog.text)
+        assert loaded, caplog.text
+        print(f"reloads after the failover (groups, seconds): {loaded}")
+        assert all(int(groups) < GROUPS for groups, _ in loaded)
+
+        for revoked in (early, late):
+            assert await status(http, revoked.access) == 401
+        assert (await http.post("/auth/logout", headers=kept.bearer())).status_code == 204
+        assert await status(http, kept.access) == 401
+        assert await status(http, other.access) == 200
+        assert (await login(http, username, PASSWORD)).access
