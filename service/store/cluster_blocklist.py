@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.store.blocklist import (
     BREAKER_SECONDS,
@@ -53,6 +53,9 @@ from service.store.blocklist import (
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.redis_target import connect_cluster, node_name
 from service.store.revocation_feed import RevocationFeed
+
+# What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
+FAILURES = (RedisError, RedisClusterException)
 
 # FINISH_LOAD_SCRIPT without the announcement: no worker keeps verdicts on a Cluster.
 FINISH_GROUP_SCRIPT = """
@@ -104,7 +107,7 @@ class ClusterBlocklist(RedisBlocklist):
             self._script = self._cluster.register_script(CHECK_SCRIPT)
         try:
             await self._cluster.initialize()
-        except RedisError as exc:
+        except FAILURES as exc:
             raise self._unreachable(exc) from exc
         return self._cluster
 
@@ -112,7 +115,7 @@ class ClusterBlocklist(RedisBlocklist):
         """Learn each node's run_id on every new connection to it: a restart shows up here."""
         await connection.on_connect()
         await connection.send_command("INFO", "server")
-        self._run_ids[node_name(connection)] = parse_run_id(await connection.read_response())
+        self._run_ids[node_name(connection)] = _run_id(await connection.read_response())
 
     def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
         if not self._down_until and self._cluster is not None:
@@ -178,7 +181,7 @@ class ClusterBlocklist(RedisBlocklist):
                 # with the run_id of the node that holds the slot now.
                 run_id = self._run_ids.get(answered, "")
                 result = await self._script(keys, [*args, run_id, self._floors[group]], client)
-        except RedisError as exc:
+        except FAILURES as exc:
             raise self._unreachable(exc) from exc
         self._down_until = 0.0
         return Verdict(int(result))
@@ -206,7 +209,7 @@ class ClusterBlocklist(RedisBlocklist):
                     if seq is not None:
                         pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
                     await pipe.execute()
-        except RedisError as exc:
+        except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         for group in by_group:
             self.raise_group_floor(group, seq)
@@ -243,13 +246,13 @@ class ClusterBlocklist(RedisBlocklist):
         client = await self._client()
         token = os.urandom(8).hex()
         try:
-            held = {
-                group
-                for group in seqs
-                if await client.set(
-                    self.key(group, "rebuild-lock"), token, nx=True, ex=REBUILD_LOCK_SECONDS
-                )
-            }
+            order = sorted(seqs)
+            async with client.pipeline(transaction=False) as pipe:
+                for group in order:
+                    lock = self.key(group, "rebuild-lock")
+                    pipe.set(lock, token, nx=True, ex=REBUILD_LOCK_SECONDS)
+                taken = await pipe.execute()
+            held = {group for group, ours in zip(order, taken, strict=True) if ours}
             batch: list[Entry] = []
             async for entry in entries:
                 batch.append(entry)
@@ -265,13 +268,13 @@ class ClusterBlocklist(RedisBlocklist):
                     continue
                 if node.name not in run_ids:
                     info = await client.execute_command("INFO", "server", target_nodes=node)
-                    run_ids[node.name] = parse_run_id(info)
+                    run_ids[node.name] = _run_id(info)
                 keys = [self.key(group, name) for name in ("rebuild-lock", "ready", "seq")]
                 finish = (token, run_ids[node.name], seqs[group])
                 if await client.eval(FINISH_GROUP_SCRIPT, 3, *keys, *finish):
                     done.add(group)
                     self.raise_group_floor(group, seqs[group])
-        except RedisError as exc:
+        except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         return done
 
@@ -311,7 +314,7 @@ class ClusterBlocklist(RedisBlocklist):
             run_ids: dict[str, str] = {}
             for node in client.get_primaries():
                 info = await client.execute_command("INFO", "server", target_nodes=node)
-                run_ids[node.name] = parse_run_id(info)
+                run_ids[node.name] = _run_id(info)
             states = []
             for group in range(GROUPS):
                 ready, seq = values[2 * group], values[2 * group + 1]
@@ -319,7 +322,7 @@ class ClusterBlocklist(RedisBlocklist):
                 expected = run_ids.get(node.name, "") if node is not None else ""
                 loaded = isinstance(ready, bytes) and bool(expected) and ready.decode() == expected
                 states.append(State(loaded=loaded, seq=int(seq or 0)))
-        except RedisError as exc:
+        except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         return states
 
@@ -336,7 +339,7 @@ class ClusterBlocklist(RedisBlocklist):
                 for group in groups:
                     pipe.delete(self.key(group, "ready"))
                 await pipe.execute()
-        except RedisError as exc:
+        except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
 
     async def invalidate(self) -> None:
@@ -354,7 +357,7 @@ class ClusterBlocklist(RedisBlocklist):
                 policy = _config_value(reply)
                 if policy != "noeviction":
                     return policy
-        except (RedisError, BlocklistUnavailable):
+        except (*FAILURES, BlocklistUnavailable):
             return None
         return "noeviction"
 
@@ -363,6 +366,13 @@ class ClusterBlocklist(RedisBlocklist):
         if self._cluster is not None:
             await self._cluster.aclose()
             self._cluster = None
+
+
+def _run_id(info: object) -> str:
+    """The run_id of an INFO server reply: raw, parsed, or keyed by node name."""
+    if isinstance(info, dict) and "run_id" not in info and len(info) == 1:
+        info = next(iter(info.values()))
+    return parse_run_id(info)
 
 
 def _config_value(reply: object) -> str | None:
@@ -380,5 +390,5 @@ def _config_value(reply: object) -> str | None:
 
 
 async def _disconnect(node: Any) -> None:
-    with contextlib.suppress(RedisError, OSError):
+    with contextlib.suppress(*FAILURES, OSError):
         await node.disconnect()

@@ -128,7 +128,7 @@ GROUP_SEQS = text(
     SELECT g.n, (SELECT r.seq FROM revocations r
                  WHERE r.user_group = g.n AND r.created_at < :before
                  ORDER BY r.seq DESC LIMIT 1)
-    FROM generate_series(0, :last) AS g(n)
+    FROM generate_series(0, CAST(:last AS integer)) AS g(n)
     """
 )
 UNGROUPED_SEQ = text(
