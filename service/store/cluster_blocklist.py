@@ -9,9 +9,9 @@ write changes, sits in one slot:
 
 A group's ready names the run_id of the node that holds its slot: a failover of one
 shard makes its groups answer NOT_LOADED until they are reloaded, while the other groups
-answer on. Each worker keeps a floor per group. Verdicts are never kept on a Cluster
-(every check asks Redis): the revocation feed's ordering argument needs one subscription
-per primary, probed on its own, which is not built.
+answer on. Each worker keeps a floor per group. Every write publishes what it covers on
+its group's channel {tag}revoked (SPUBLISH, in the write's transaction), and verdicts are
+kept per primary as cluster_feed.py explains.
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ from service.store.blocklist import (
     State,
     TokenRef,
     Verdict,
+    _subject,
     parse_run_id,
     session_started_ms,
 )
+from service.store.cluster_feed import ClusterFeed
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.redis_target import connect_cluster, node_name
-from service.store.revocation_feed import RevocationFeed
+from service.store.revocation_feed import RevocationFeed, message
 
 # What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
 FAILURES = (RedisError, RedisClusterException)
 
-# FINISH_LOAD_SCRIPT without the announcement: no worker keeps verdicts on a Cluster.
+# FINISH_LOAD_SCRIPT for one group: its announcement goes on the group's own channel.
 FINISH_GROUP_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -65,8 +67,12 @@ if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[3]) then
   redis.call('SET', KEYS[3], ARGV[3])
 end
 redis.call('DEL', KEYS[1])
+redis.call('SPUBLISH', KEYS[4], ARGV[4])
 return 1
 """
+
+# The channel is passed as a key so that the client sends it to the node of its slot.
+ANNOUNCE_SCRIPT = "return redis.call('SPUBLISH', KEYS[1], ARGV[1])"
 
 
 class ClusterBlocklist(RedisBlocklist):
@@ -79,6 +85,7 @@ class ClusterBlocklist(RedisBlocklist):
         self._run_ids: dict[str, str] = {}
         self._cluster: RedisCluster | None = None
         self._script: AsyncScript | None = None
+        self._feeds: ClusterFeed | None = None
 
     def key(self, group: int, name: str) -> str:
         """A key of the group's layout."""
@@ -128,8 +135,51 @@ class ClusterBlocklist(RedisBlocklist):
         return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
 
     def _current_feed(self) -> RevocationFeed | None:
-        """Never a feed: every check asks Redis (see the module's docstring)."""
+        """Not the single-server feed: see _cluster_feed."""
         return None
+
+    def _cluster_feed(self) -> ClusterFeed | None:
+        """The per-primary subscriptions, unless verdicts are never kept (or no client yet)."""
+        if not self._propagation or self._cluster is None:
+            return None
+        if self._feeds is None:
+            self._feeds = ClusterFeed(
+                self._cluster,
+                self._target,
+                channel=lambda group: self.key(group, "revoked"),
+                on_group_seq=self.raise_group_floor,
+                window=self._propagation,
+                timeout=self._timeout,
+                size=self._kept_verdicts,
+            )
+        return self._feeds
+
+    def known(self, ref: TokenRef) -> Verdict | None:
+        """The verdict kept since the last revocation that could change it, if any; no I/O."""
+        feeds = self._cluster_feed()
+        if feeds is None:
+            return None
+        _, kept = feeds.lookup(group_of(ref.sub), ref)
+        return None if kept is None else Verdict(kept)
+
+    async def check(self, ref: TokenRef) -> Verdict:
+        """A verdict kept on the subscription to the group's node, else one EVALSHA."""
+        group = group_of(ref.sub)
+        feeds = self._cluster_feed()
+        feed = None
+        generation = 0
+        if feeds is not None:
+            feed, kept = feeds.lookup(group, ref)
+            if kept is not None:
+                return Verdict(kept)
+            if feed is not None and feed.holds(group):
+                generation = feed.cache.generation
+            else:
+                feed = None
+        verdict = await self._ask(ref)
+        if feed is not None and verdict is not Verdict.NOT_LOADED and feed.holds(group):
+            feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
+        return verdict
 
     # Floors, one per group.
 
@@ -194,7 +244,12 @@ class ClusterBlocklist(RedisBlocklist):
     # Writes.
 
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
-        """Write revocations, one transaction per group; in force once this returns."""
+        """Write revocations, one transaction per group; in force once this returns.
+
+        Each transaction announces its entries on the group's channel; with kept verdicts,
+        this returns the window after the last one, past which no worker trusts a verdict
+        kept before it (see cluster_feed.py).
+        """
         by_group: dict[int, list[Entry]] = defaultdict(list)
         for entry in entries:
             for group in self._groups_of(entry):
@@ -208,11 +263,16 @@ class ClusterBlocklist(RedisBlocklist):
                     self._queue_group(pipe, group, group_entries)
                     if seq is not None:
                         pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
+                    announcement = message(map(_subject, group_entries), seq or 0)
+                    channel = self.key(group, "revoked")
+                    pipe.eval(ANNOUNCE_SCRIPT, 1, channel, announcement)
                     await pipe.execute()
         except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
         for group in by_group:
             self.raise_group_floor(group, seq)
+        if self._propagation:
+            await asyncio.sleep(self._propagation)
 
     def _queue_group(self, pipe: ClusterPipeline, group: int, entries: list[Entry]) -> None:
         """Queue one group's entries: one HSET and EXPIREAT per bucket, a script per cutoff."""
@@ -269,9 +329,10 @@ class ClusterBlocklist(RedisBlocklist):
                 if node.name not in run_ids:
                     info = await client.execute_command("INFO", "server", target_nodes=node)
                     run_ids[node.name] = _run_id(info)
-                keys = [self.key(group, name) for name in ("rebuild-lock", "ready", "seq")]
-                finish = (token, run_ids[node.name], seqs[group])
-                if await client.eval(FINISH_GROUP_SCRIPT, 3, *keys, *finish):
+                names = ("rebuild-lock", "ready", "seq", "revoked")
+                keys = [self.key(group, name) for name in names]
+                finish = (token, run_ids[node.name], seqs[group], message(None, seqs[group]))
+                if await client.eval(FINISH_GROUP_SCRIPT, 4, *keys, *finish):
                     done.add(group)
                     self.raise_group_floor(group, seqs[group])
         except FAILURES as exc:
@@ -362,7 +423,10 @@ class ClusterBlocklist(RedisBlocklist):
         return "noeviction"
 
     async def close(self) -> None:
-        """Close the cluster client."""
+        """Stop the subscriptions and close the cluster client."""
+        if self._feeds is not None:
+            await self._feeds.close()
+            self._feeds = None
         if self._cluster is not None:
             await self._cluster.aclose()
             self._cluster = None
