@@ -7,10 +7,13 @@ import base64
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -18,14 +21,16 @@ import pytest
 from redis.crc import key_slot
 
 from service.config import Settings
-from service.store.blocklist import Kind, TokenRef
+from service.store.blocklist import Entry, Kind, TokenRef, Verdict
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.groups import GROUPS, group_of, group_tags
+from tests.blocklist_helpers import durable, new_ref
 from tests.conftest import Session, login, make_settings, register, serve_in_process
 from tests.servers import RedisClusterGroup
 
 PASSWORD = "correct horse battery"
 PREFIX = "cluster:"
+WINDOW = 0.025
 
 
 def test_groups_spread_evenly_over_the_slots() -> None:
@@ -66,19 +71,151 @@ def sub_of(session: Session) -> str:
     return str(claims["sub"])
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisClusterGroup]:
-    """Three primaries with a replica each, of this test's own."""
+def _started_cluster(directory: Path) -> Iterator[RedisClusterGroup]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is missing: apt-get install redis-server")
         pytest.skip("redis-server is not installed")
-    group = RedisClusterGroup(tmp_path)
+    group = RedisClusterGroup(directory)
     try:
         group.start()
         yield group
     finally:
         group.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisClusterGroup]:
+    """Three primaries with a replica each, of this test's own."""
+    yield from _started_cluster(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterGroup]:
+    """Three primaries with a replica each, for the tests that kill nothing."""
+    yield from _started_cluster(tmp_path_factory.mktemp("cluster"))
+
+
+def keeping(url: str, prefix: str) -> ClusterBlocklist:
+    """A cluster blocklist whose checks keep verdicts, as a worker's do."""
+    return ClusterBlocklist(
+        url,
+        prefix=prefix,
+        shards=4,
+        bucket_seconds=60,
+        timeout=0.3,
+        max_connections=4,
+        propagation=WINDOW,
+    )
+
+
+async def kept(blocklist: ClusterBlocklist, ref: TokenRef) -> Verdict:
+    """Check ref until the worker keeps its verdict (its node's feed has subscribed)."""
+    deadline = time.monotonic() + 5
+    verdict = await blocklist.check(ref)
+    while blocklist.known(ref) is None:
+        assert time.monotonic() < deadline, "the verdict was never kept"
+        await asyncio.sleep(WINDOW / 4)
+        verdict = await blocklist.check(ref)
+    return verdict
+
+
+def revocations_of(ref: TokenRef) -> list[Entry]:
+    """Each kind of revocation that covers ref, with its user."""
+    return [
+        Entry(Kind.TOKEN, ref.jti, ref.exp, user=ref.sub),
+        Entry(Kind.SESSION, ref.sid, ref.sxp, user=ref.sub),
+        Entry(Kind.USER, ref.sub, ref.sxp, cutoff_ms=int(time.time() * 1000)),
+    ]
+
+
+class OtherWorker:
+    """A cluster blocklist on a thread and loop of its own: another worker."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.blocklist = keeping(url, prefix)
+
+    def add(self, entries: list[Entry]) -> Future[None]:
+        """Revoke on the other worker's loop; the future ends when add() returned there."""
+        return asyncio.run_coroutine_threadsafe(self.blocklist.add(entries), self._loop)
+
+    def close(self) -> None:
+        """Close its connections and stop its thread."""
+        asyncio.run_coroutine_threadsafe(self.blocklist.close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+Workers = tuple[ClusterBlocklist, OtherWorker]
+
+
+@pytest.fixture
+async def workers(
+    shared_cluster: RedisClusterGroup,
+) -> AsyncIterator[tuple[ClusterBlocklist, OtherWorker]]:
+    """Two workers on one loaded cluster blocklist of this test's own prefix."""
+    prefix = f"feed{random.randrange(1 << 30)}:"
+    worker = keeping(shared_cluster.url, prefix)
+    assert await worker.rebuild(durable())
+    other = OtherWorker(shared_cluster.url, prefix)
+    yield worker, other
+    other.close()
+    await worker.close()
+
+
+@pytest.mark.fault
+async def test_a_kept_verdict_is_reused_until_a_revocation_on_a_cluster(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, other = workers
+    asked: list[TokenRef] = []
+    ask = ClusterBlocklist._ask
+
+    async def counted(self: ClusterBlocklist, ref: TokenRef) -> Verdict:
+        asked.append(ref)
+        return await ask(self, ref)
+
+    monkeypatch.setattr(ClusterBlocklist, "_ask", counted)
+    refs = [new_ref() for _ in range(12)]  # users of several groups, so of several primaries
+    for ref in refs:
+        assert await kept(worker, ref) is Verdict.VALID
+    calls = len(asked)
+    for _ in range(20):
+        for ref in refs:
+            assert await worker.check(ref) is Verdict.VALID
+    assert len(asked) == calls
+    await asyncio.wrap_future(other.add(revocations_of(refs[0])[:1]))
+    assert await worker.check(refs[0]) is Verdict.REVOKED
+    for ref in refs[1:]:
+        assert await worker.check(ref) is Verdict.VALID
+    assert len(asked) == calls + 1
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", list(Kind))
+async def test_no_worker_accepts_a_token_once_its_revocation_returned_on_a_cluster(
+    workers: Workers, kind: Kind
+) -> None:
+    """The guarantee, raced: one worker checks without pause while another revokes."""
+    worker, other = workers
+    index = list(Kind).index(kind)
+    for _ in range(10):
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID
+        returned = other.add([revocations_of(ref)[index]])
+        while True:
+            time.sleep(random.uniform(0, WINDOW))
+            done = returned.done()  # from here on, only REVOKED may come back
+            verdict = await worker.check(ref)
+            if done:
+                assert verdict is Verdict.REVOKED
+                break
+            await asyncio.sleep(0)
+        returned.result()
 
 
 async def status(http: httpx.AsyncClient, token: str) -> int:

@@ -373,14 +373,13 @@ class ClusterBlocklist(RedisBlocklist):
                     pipe.get(self.key(group, "seq"))
                 values = await pipe.execute()
             run_ids: dict[str, str] = {}
-            for node in client.get_primaries():
-                info = await client.execute_command("INFO", "server", target_nodes=node)
-                run_ids[node.name] = _run_id(info)
+            for primary in client.get_primaries():
+                info = await client.execute_command("INFO", "server", target_nodes=primary)
+                run_ids[primary.name] = _run_id(info)
             states = []
             for group in range(GROUPS):
                 ready, seq = values[2 * group], values[2 * group + 1]
-                node = client.get_node_from_key(self.key(group, "ready"))
-                expected = run_ids.get(node.name, "") if node is not None else ""
+                expected = run_ids.get(self._node_of(client, self.key(group, "ready")), "")
                 loaded = isinstance(ready, bytes) and bool(expected) and ready.decode() == expected
                 states.append(State(loaded=loaded, seq=int(seq or 0)))
         except FAILURES as exc:
