@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from redis.crc import key_slot
 
@@ -227,6 +228,7 @@ async def status(http: httpx.AsyncClient, token: str) -> int:
 @pytest.mark.fault
 async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
     settings: Settings,
+    database_url: str,
     cluster: RedisClusterGroup,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -251,6 +253,14 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         assert await status(http, kept.access) == 200
         assert (await http.post("/auth/logout", headers=late.bearer())).status_code == 204
         assert await status(http, late.access) == 401
+        # The durable record knows whose tokens each logout covers, and so their group.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            recorded = conn.execute(
+                "SELECT count(*), min(user_group), max(user_group) FROM revocations "
+                "WHERE kind = 'session' AND user_id = %s",
+                (sub_of(kept),),
+            ).fetchone()
+        assert recorded == (2, group, group)
 
         # Another user whose group lives on another primary.
         for _ in range(20):
