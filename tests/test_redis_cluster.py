@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import redis
 from redis.crc import key_slot
 
 from service.config import Settings
@@ -26,7 +27,16 @@ from service.store.blocklist import Entry, Kind, TokenRef, Verdict
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.groups import GROUPS, group_of, group_tags
 from tests.blocklist_helpers import durable, new_ref
-from tests.conftest import Session, login, make_settings, register, serve_in_process
+from tests.conftest import (
+    README,
+    Session,
+    documented_acl,
+    for_user,
+    login,
+    make_settings,
+    register,
+    serve_in_process,
+)
 from tests.servers import RedisClusterGroup
 
 PASSWORD = "correct horse battery"
@@ -321,3 +331,35 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         assert await status(http, kept.access) == 401
         assert await status(http, other.access) == 200
         assert (await login(http, username, PASSWORD)).access
+
+
+CLUSTER_ACL = re.compile(
+    r"On a Redis Cluster the same user needs, on every node, also:\s*`([^`]+)`"
+)
+
+
+@pytest.mark.fault
+async def test_the_documented_acl_with_its_cluster_rights_is_enough(
+    shared_cluster: RedisClusterGroup,
+) -> None:
+    found = CLUSTER_ACL.search(README.read_text())
+    assert found, "the README gives no Cluster rights"
+    prefix = f"acl{random.randrange(1 << 30)}:"
+    rights = for_user([*documented_acl(), *found[1].split()], "authsvc-c", "pw-c", prefix)
+    for port in shared_cluster.ports:
+        admin = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            admin.execute_command(*rights)
+        finally:
+            admin.close()
+    url = shared_cluster.url.replace("redis+cluster://", "redis+cluster://authsvc-c:pw-c@")
+    worker = keeping(url, prefix)
+    try:
+        assert await worker.rebuild(durable())
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID  # the sharded feed subscribed
+        await worker.add(revocations_of(ref)[:1])
+        assert await worker.check(ref) is Verdict.REVOKED
+        assert all(state.loaded for state in await worker.group_states())
+    finally:
+        await worker.close()
