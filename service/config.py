@@ -271,6 +271,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _prefix_suits_a_cluster(self) -> Settings:
+        if self.redis_url is not None and ("{" in self.redis_prefix or "}" in self.redis_prefix):
+            from service.store.redis_target import Topology, parse_target
+
+            if parse_target(self.redis_url).topology is Topology.CLUSTER:
+                # Braces would become the keys' hash tag and put every key in one slot.
+                raise ValueError("REDIS_PREFIX may not hold { or } with a Redis Cluster")
+        return self
+
+    @model_validator(mode="after")
     def _key_files_are_readable(self) -> Settings:
         if self.jwt_algorithm != "HS256":
             if self.jwt_private_key_file is not None:

@@ -356,3 +356,122 @@ class SentinelGroup:
                 process.kill()
                 process.wait()
         self.processes.clear()
+
+
+class RedisClusterGroup:
+    """Three primaries, each with one replica, on free loopback ports, without persistence.
+
+    A primary that answers nothing for node_timeout_ms is called failed by the others and
+    its replica takes over. Slots of a failed primary make only their own keys refuse
+    (cluster-require-full-coverage no).
+    """
+
+    def __init__(self, directory: Path, *, node_timeout_ms: int = 1000) -> None:
+        self.directory = directory
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [free_port() for _ in range(6)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL for the service: every node, of which any one that answers will do."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
+
+    def start(self) -> None:
+        """Start six nodes, make them a cluster (a replica each), wait until every node agrees."""
+        for port in self.ports:
+            self.processes[port] = start_redis_process(
+                "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.directory / f"nodes-{port}.conf"),
+                "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-require-full-coverage", "no",
+                "--save", "", "--appendonly", "no",
+            )  # fmt: skip
+        for port in self.ports:
+            wait_for_redis(port)
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stdout.decode(errors="replace")[-2000:]
+        self.wait_until_healthy()
+
+    def nodes(self) -> list[dict[str, str]]:
+        """CLUSTER NODES as the first node that answers sees it: port, role and flags."""
+        for port in self.processes:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+            try:
+                text = client.execute_command("CLUSTER", "NODES")
+            except redis.ConnectionError:
+                continue
+            finally:
+                client.close()
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            rows = []
+            for line in text.splitlines():
+                fields = line.split()
+                address = fields[1].split("@", 1)[0]
+                rows.append({"port": address.rsplit(":", 1)[1], "flags": fields[2]})
+            return rows
+        raise AssertionError("no cluster node answers")
+
+    def primaries(self) -> list[int]:
+        """Ports of the primaries that are not marked failed."""
+        return sorted(
+            int(row["port"])
+            for row in self.nodes()
+            if "master" in row["flags"] and "fail" not in row["flags"]
+        )
+
+    def wait_until_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every live node says the cluster is ok and every primary has a replica."""
+        deadline = time.monotonic() + timeout
+        while True:
+            healthy = True
+            for port in self.processes:
+                client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+                try:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    info = info.decode() if isinstance(info, bytes) else str(info)
+                    replication = client.info("replication")
+                finally:
+                    client.close()
+                if "cluster_state:ok" not in info:
+                    healthy = False
+                elif replication.get("role") == "master" and port in self.primaries():
+                    healthy = healthy and int(replication.get("connected_slaves", 0)) >= 1
+                elif replication.get("role") == "slave":
+                    healthy = healthy and replication.get("master_link_status") == "up"
+            if healthy:
+                return
+            assert time.monotonic() < deadline, "the cluster never became healthy"
+            time.sleep(0.1)
+
+    def port_of_key(self, key: str) -> int:
+        """The port of the primary that holds key's slot now."""
+        client = redis.Redis(host="127.0.0.1", port=next(iter(self.processes)), socket_timeout=1)
+        try:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
+        finally:
+            client.close()
+        raise AssertionError(f"slot of {key!r} is not served")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on that port: what it had not replicated is lost."""
+        process = self.processes.pop(port)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        """Stop every process for good."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.processes.clear()

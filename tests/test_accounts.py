@@ -567,7 +567,7 @@ def test_the_migration_gives_way_to_a_live_table(postgres_server: str, tmp_path:
             )
         holder = psycopg.connect(url)
         holder.execute("SELECT count(*) FROM users")  # a long transaction on the table
-        migrating = threading.Thread(target=upgrade, args=(own,))
+        migrating = threading.Thread(target=upgrade, args=(own, "0005"))
         migrating.start()
         try:
             time.sleep(0.5)

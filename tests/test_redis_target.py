@@ -1,4 +1,4 @@
-"""REDIS_URL: one server or a Sentinel-managed primary, read as redis-py will use it."""
+"""REDIS_URL: one server, a Sentinel-managed primary or a Cluster, read as redis-py will."""
 
 from __future__ import annotations
 
@@ -50,3 +50,32 @@ def test_unusable_urls_are_refused_at_start_up_without_echoing_them(url: str, re
     with pytest.raises(ConfigError, match=reason) as refused:
         load_settings(**BASE, redis_url=url.replace("h:", "user:secret@h:", 1))
     assert "secret" not in str(refused.value)
+
+
+def test_a_cluster_url_names_its_nodes_and_credentials() -> None:
+    target = parse_target("redis+cluster://app:p%40ss@10.0.0.1:7000,[::1]:7001,n3/")
+    assert target.topology is Topology.CLUSTER
+    assert target.nodes == (("10.0.0.1", 7000), ("::1", 7001), ("n3", 6379))
+    assert (target.username, target.password, target.ssl) == ("app", "p@ss", False)
+    assert "p@ss" not in repr(target)
+    assert parse_target("rediss+cluster://h:7000").ssl
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+cluster:///", "names no node"),
+        ("redis+cluster://h:7000/2", "database 0 only"),
+        ("redis+cluster://h:port/", "is not host:port"),
+    ],
+)
+def test_unusable_cluster_urls_are_refused_without_echoing_them(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as refused:
+        load_settings(**BASE, redis_url=url.replace("h:", "user:secret@h:", 1))
+    assert "secret" not in str(refused.value)
+
+
+def test_a_prefix_with_braces_is_refused_on_a_cluster_only() -> None:
+    with pytest.raises(ConfigError, match="REDIS_PREFIX"):
+        load_settings(**BASE, redis_url="redis+cluster://h:7000/", redis_prefix="a{b}:")
+    load_settings(**BASE, redis_url="redis://h:6379/0", redis_prefix="a{b}:")

@@ -133,13 +133,14 @@ async def _audited(revocation: Awaitable[None], event: str, user_id: str, sid: s
 async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
     """Revoke every token of one session, durably and in the blocklist."""
     async with store.revoking() as (session, revocations):
-        expires_at = await session_store.close_session(session, sid=sid, reason=reason)
+        expires_at, user_id = await session_store.close_session(session, sid=sid, reason=reason)
         until = (
             int(expires_at.timestamp())
             if expires_at
             else int(time.time()) + store.settings.refresh_token_ttl
         )
-        revocations.append(Entry(kind=Kind.SESSION, subject=sid, expires_at=until))
+        user = None if user_id is None else str(user_id)
+        revocations.append(Entry(kind=Kind.SESSION, subject=sid, expires_at=until, user=user))
         metrics.revoked(reason)  # counted once recorded, also if Redis then fails (202)
 
 

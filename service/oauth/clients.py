@@ -158,8 +158,13 @@ async def delete_client(*, store: Store, client_id: str) -> bool:
         grants = await grant_store.live_grants_of_client(session, client_id=client_id)
     if grants:
         await store.revoke(
-            Entry(kind=Kind.SESSION, subject=grant_id, expires_at=int(expires.timestamp()))
-            for grant_id, expires in grants
+            Entry(
+                kind=Kind.SESSION,
+                subject=grant_id,
+                expires_at=int(expires.timestamp()),
+                user=sub,
+            )
+            for grant_id, expires, sub in grants
         )
     async with store.db.session() as session:
         deleted = await client_store.delete_client(session, client_id=client_id)

@@ -65,7 +65,12 @@ class RevocationEndpoint(_RevocationEndpoint):  # type: ignore[misc]
         elif not token.is_expired():
             claims = token.claims
             bridge.run(
-                families.revoke_access_token(store=store, jti=claims["jti"], exp=int(claims["exp"]))
+                families.revoke_access_token(
+                    store=store,
+                    jti=claims["jti"],
+                    exp=int(claims["exp"]),
+                    sub=str(claims["sub"]) if claims.get("sub") is not None else None,
+                )
             )
 
 

@@ -159,20 +159,20 @@ async def find_refresh_token(*, store: Store, token: str) -> RefreshToken | None
 async def revoke_family(*, store: Store, grant_id: str, reason: str) -> None:
     """Revoke a grant: its refresh tokens in PostgreSQL, its access tokens by sid."""
     async with store.db.session() as session:
-        expires_at = await grant_store.revoke_grant(session, grant_id=grant_id, reason=reason)
+        expires_at, sub = await grant_store.revoke_grant(session, grant_id=grant_id, reason=reason)
     metrics.revoked(reason)  # recorded: the grant's row says so from here on
     until = (
         int(expires_at.timestamp())
         if expires_at
         else int(time.time()) + store.settings.refresh_token_ttl
     )
-    await store.revoke([Entry(kind=Kind.SESSION, subject=grant_id, expires_at=until)])
+    await store.revoke([Entry(kind=Kind.SESSION, subject=grant_id, expires_at=until, user=sub)])
 
 
-async def revoke_access_token(*, store: Store, jti: str, exp: int) -> None:
-    """Revoke one access token by jti until it expires."""
+async def revoke_access_token(*, store: Store, jti: str, exp: int, sub: str | None = None) -> None:
+    """Revoke one access token (of subject sub) by jti until it expires."""
     async with store.revoking() as (_, revocations):
-        revocations.append(Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp))
+        revocations.append(Entry(kind=Kind.TOKEN, subject=jti, expires_at=exp, user=sub))
         metrics.revoked("revoked")
 
 

@@ -24,10 +24,18 @@ from service.store.blocklist import (
     TokenRef,
     Verdict,
 )
+from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
-from service.store.revocations import latest_seq, purge_expired, record, stream_active
+from service.store.redis_target import Topology, parse_target
+from service.store.revocations import (
+    latest_group_seqs,
+    latest_seq,
+    purge_expired,
+    record,
+    stream_active,
+)
 
 RECOVERY_INTERVAL = 0.5
 VERIFY_INTERVAL = 1.0
@@ -147,6 +155,8 @@ class Store:
         An older copy is first marked not loaded, so every worker fails closed meanwhile;
         then what it may lack is written again, streamed in batches.
         """
+        if isinstance(self.blocklist, ClusterBlocklist):
+            return await self._recover_groups(self.blocklist)
         doubts = self._doubts
         # The floor as it was before Redis is read: a write answered while it is read
         # raises the floor past the seq read, and Redis would seem to have gone back.
@@ -185,12 +195,62 @@ class Store:
             )
         return done
 
+    async def _recover_groups(self, blocklist: ClusterBlocklist) -> bool:
+        """recover, group by group, on a Redis Cluster: only groups that may lack one reload.
+
+        Each group has its own ready, seq and floor, and PostgreSQL its own highest number
+        per group; a failover of one shard leaves the groups of the others loaded.
+        """
+        doubts = self._doubts
+        floors = blocklist.floors()  # before Redis is read (see recover)
+        states = await blocklist.group_states()
+        async with self.db.session() as session:
+            latest = await latest_group_seqs(session)
+            settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
+        stale: dict[int, int] = {}
+        went_back: list[int] = []
+        for group, state in enumerate(states):
+            back = state.seq < max(floors[group], settled[group])
+            if state.loaded and not back and state.seq >= latest[group]:
+                blocklist.raise_group_floor(group, state.seq)
+                continue
+            stale[group] = state.seq
+            if back and state.loaded:
+                went_back.append(group)
+        if not stale:
+            self._cleared(doubts)
+            return True
+        if went_back:
+            log.error(
+                "Redis lost revocations in %d groups of users: reloading them, their checks "
+                "fail closed until then",
+                len(went_back),
+            )
+            await blocklist.invalidate_groups(went_back)
+        started = time.monotonic()
+        async with self.db.session() as session:
+            entries = stream_active(session, after_seq=min(stale.values()), groups=stale)
+            done = await blocklist.rebuild_groups(entries, {g: latest[g] for g in stale})
+        if done != set(stale):
+            return False
+        self._cleared(doubts)
+        log.log(
+            logging.WARNING if went_back else logging.INFO,
+            "blocklist loaded from the durable record into %d groups in %.2f s",
+            len(done),
+            time.monotonic() - started,
+        )
+        return True
+
     def _cleared(self, doubts: int) -> None:
         with self._recovery_lock:
             self._doubts_cleared = max(self._doubts_cleared, doubts)
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""
+        if isinstance(self.blocklist, ClusterBlocklist):
+            await self._verify_groups(self.blocklist)
+            return
         floor = self.blocklist.floor  # before Redis is read (see recover)
         state = await self.blocklist.state()
         async with self.db.session() as session:
@@ -200,6 +260,22 @@ class Store:
             await self.recover()
         else:
             self.blocklist.raise_floor(state.seq)
+
+    async def _verify_groups(self, blocklist: ClusterBlocklist) -> None:
+        """verify, group by group (see _recover_groups)."""
+        floors = blocklist.floors()
+        states = await blocklist.group_states()
+        async with self.db.session() as session:
+            settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
+        behind = self._doubts != self._doubts_cleared
+        if behind or any(
+            not state.loaded or state.seq < max(floors[group], settled[group])
+            for group, state in enumerate(states)
+        ):
+            await self.recover()
+            return
+        for group, state in enumerate(states):
+            blocklist.raise_group_floor(group, state.seq)
 
     async def warm_up(self) -> None:
         """Connect to both backends and make sure the blocklist holds every revocation."""
@@ -249,7 +325,8 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str
 def _make_blocklist(settings: Settings) -> Blocklist:
     if settings.redis_url is None:
         return MemoryBlocklist()
-    return RedisBlocklist(
+    cluster = parse_target(settings.redis_url).topology is Topology.CLUSTER
+    return (ClusterBlocklist if cluster else RedisBlocklist)(
         settings.redis_url,
         prefix=settings.redis_prefix,
         shards=settings.revocation_shards,

@@ -116,12 +116,23 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One revocation; expires_at is when every token it covers has expired (epoch s)."""
+    """One revocation; expires_at is when every token it covers has expired (epoch s).
+
+    user is the sub of the tokens it covers (a user revocation's is its subject): on a
+    Redis Cluster it picks the keys' group. None where unknown: the entry then goes to
+    every group.
+    """
 
     kind: Kind
     subject: str
     expires_at: int
     cutoff_ms: int | None = None
+    user: str | None = None
+
+    @property
+    def owner(self) -> str | None:
+        """The user whose tokens this entry covers, if known."""
+        return self.subject if self.kind is Kind.USER else self.user
 
 
 class TokenRef(NamedTuple):

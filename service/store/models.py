@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     MetaData,
+    SmallInteger,
     String,
     TypeDecorator,
 )
@@ -102,6 +103,7 @@ class Revocation(Base):
     __table_args__ = (
         Index("ix_revocations_expires_at", "expires_at"),
         Index("ix_revocations_seq", "seq"),
+        Index("ix_revocations_user_group_seq", "user_group", "seq"),
     )
 
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -112,3 +114,8 @@ class Revocation(Base):
     # PostgreSQL numbers every write from a sequence; Redis keeps the highest number it
     # holds, so a Redis that lost writes shows it (see blocklist.py). NULL on SQLite.
     seq: Mapped[int | None] = mapped_column(BigInteger(), server_default=FetchedValue())
+    # The user (sub) of the tokens it covers, and that user's group (groups.py), which
+    # places it on a Redis Cluster. NULL where unknown (rows recorded before they were
+    # kept, some OAuth grants): such a row is loaded into every group.
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    user_group: Mapped[int | None] = mapped_column(SmallInteger())

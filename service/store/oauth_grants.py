@@ -7,6 +7,7 @@ token is spent in the same transaction that stores its successor.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -160,8 +161,13 @@ async def find_refresh_token(
     return None if row is None else (row[0], row[1])
 
 
-async def revoke_grant(session: AsyncSession, *, grant_id: str, reason: str) -> datetime | None:
-    """Revoke a grant and its refresh tokens; returns when its last token expires."""
+async def revoke_grant(
+    session: AsyncSession, *, grant_id: str, reason: str
+) -> tuple[datetime | None, str | None]:
+    """Revoke a grant and its refresh tokens; returns when its last token expires, and sub.
+
+    sub is what the grant's tokens carry as their subject: its user, or its client.
+    """
     now = utcnow()
     await session.execute(
         update(OAuthGrant)
@@ -173,21 +179,35 @@ async def revoke_grant(session: AsyncSession, *, grant_id: str, reason: str) -> 
         .where(OAuthRefreshToken.grant_id == grant_id, OAuthRefreshToken.revoked_at.is_(None))
         .values(revoked_at=now)
     )
-    return await session.scalar(select(OAuthGrant.expires_at).where(OAuthGrant.id == grant_id))
+    row = (
+        await session.execute(
+            select(OAuthGrant.expires_at, OAuthGrant.user_id, OAuthGrant.client_id).where(
+                OAuthGrant.id == grant_id
+            )
+        )
+    ).first()
+    if row is None:
+        return None, None
+    return row.expires_at, grant_subject(row.user_id, row.client_id)
+
+
+def grant_subject(user_id: uuid.UUID | None, client_id: str) -> str:
+    """The sub claim of a grant's tokens: its user's id, or its client's for a client's own."""
+    return str(user_id) if user_id else client_id
 
 
 async def live_grants_of_client(
     session: AsyncSession, *, client_id: str
-) -> list[tuple[str, datetime]]:
-    """Unrevoked, unexpired grants of a client, with their expiry."""
+) -> list[tuple[str, datetime, str]]:
+    """Unrevoked, unexpired grants of a client, with their expiry and their tokens' sub."""
     rows = await session.execute(
-        select(OAuthGrant.id, OAuthGrant.expires_at).where(
+        select(OAuthGrant.id, OAuthGrant.expires_at, OAuthGrant.user_id).where(
             OAuthGrant.client_id == client_id,
             OAuthGrant.revoked_at.is_(None),
             OAuthGrant.expires_at > utcnow(),
         )
     )
-    return [(row.id, row.expires_at) for row in rows]
+    return [(row.id, row.expires_at, grant_subject(row.user_id, client_id)) for row in rows]
 
 
 async def purge_expired(session: AsyncSession) -> int:

@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, or_, select
+from sqlalchemy import case, delete, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.blocklist import Entry, Kind
+from service.store.groups import GROUPS, group_of
 from service.store.models import Revocation, utcnow
 
 SEQUENCE = "revocation_seq"
@@ -36,6 +37,7 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> int | No
                 subject=entry.subject,
                 expires_at=max(entry.expires_at, seen.expires_at),
                 cutoff_ms=max(entry.cutoff_ms or 0, seen.cutoff_ms or 0) or None,
+                user=entry.user or seen.user,
             )
         merged[key] = entry
     now = utcnow()
@@ -46,6 +48,8 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> int | No
             "expires_at": datetime.fromtimestamp(entry.expires_at, UTC),
             "cutoff_ms": entry.cutoff_ms,
             "created_at": now,
+            "user_id": entry.owner,
+            "user_group": None if entry.owner is None else group_of(entry.owner),
         }
         for entry in merged.values()
     ]
@@ -58,6 +62,8 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> int | No
         "expires_at": _greatest(Revocation.expires_at, excluded.expires_at),
         "cutoff_ms": _greatest(Revocation.cutoff_ms, excluded.cutoff_ms),
         "created_at": excluded.created_at,
+        "user_id": func.coalesce(excluded.user_id, Revocation.user_id),
+        "user_group": func.coalesce(excluded.user_group, Revocation.user_group),
     }
     if postgres:
         changes["seq"] = func.nextval(SEQUENCE)
@@ -76,17 +82,26 @@ def _greatest(current: Any, proposed: Any) -> Any:
 
 
 async def stream_active(
-    session: AsyncSession, *, after_seq: int | None = None
+    session: AsyncSession, *, after_seq: int | None = None, groups: Iterable[int] | None = None
 ) -> AsyncIterator[Entry]:
     """Yield every revocation that still covers a usable token, or those Redis may lack.
 
     With after_seq, only those numbered after it, and those recorded up to COMMIT_SKEW
     before it was: numbers are taken at insert, so a transaction that took a lower one
-    may have committed, and reached Redis, after a higher one.
+    may have committed, and reached Redis, after a higher one. With groups, only those of
+    these groups of users, and those whose user is unknown (they belong to every group).
     """
     query = select(
-        Revocation.kind, Revocation.subject, Revocation.expires_at, Revocation.cutoff_ms
+        Revocation.kind,
+        Revocation.subject,
+        Revocation.expires_at,
+        Revocation.cutoff_ms,
+        Revocation.user_id,
     ).where(Revocation.expires_at > utcnow())
+    if groups is not None:
+        query = query.where(
+            or_(Revocation.user_group.in_(list(groups)), Revocation.user_group.is_(None))
+        )
     if after_seq:
         recorded = await recorded_at(session, seq=after_seq)
         later = Revocation.seq > after_seq
@@ -95,8 +110,8 @@ async def stream_active(
         query = query.where(later)
     result = await session.stream(query.execution_options(yield_per=STREAM_BATCH))
     async for rows in result.partitions():
-        for kind, subject, expires_at, cutoff_ms in rows:
-            yield Entry(Kind(kind), subject, int(expires_at.timestamp()), cutoff_ms)
+        for kind, subject, expires_at, cutoff_ms, user_id in rows:
+            yield Entry(Kind(kind), subject, int(expires_at.timestamp()), cutoff_ms, user_id)
 
 
 async def latest_seq(session: AsyncSession, *, recorded_before: datetime | None = None) -> int:
@@ -105,6 +120,42 @@ async def latest_seq(session: AsyncSession, *, recorded_before: datetime | None 
     if recorded_before is not None:
         query = query.where(Revocation.created_at < recorded_before)
     return int(await session.scalar(query) or 0)
+
+
+# Per group, the highest number, found by one probe of ix_revocations_user_group_seq.
+GROUP_SEQS = text(
+    """
+    SELECT g.n, (SELECT r.seq FROM revocations r
+                 WHERE r.user_group = g.n AND r.created_at < :before
+                 ORDER BY r.seq DESC LIMIT 1)
+    FROM generate_series(0, CAST(:last AS integer)) AS g(n)
+    """
+)
+UNGROUPED_SEQ = text(
+    """
+    SELECT r.seq FROM revocations r
+    WHERE r.user_group IS NULL AND r.created_at < :before
+    ORDER BY r.seq DESC LIMIT 1
+    """
+)
+
+
+async def latest_group_seqs(
+    session: AsyncSession, *, recorded_before: datetime | None = None
+) -> list[int]:
+    """For each group of users, the highest number of its revocations (see latest_seq).
+
+    A revocation whose user is unknown counts in every group: it is loaded into every one.
+    """
+    before = recorded_before or datetime.max.replace(tzinfo=UTC)
+    if session.get_bind().dialect.name != "postgresql":
+        return [0] * GROUPS  # nothing is numbered
+    rows = await session.execute(GROUP_SEQS, {"before": before, "last": GROUPS - 1})
+    seqs = [0] * GROUPS
+    for group, seq in rows:
+        seqs[group] = int(seq or 0)
+    ungrouped = int(await session.scalar(UNGROUPED_SEQ, {"before": before}) or 0)
+    return [max(seq, ungrouped) for seq in seqs]
 
 
 async def recorded_at(session: AsyncSession, *, seq: int) -> datetime | None:

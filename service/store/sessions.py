@@ -68,19 +68,25 @@ async def rotate(
     )
 
 
-async def close_session(session: AsyncSession, *, sid: str, reason: str) -> datetime | None:
-    """Mark one session revoked; returns its expiry, or None if it was unknown."""
-    expires_at: datetime | None = await session.scalar(
-        update(LoginSession)
-        .where(LoginSession.id == sid, LoginSession.revoked_at.is_(None))
-        .values(revoked_at=utcnow(), revoked_reason=reason)
-        .returning(LoginSession.expires_at)
-    )
-    if expires_at is None:
-        expires_at = await session.scalar(
-            select(LoginSession.expires_at).where(LoginSession.id == sid)
+async def close_session(
+    session: AsyncSession, *, sid: str, reason: str
+) -> tuple[datetime | None, uuid.UUID | None]:
+    """Mark one session revoked; returns its expiry and user, or None if it was unknown."""
+    row = (
+        await session.execute(
+            update(LoginSession)
+            .where(LoginSession.id == sid, LoginSession.revoked_at.is_(None))
+            .values(revoked_at=utcnow(), revoked_reason=reason)
+            .returning(LoginSession.expires_at, LoginSession.user_id)
         )
-    return expires_at
+    ).first()
+    if row is None:
+        row = (
+            await session.execute(
+                select(LoginSession.expires_at, LoginSession.user_id).where(LoginSession.id == sid)
+            )
+        ).first()
+    return (row[0], row[1]) if row is not None else (None, None)
 
 
 async def close_user_sessions(

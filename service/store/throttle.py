@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.config import Settings
-from service.store.redis_target import connect, parse_target
+from service.store.redis_target import Topology, connect, parse_target
 
 Op = Literal["check", "fail", "pass"]
 
@@ -123,10 +123,16 @@ class Throttle(Protocol):
 
 
 class KeyNames:
-    """Redis key names of counters: prefix, kind, counter, then a keyed digest of the subject."""
+    """Redis key names of counters: prefix, kind, counter, then a keyed digest of the subject.
 
-    def __init__(self, prefix: str, secret: str | None) -> None:
+    On a Redis Cluster the kind is the keys' hash tag: one script reads every counter of
+    an attempt, and counters are shared between attempts of one kind (an address's
+    counter meets every username tried from it), so a kind's counters share one slot.
+    """
+
+    def __init__(self, prefix: str, secret: str | None, *, cluster: bool = False) -> None:
         self._prefix = f"{prefix}throttle:"
+        self._cluster = cluster
         self._key = hashlib.sha256(b"authsvc throttle keys\0" + (secret or "").encode()).digest()
 
     def _digest(self, subject: tuple[str, ...]) -> str:
@@ -135,11 +141,14 @@ class KeyNames:
 
     def counter(self, attempt: Attempt, counter: Counter) -> str:
         """The key of one counter."""
-        return f"{self._prefix}{attempt.kind}:{counter.name}:{self._digest(counter.subject)}"
+        return f"{self._prefix}{self._kind(attempt)}:{counter.name}:{self._digest(counter.subject)}"
+
+    def _kind(self, attempt: Attempt) -> str:
+        return f"{{{attempt.kind}}}" if self._cluster else attempt.kind
 
     def known(self, attempt: Attempt) -> str:
         """The key marking the attempt's pair as one that succeeded before."""
-        return f"{self._prefix}{attempt.kind}:known:{self._digest(attempt.known)}"
+        return f"{self._prefix}{self._kind(attempt)}:known:{self._digest(attempt.known)}"
 
 
 class RedisThrottle:
@@ -149,7 +158,7 @@ class RedisThrottle:
         self, url: str, *, prefix: str, secret: str | None, timeout: float, max_connections: int
     ) -> None:
         self._target = parse_target(url)
-        self._names = KeyNames(prefix, secret)
+        self._names = KeyNames(prefix, secret, cluster=self._target.topology is Topology.CLUSTER)
         self._timeout = timeout
         self._max_connections = max_connections
         self._client: aredis.Redis | None = None

@@ -1,0 +1,165 @@
+"""Protected GET throughput and Redis commands per GET: one Redis server vs a 3-primary Cluster.
+
+Starts its own Redis processes on free loopback ports (one server; then three primaries
+with a replica each), a throwaway PostgreSQL database, and the app in process (ASGI, no
+TLS: what differs is the revocation check). Each setup: one user logs in, then
+--concurrency clients GET /api/hello for --seconds. From the primaries' INFO
+commandstats, divided by the GETs: the check scripts run (EVALSHA: one round trip
+each), and every command Redis ran (those inside scripts and background verification
+included).
+
+    PYTHONPATH=. .venv/bin/python bench/cluster.py [--seconds 5] [--concurrency 8]
+
+Sends traffic only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from backends import PG_URL, _admin  # noqa: E402
+
+from tests.servers import (  # noqa: E402
+    RedisClusterGroup,
+    free_port,
+    start_redis_process,
+    wait_for_redis,
+)
+
+PASSWORD = "correct horse battery"
+SECRET_KEY = secrets.token_urlsafe(48)  # one for every run: the database keeps what it sealed
+JWT_SECRET = secrets.token_urlsafe(48)
+
+
+def _settings(database: str, redis_url: str, workdir: Path, propagation_ms: int):
+    from service.config import Environment, Settings
+
+    return Settings(
+        service_env=Environment.PRODUCTION,
+        instance_dir=workdir,
+        database_url=PG_URL.format(name=database),
+        redis_url=redis_url,
+        redis_prefix="bench:",
+        secret_key=SECRET_KEY,
+        jwt_secret=JWT_SECRET,
+        jwt_issuer="https://testserver",
+        password_memory_kib=7168,
+        password_time_cost=1,
+        revocation_propagation_ms=propagation_ms,
+    )
+
+
+def _commands(ports: list[int]) -> tuple[int, int]:
+    """Check scripts run and commands run, summed over the servers on ports."""
+    scripts = total = 0
+    for port in ports:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        for name, values in stats.items():
+            total += int(values["calls"])
+            if name in ("cmdstat_evalsha", "cmdstat_eval"):
+                scripts += int(values["calls"])
+    return scripts, total
+
+
+async def _run(settings, ports: list[int], seconds: float, concurrency: int) -> str:
+    """A table row's numbers: GETs per second, scripts and commands per GET."""
+    from service.server import build_asgi_app
+
+    app = build_asgi_app(settings)
+    await app.startup()
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://testserver")
+    try:
+        username = f"bench_{secrets.token_hex(4)}"
+        created = await http.post(
+            "/auth/register", json={"username": username, "password": PASSWORD}
+        )
+        assert created.status_code == 201, created.text
+        login = await http.post("/auth/login", json={"username": username, "password": PASSWORD})
+        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        assert (await http.get("/api/hello", headers=headers)).status_code == 200
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                response = await http.get("/api/hello", headers=headers)
+                assert response.status_code == 200, response.status_code
+                done += 1
+
+        before = _commands(ports)
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        after = _commands(ports)
+    finally:
+        await http.aclose()
+        await app.shutdown()
+    scripts, commands = (after[i] - before[i] for i in range(2))
+    per_get = max(done, 1)
+    return f"{done / elapsed:,.0f} | {scripts / per_get:.2f} | {commands / per_get:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    from service.store.migrate import upgrade
+
+    database = f"authsvc_bench_cluster_{secrets.token_hex(4)}"
+    asyncio.run(_admin(f'CREATE DATABASE "{database}"'))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        single = start_redis_process(
+            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"
+        )  # fmt: skip
+        cluster = RedisClusterGroup(workdir)
+        try:
+            wait_for_redis(port)
+            upgrade(_settings(database, f"redis://127.0.0.1:{port}/0", workdir, 0))
+            single_url = f"redis://127.0.0.1:{port}/0"
+            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
+                settings = _settings(database, single_url, workdir, propagation)
+                numbers = asyncio.run(_run(settings, [port], args.seconds, args.concurrency))
+                rows.append(f"| one server, {label} | {numbers} |")
+            cluster.start()
+            primaries = cluster.primaries()
+            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
+                settings = _settings(database, cluster.url, workdir, propagation)
+                numbers = asyncio.run(_run(settings, primaries, args.seconds, args.concurrency))
+                rows.append(f"| 3-primary Cluster, {label} | {numbers} |")
+        finally:
+            cluster.stop()
+            single.kill()
+            single.wait()
+            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    print(
+        f"\nbench/cluster.py --seconds {args.seconds} --concurrency {args.concurrency}\n\n"
+        "| Redis | protected GETs/s | check scripts per GET | Redis commands per GET |\n"
+        "| --- | ---: | ---: | ---: |"
+    )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

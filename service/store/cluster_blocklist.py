@@ -1,0 +1,457 @@
+"""The revocation blocklist on a Redis Cluster: the single-server layout, once per group.
+
+Users fall into groups (service/store/groups.py); each group has the whole layout of
+blocklist.py under its own hash tag, so every key one check reads, and every key one
+write changes, sits in one slot:
+
+  {tag}ready, {tag}seq, {tag}rebuild-lock
+  {tag}r:<bucket>:<shard>, {tag}s:<bucket>:<shard>, {tag}u:<user id>
+
+A group's ready names the run_id of the node that holds its slot: a failover of one
+shard makes its groups answer NOT_LOADED until they are reloaded, while the other groups
+answer on. Each worker keeps a floor per group. Every write publishes what it covers on
+its group's channel {tag}revoked (SPUBLISH, in the write's transaction), and verdicts are
+kept per primary as cluster_feed.py explains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterable, Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+
+from service.store.blocklist import (
+    BREAKER_SECONDS,
+    CHECK_SCRIPT,
+    EXTEND_LOCK_SCRIPT,
+    LOAD_BATCH,
+    RAISE_CUTOFF_SCRIPT,
+    RAISE_SEQ_SCRIPT,
+    REBUILD_LOCK_SECONDS,
+    BlocklistUnavailable,
+    Entry,
+    Kind,
+    RedisBlocklist,
+    State,
+    TokenRef,
+    Verdict,
+    _subject,
+    parse_run_id,
+    session_started_ms,
+)
+from service.store.cluster_feed import ClusterFeed
+from service.store.groups import GROUPS, group_of, group_tags
+from service.store.redis_target import connect_cluster, node_name
+from service.store.revocation_feed import RevocationFeed, message
+
+# What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
+FAILURES = (RedisError, RedisClusterException)
+
+# FINISH_LOAD_SCRIPT for one group: its announcement goes on the group's own channel.
+FINISH_GROUP_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[3], ARGV[3])
+end
+redis.call('DEL', KEYS[1])
+redis.call('SPUBLISH', KEYS[4], ARGV[4])
+return 1
+"""
+
+# The channel is passed as a key so that the client sends it to the node of its slot.
+ANNOUNCE_SCRIPT = "return redis.call('SPUBLISH', KEYS[1], ARGV[1])"
+
+
+class ClusterBlocklist(RedisBlocklist):
+    """Blocklist on a Redis Cluster, its keys grouped by user; one RedisCluster per worker."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._tags = group_tags()
+        self._floors = [0] * GROUPS
+        self._run_ids: dict[str, str] = {}
+        self._cluster: RedisCluster | None = None
+        self._script: AsyncScript | None = None
+        self._feeds: ClusterFeed | None = None
+
+    def key(self, group: int, name: str) -> str:
+        """A key of the group's layout."""
+        return f"{self._prefix}{{{self._tags[group]}}}{name}"
+
+    def group_bucket_key(self, group: int, kind: Kind, subject: str, expires_at: int) -> str:
+        """The hash of the group that holds subject (see RedisBlocklist.bucket_key)."""
+        return self.key(group, self.bucket_key(kind, subject, expires_at)[len(self._prefix) :])
+
+    def _groups_of(self, entry: Entry) -> Sequence[int]:
+        """The groups an entry goes to: its user's, or every group when the user is unknown."""
+        owner = entry.owner
+        return range(GROUPS) if owner is None else (group_of(owner),)
+
+    async def _client(self) -> RedisCluster:
+        """The cluster client, made on first use and knowing the slots."""
+        if self._cluster is None:
+            self._cluster = connect_cluster(
+                self._target,
+                timeout=self._timeout,
+                max_connections=self._max_connections,
+                health_check_interval=30,
+                redis_connect_func=self._on_node_connect,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._script = self._cluster.register_script(CHECK_SCRIPT)
+        try:
+            await self._cluster.initialize()
+        except FAILURES as exc:
+            raise self._unreachable(exc) from exc
+        return self._cluster
+
+    async def _on_node_connect(self, connection: aredis.connection.AbstractConnection) -> None:
+        """Learn each node's run_id on every new connection to it: a restart shows up here."""
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        self._run_ids[node_name(connection)] = _run_id(await connection.read_response())
+
+    def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
+        if not self._down_until and self._cluster is not None:
+            # As on one server: start afresh on every node rather than fail once per
+            # stale connection.
+            loop = asyncio.get_running_loop()
+            for node in self._cluster.get_nodes():
+                self._closing.add(loop.create_task(_disconnect(node)))
+        self._down_until = time.monotonic() + BREAKER_SECONDS
+        return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+
+    def _current_feed(self) -> RevocationFeed | None:
+        """Not the single-server feed: see _cluster_feed."""
+        return None
+
+    def _cluster_feed(self) -> ClusterFeed | None:
+        """The per-primary subscriptions, unless verdicts are never kept (or no client yet)."""
+        if not self._propagation or self._cluster is None:
+            return None
+        if self._feeds is None:
+            self._feeds = ClusterFeed(
+                self._cluster,
+                self._target,
+                channel=lambda group: self.key(group, "revoked"),
+                on_group_seq=self.raise_group_floor,
+                window=self._propagation,
+                timeout=self._timeout,
+                size=self._kept_verdicts,
+            )
+        return self._feeds
+
+    def known(self, ref: TokenRef) -> Verdict | None:
+        """The verdict kept since the last revocation that could change it, if any; no I/O."""
+        feeds = self._cluster_feed()
+        if feeds is None:
+            return None
+        _, kept = feeds.lookup(group_of(ref.sub), ref)
+        return None if kept is None else Verdict(kept)
+
+    async def check(self, ref: TokenRef) -> Verdict:
+        """A verdict kept on the subscription to the group's node, else one EVALSHA."""
+        group = group_of(ref.sub)
+        feeds = self._cluster_feed()
+        feed = None
+        generation = 0
+        if feeds is not None:
+            feed, kept = feeds.lookup(group, ref)
+            if kept is not None:
+                return Verdict(kept)
+            if feed is not None and feed.holds(group):
+                generation = feed.cache.generation
+            else:
+                feed = None
+        verdict = await self._ask(ref)
+        if feed is not None and verdict is not Verdict.NOT_LOADED and feed.holds(group):
+            feed.cache.keep(ref, verdict, generation, revocable=verdict is Verdict.VALID)
+        return verdict
+
+    # Floors, one per group.
+
+    def floors(self) -> list[int]:
+        """A copy of the floor of every group."""
+        return list(self._floors)
+
+    def raise_group_floor(self, group: int, seq: int | None) -> None:
+        """Note that the group held seq."""
+        if seq is not None and seq > self._floors[group]:
+            self._floors[group] = seq
+
+    @property
+    def floor(self) -> int:
+        """The lowest floor of any group (the per-group floors are what checks demand)."""
+        return min(self._floors)
+
+    def raise_floor(self, seq: int | None) -> None:
+        """Note that every group held seq (a load of every group)."""
+        for group in range(GROUPS):
+            self.raise_group_floor(group, seq)
+
+    # Checks.
+
+    def _check_keys(self, group: int, ref: TokenRef) -> list[str]:
+        return [
+            self.key(group, "ready"),
+            self.group_bucket_key(group, Kind.TOKEN, ref.jti, ref.exp),
+            self.group_bucket_key(group, Kind.SESSION, ref.sid, ref.sxp),
+            self.key(group, f"u:{ref.sub}"),
+            self.key(group, "seq"),
+        ]
+
+    async def _ask(self, ref: TokenRef) -> Verdict:
+        """Run the check script on the node of the token's group, with that node's run_id."""
+        self._refuse_if_down()
+        client = await self._client()
+        assert self._script is not None
+        group = group_of(ref.sub)
+        keys = self._check_keys(group, ref)
+        args: list[str | int] = [ref.jti, ref.sid, session_started_ms(ref)]
+        try:
+            node = self._node_of(client, keys[0])
+            run_id = self._run_ids.get(node, "")
+            result = await self._script(keys, [*args, run_id, self._floors[group]], client)
+            answered = self._node_of(client, keys[0])
+            if (answered, self._run_ids.get(answered, "")) != (node, run_id):
+                # The call (re)connected, or followed the slot to another node: ask again
+                # with the run_id of the node that holds the slot now.
+                run_id = self._run_ids.get(answered, "")
+                result = await self._script(keys, [*args, run_id, self._floors[group]], client)
+        except FAILURES as exc:
+            raise self._unreachable(exc) from exc
+        self._down_until = 0.0
+        return Verdict(int(result))
+
+    @staticmethod
+    def _node_of(client: RedisCluster, key: str) -> str:
+        node = client.get_node_from_key(key)
+        return "" if node is None else node.name
+
+    # Writes.
+
+    async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
+        """Write revocations, one transaction per group; in force once this returns.
+
+        Each transaction announces its entries on the group's channel; with kept verdicts,
+        this returns the window after the last one, past which no worker trusts a verdict
+        kept before it (see cluster_feed.py).
+        """
+        by_group: dict[int, list[Entry]] = defaultdict(list)
+        for entry in entries:
+            for group in self._groups_of(entry):
+                by_group[group].append(entry)
+        if not by_group:
+            return
+        client = await self._client()
+        try:
+            for group, group_entries in by_group.items():
+                async with client.pipeline(transaction=True) as pipe:
+                    self._queue_group(pipe, group, group_entries)
+                    if seq is not None:
+                        pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
+                    announcement = message(map(_subject, group_entries), seq or 0)
+                    channel = self.key(group, "revoked")
+                    pipe.eval(ANNOUNCE_SCRIPT, 1, channel, announcement)
+                    await pipe.execute()
+        except FAILURES as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        for group in by_group:
+            self.raise_group_floor(group, seq)
+        if self._propagation:
+            await asyncio.sleep(self._propagation)
+
+    def _queue_group(self, pipe: ClusterPipeline, group: int, entries: list[Entry]) -> None:
+        """Queue one group's entries: one HSET and EXPIREAT per bucket, a script per cutoff."""
+        buckets: dict[str, tuple[dict[str, int], int]] = {}
+        for entry in entries:
+            if entry.kind is Kind.USER:
+                assert entry.cutoff_ms is not None
+                key = self.key(group, f"u:{entry.subject}")
+                pipe.eval(RAISE_CUTOFF_SCRIPT, 1, key, entry.cutoff_ms, entry.expires_at)
+                continue
+            key = self.group_bucket_key(group, entry.kind, entry.subject, entry.expires_at)
+            fields, _ = buckets.setdefault(key, ({}, self.bucket_end(entry.kind, entry.expires_at)))
+            fields[entry.subject] = 1
+        for key, (fields, end) in buckets.items():
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expireat(key, end)
+
+    # Loads, per group.
+
+    async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
+        """Load every group (see rebuild_groups)."""
+        seqs = dict.fromkeys(range(GROUPS), seq)
+        return await self.rebuild_groups(entries, seqs) == set(seqs)
+
+    async def rebuild_groups(self, entries: AsyncIterable[Entry], seqs: dict[int, int]) -> set[int]:
+        """Load entries into the groups named, then mark each loaded with its seq.
+
+        Entries of other groups are skipped. Returns the groups loaded: a group another
+        process is loading, or one whose node lost the lock meanwhile, is left out.
+        """
+        client = await self._client()
+        token = os.urandom(8).hex()
+        try:
+            order = sorted(seqs)
+            async with client.pipeline(transaction=False) as pipe:
+                for group in order:
+                    lock = self.key(group, "rebuild-lock")
+                    pipe.set(lock, token, nx=True, ex=REBUILD_LOCK_SECONDS)
+                taken = await pipe.execute()
+            held = {group for group, ours in zip(order, taken, strict=True) if ours}
+            batch: list[Entry] = []
+            async for entry in entries:
+                batch.append(entry)
+                if len(batch) >= LOAD_BATCH:
+                    held &= await self._load_batch(client, batch, held, token)
+                    batch = []
+            held &= await self._load_batch(client, batch, held, token)
+            done = set()
+            run_ids: dict[str, str] = {}
+            for group in sorted(held):
+                node = client.get_node_from_key(self.key(group, "ready"))
+                if node is None:
+                    continue
+                if node.name not in run_ids:
+                    info = await client.execute_command("INFO", "server", target_nodes=node)
+                    run_ids[node.name] = _run_id(info)
+                names = ("rebuild-lock", "ready", "seq", "revoked")
+                keys = [self.key(group, name) for name in names]
+                finish = (token, run_ids[node.name], seqs[group], message(None, seqs[group]))
+                if await client.eval(FINISH_GROUP_SCRIPT, 4, *keys, *finish):
+                    done.add(group)
+                    self.raise_group_floor(group, seqs[group])
+        except FAILURES as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        return done
+
+    async def _load_batch(
+        self, client: RedisCluster, entries: list[Entry], held: set[int], token: str
+    ) -> set[int]:
+        """Write one batch into the held groups; returns the groups whose lock is still ours."""
+        if not held:
+            return held
+        by_group: dict[int, list[Entry]] = defaultdict(list)
+        for entry in entries:
+            for group in self._groups_of(entry):
+                if group in held:
+                    by_group[group].append(entry)
+        order = sorted(held)
+        async with client.pipeline(transaction=False) as pipe:
+            for group, group_entries in by_group.items():
+                self._queue_group(pipe, group, group_entries)
+            for group in order:
+                lock = self.key(group, "rebuild-lock")
+                pipe.eval(EXTEND_LOCK_SCRIPT, 1, lock, token, REBUILD_LOCK_SECONDS)
+            replies = await pipe.execute()
+        kept = replies[len(replies) - len(order) :]
+        return {group for group, ours in zip(order, kept, strict=True) if ours}
+
+    # What the groups say of themselves.
+
+    async def group_states(self) -> list[State]:
+        """Whether each group is loaded into the node holding its slot, and its seq."""
+        client = await self._client()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for group in range(GROUPS):
+                    pipe.get(self.key(group, "ready"))
+                    pipe.get(self.key(group, "seq"))
+                values = await pipe.execute()
+            run_ids: dict[str, str] = {}
+            for primary in client.get_primaries():
+                info = await client.execute_command("INFO", "server", target_nodes=primary)
+                run_ids[primary.name] = _run_id(info)
+            states = []
+            for group in range(GROUPS):
+                ready, seq = values[2 * group], values[2 * group + 1]
+                expected = run_ids.get(self._node_of(client, self.key(group, "ready")), "")
+                loaded = isinstance(ready, bytes) and bool(expected) and ready.decode() == expected
+                states.append(State(loaded=loaded, seq=int(seq or 0)))
+        except FAILURES as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        return states
+
+    async def state(self) -> State:
+        """Loaded when every group is; the lowest seq of any group."""
+        states = await self.group_states()
+        return State(loaded=all(s.loaded for s in states), seq=min(s.seq for s in states))
+
+    async def invalidate_groups(self, groups: Iterable[int]) -> None:
+        """Drop the groups' loaded marks: their checks answer NOT_LOADED until reloaded."""
+        client = await self._client()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    pipe.delete(self.key(group, "ready"))
+                await pipe.execute()
+        except FAILURES as exc:
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+
+    async def invalidate(self) -> None:
+        """Drop every group's loaded mark."""
+        await self.invalidate_groups(range(GROUPS))
+
+    async def eviction_policy(self) -> str | None:
+        """The first maxmemory-policy other than noeviction among the primaries, if any."""
+        try:
+            client = await self._client()
+            for node in client.get_primaries():
+                reply = await client.execute_command(
+                    "CONFIG", "GET", "maxmemory-policy", target_nodes=node
+                )
+                policy = _config_value(reply)
+                if policy != "noeviction":
+                    return policy
+        except (*FAILURES, BlocklistUnavailable):
+            return None
+        return "noeviction"
+
+    async def close(self) -> None:
+        """Stop the subscriptions and close the cluster client."""
+        if self._feeds is not None:
+            await self._feeds.close()
+            self._feeds = None
+        if self._cluster is not None:
+            await self._cluster.aclose()
+            self._cluster = None
+
+
+def _run_id(info: object) -> str:
+    """The run_id of an INFO server reply: raw, parsed, or keyed by node name."""
+    if isinstance(info, dict) and "run_id" not in info and len(info) == 1:
+        info = next(iter(info.values()))
+    return parse_run_id(info)
+
+
+def _config_value(reply: object) -> str | None:
+    """The value of a CONFIG GET reply for one parameter, raw or parsed."""
+    if isinstance(reply, dict):
+        values = list(reply.values())
+    elif isinstance(reply, list | tuple):
+        values = list(reply[1::2])
+    else:
+        return None
+    if not values:
+        return None
+    value = values[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def _disconnect(node: Any) -> None:
+    with contextlib.suppress(*FAILURES, OSError):
+        await node.disconnect()

@@ -1,0 +1,365 @@
+"""Redis Cluster: a check stays one script in one slot, and a failover lets no revoked token in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from redis.crc import key_slot
+
+from service.config import Settings
+from service.store.blocklist import Entry, Kind, TokenRef, Verdict
+from service.store.cluster_blocklist import ClusterBlocklist
+from service.store.groups import GROUPS, group_of, group_tags
+from tests.blocklist_helpers import durable, new_ref
+from tests.conftest import (
+    README,
+    Session,
+    documented_acl,
+    for_user,
+    login,
+    make_settings,
+    register,
+    serve_in_process,
+)
+from tests.servers import RedisClusterGroup
+
+PASSWORD = "correct horse battery"
+PREFIX = "cluster:"
+WINDOW = 0.025
+
+
+def test_groups_spread_evenly_over_the_slots() -> None:
+    tags = group_tags()
+    assert [key_slot(tag.encode()) for tag in tags] == [g * 16384 // GROUPS for g in range(GROUPS)]
+
+
+def test_the_keys_of_one_check_share_one_slot_and_users_spread() -> None:
+    blocklist = ClusterBlocklist(
+        "redis+cluster://127.0.0.1:7000/",
+        prefix=PREFIX,
+        shards=16,
+        bucket_seconds=60,
+        timeout=0.5,
+        max_connections=4,
+    )
+    now = int(time.time())
+    slots = set()
+    for n in range(200):
+        user = f"user-{n}"
+        ref = TokenRef(jti=f"j{n}", exp=now + 60, sid=f"s{n}", sxp=now + 3600, sub=user)
+        group = group_of(user)
+        keys = blocklist._check_keys(group, ref)
+        assert len({key_slot(key.encode()) for key in keys}) == 1, keys
+        written = blocklist.group_bucket_key(group, Kind.TOKEN, ref.jti, ref.exp)
+        assert written == keys[1]
+        slots.add(key_slot(keys[0].encode()))
+    assert len(slots) > 100  # 200 users over 256 groups
+
+
+# A real cluster
+
+
+def sub_of(session: Session) -> str:
+    """The user id an access token carries."""
+    payload = session.access.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
+
+
+def _started_cluster(directory: Path) -> Iterator[RedisClusterGroup]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: apt-get install redis-server")
+        pytest.skip("redis-server is not installed")
+    group = RedisClusterGroup(directory)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisClusterGroup]:
+    """Three primaries with a replica each, of this test's own."""
+    yield from _started_cluster(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterGroup]:
+    """Three primaries with a replica each, for the tests that kill nothing."""
+    yield from _started_cluster(tmp_path_factory.mktemp("cluster"))
+
+
+def keeping(url: str, prefix: str) -> ClusterBlocklist:
+    """A cluster blocklist whose checks keep verdicts, as a worker's do."""
+    return ClusterBlocklist(
+        url,
+        prefix=prefix,
+        shards=4,
+        bucket_seconds=60,
+        timeout=0.3,
+        max_connections=4,
+        propagation=WINDOW,
+    )
+
+
+async def kept(blocklist: ClusterBlocklist, ref: TokenRef) -> Verdict:
+    """Check ref until the worker keeps its verdict (its node's feed has subscribed)."""
+    deadline = time.monotonic() + 5
+    verdict = await blocklist.check(ref)
+    while blocklist.known(ref) is None:
+        assert time.monotonic() < deadline, "the verdict was never kept"
+        await asyncio.sleep(WINDOW / 4)
+        verdict = await blocklist.check(ref)
+    return verdict
+
+
+def revocations_of(ref: TokenRef) -> list[Entry]:
+    """Each kind of revocation that covers ref, with its user."""
+    return [
+        Entry(Kind.TOKEN, ref.jti, ref.exp, user=ref.sub),
+        Entry(Kind.SESSION, ref.sid, ref.sxp, user=ref.sub),
+        Entry(Kind.USER, ref.sub, ref.sxp, cutoff_ms=int(time.time() * 1000)),
+    ]
+
+
+class OtherWorker:
+    """A cluster blocklist on a thread and loop of its own: another worker."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.blocklist = keeping(url, prefix)
+
+    def add(self, entries: list[Entry]) -> Future[None]:
+        """Revoke on the other worker's loop; the future ends when add() returned there."""
+        return asyncio.run_coroutine_threadsafe(self.blocklist.add(entries), self._loop)
+
+    def close(self) -> None:
+        """Close its connections and stop its thread."""
+        asyncio.run_coroutine_threadsafe(self.blocklist.close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+Workers = tuple[ClusterBlocklist, OtherWorker]
+
+
+@pytest.fixture
+async def workers(
+    shared_cluster: RedisClusterGroup,
+) -> AsyncIterator[tuple[ClusterBlocklist, OtherWorker]]:
+    """Two workers on one loaded cluster blocklist of this test's own prefix."""
+    prefix = f"feed{random.randrange(1 << 30)}:"
+    worker = keeping(shared_cluster.url, prefix)
+    assert await worker.rebuild(durable())
+    other = OtherWorker(shared_cluster.url, prefix)
+    yield worker, other
+    other.close()
+    await worker.close()
+
+
+@pytest.mark.fault
+async def test_a_kept_verdict_is_reused_until_a_revocation_on_a_cluster(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, other = workers
+    asked: list[TokenRef] = []
+    ask = ClusterBlocklist._ask
+
+    async def counted(self: ClusterBlocklist, ref: TokenRef) -> Verdict:
+        asked.append(ref)
+        return await ask(self, ref)
+
+    monkeypatch.setattr(ClusterBlocklist, "_ask", counted)
+    refs = [new_ref() for _ in range(12)]  # users of several groups, so of several primaries
+    for ref in refs:
+        assert await kept(worker, ref) is Verdict.VALID
+    calls = len(asked)
+    for _ in range(20):
+        for ref in refs:
+            assert await worker.check(ref) is Verdict.VALID
+    assert len(asked) == calls
+    await asyncio.wrap_future(other.add(revocations_of(refs[0])[:1]))
+    assert await worker.check(refs[0]) is Verdict.REVOKED
+    for ref in refs[1:]:
+        assert await worker.check(ref) is Verdict.VALID
+    assert len(asked) == calls + 1
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", list(Kind))
+async def test_no_worker_accepts_a_token_once_its_revocation_returned_on_a_cluster(
+    workers: Workers, kind: Kind
+) -> None:
+    """The guarantee, raced: one worker checks without pause while another revokes."""
+    worker, other = workers
+    index = list(Kind).index(kind)
+    for _ in range(10):
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID
+        returned = other.add([revocations_of(ref)[index]])
+        while True:
+            time.sleep(random.uniform(0, WINDOW))
+            done = returned.done()  # from here on, only REVOKED may come back
+            verdict = await worker.check(ref)
+            if done:
+                assert verdict is Verdict.REVOKED
+                break
+            await asyncio.sleep(0)
+        returned.result()
+
+
+async def status(http: httpx.AsyncClient, token: str) -> int:
+    """The protected resource's answer to this access token."""
+    response = await http.get("/api/hello", headers={"Authorization": f"Bearer {token}"})
+    return response.status_code
+
+
+@pytest.mark.fault
+async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
+    settings: Settings,
+    database_url: str,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=cluster.url,
+        redis_prefix=PREFIX,
+        secret_key=settings.secret_key,
+        jwt_secret=settings.jwt_secret,
+    )
+    tags = group_tags()
+    async with serve_in_process(own) as http:
+        username = await register(http, PASSWORD)
+        early, late, kept = [await login(http, username, PASSWORD) for _ in range(3)]
+        group = group_of(sub_of(kept))
+        home = cluster.port_of_key(f"{PREFIX}{{{tags[group]}}}ready")
+        assert await status(http, early.access) == 200
+        assert (await http.post("/auth/logout", headers=early.bearer())).status_code == 204
+        assert await status(http, early.access) == 401
+        assert await status(http, kept.access) == 200
+        assert (await http.post("/auth/logout", headers=late.bearer())).status_code == 204
+        assert await status(http, late.access) == 401
+        # The durable record knows whose tokens each logout covers, and so their group.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            recorded = conn.execute(
+                "SELECT count(*), min(user_group), max(user_group) FROM revocations "
+                "WHERE kind = 'session' AND user_id = %s",
+                (sub_of(kept),),
+            ).fetchone()
+        assert recorded == (2, group, group)
+
+        # Another user whose group lives on another primary.
+        for _ in range(20):
+            other_name = await register(http, PASSWORD)
+            other = await login(http, other_name, PASSWORD)
+            other_group = group_of(sub_of(other))
+            if cluster.port_of_key(f"{PREFIX}{{{tags[other_group]}}}ready") != home:
+                break
+        else:
+            raise AssertionError("every user landed on one primary")
+        assert await status(http, other.access) == 200
+
+        caplog.set_level(logging.INFO, logger="service.store")
+        caplog.clear()
+        cluster.kill(home)
+        killed = time.monotonic()
+        unavailable: dict[str, list[float]] = {"home": [], "other": []}
+        recovered = None
+        while recovered is None or time.monotonic() - recovered < 2.0:
+            assert time.monotonic() - killed < 40, "the service never recovered"
+            for revoked in (early, late):
+                assert await status(http, revoked.access) in {401, 503}, (
+                    "a revoked token was accepted during the failover"
+                )
+            now = time.monotonic() - killed
+            answers = {
+                "home": await status(http, kept.access),
+                "other": await status(http, other.access),
+            }
+            for name, answer in answers.items():
+                assert answer in {200, 503}
+                if answer == 503:
+                    unavailable[name].append(now)
+            if answers["home"] == 503:
+                assert recovered is None, f"503 again {now - recovered:.2f} s after recovering"
+            elif recovered is None and unavailable["home"]:
+                recovered = now
+            await asyncio.sleep(0.02)
+
+        assert home not in cluster.primaries()
+        assert unavailable["home"], "the failover went unnoticed"
+        for name, moments in unavailable.items():
+            window = f"from {moments[0]:.2f} s to {moments[-1]:.2f} s" if moments else "never"
+            print(
+                f"\n{name} user's primary {'killed' if name == 'home' else 'alive'}: 503 {window}"
+            )
+        print(f"home user's checks answered 200 again {recovered:.2f} s after the kill")
+        # The promoted replica answered with another run_id: its groups were reloaded from
+        # the durable record, and only those.
+        loaded = re.findall(r"durable record into (\d+) groups in ([0-9.]+) s", caplog.text)
+        assert loaded, caplog.text
+        print(f"reloads after the failover (groups, seconds): {loaded}")
+        assert all(int(groups) < GROUPS for groups, _ in loaded)
+
+        for revoked in (early, late):
+            assert await status(http, revoked.access) == 401
+        assert (await http.post("/auth/logout", headers=kept.bearer())).status_code == 204
+        assert await status(http, kept.access) == 401
+        assert await status(http, other.access) == 200
+        assert (await login(http, username, PASSWORD)).access
+
+
+CLUSTER_ACL = re.compile(
+    r"On a Redis Cluster the same user needs, on every node, also:\s*`([^`]+)`"
+)
+
+
+@pytest.mark.fault
+async def test_the_documented_acl_with_its_cluster_rights_is_enough(
+    shared_cluster: RedisClusterGroup,
+) -> None:
+    found = CLUSTER_ACL.search(README.read_text())
+    assert found, "the README gives no Cluster rights"
+    prefix = f"acl{random.randrange(1 << 30)}:"
+    rights = for_user([*documented_acl(), *found[1].split()], "authsvc-c", "pw-c", prefix)
+    for port in shared_cluster.ports:
+        admin = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            admin.execute_command(*rights)
+        finally:
+            admin.close()
+    url = shared_cluster.url.replace("redis+cluster://", "redis+cluster://authsvc-c:pw-c@")
+    worker = keeping(url, prefix)
+    try:
+        assert await worker.rebuild(durable())
+        ref = new_ref()
+        assert await kept(worker, ref) is Verdict.VALID  # the sharded feed subscribed
+        await worker.add(revocations_of(ref)[:1])
+        assert await worker.check(ref) is Verdict.REVOKED
+        assert all(state.loaded for state in await worker.group_states())
+    finally:
+        await worker.close()
