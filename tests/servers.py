@@ -258,7 +258,28 @@ def wait_for_redis(port: int, timeout: float = 10.0) -> None:
         client.close()
 
 
-class SentinelGroup:
+class RedisProcesses:
+    """Redis processes a test started, by port: kill one, or stop them all."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the server on that port: what it had not replicated is lost."""
+        process = self.processes.pop(port)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        """Stop every process for good."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+class SentinelGroup(RedisProcesses):
     """One primary, one replica and three sentinels on free loopback ports, without persistence.
 
     The sentinels call the primary down after down_after_ms without an answer, and fail
@@ -271,7 +292,7 @@ class SentinelGroup:
         self.primary_port = free_port()
         self.replica_port = free_port()
         self.sentinel_ports = [free_port() for _ in range(3)]
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -343,22 +364,8 @@ class SentinelGroup:
                 client.close()
         raise AssertionError("no sentinel answers")
 
-    def kill(self, port: int) -> None:
-        """SIGKILL the server on that port: what it had not replicated is lost."""
-        process = self.processes.pop(port)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
 
-    def stop(self) -> None:
-        """Stop every process for good."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        self.processes.clear()
-
-
-class RedisClusterGroup:
+class RedisClusterGroup(RedisProcesses):
     """Three primaries, each with one replica, on free loopback ports, without persistence.
 
     A primary that answers nothing for node_timeout_ms is called failed by the others and
@@ -370,7 +377,7 @@ class RedisClusterGroup:
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
         self.ports = [free_port() for _ in range(6)]
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -461,17 +468,3 @@ class RedisClusterGroup:
         finally:
             client.close()
         raise AssertionError(f"slot of {key!r} is not served")
-
-    def kill(self, port: int) -> None:
-        """SIGKILL the node on that port: what it had not replicated is lost."""
-        process = self.processes.pop(port)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-
-    def stop(self) -> None:
-        """Stop every process for good."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        self.processes.clear()
