@@ -60,6 +60,9 @@ ALL, NONE = "all", "none"
 ACTS_ON = {
     "hpack_memo": (H2,),
     "h2_headers": (H2,),
+    "h2_direct": (H2,),
+    "date_header": (H1, H2),
+    "idle_timer": (H1, H2),
     "coalesce": (H1, H2),
 }
 

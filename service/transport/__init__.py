@@ -24,9 +24,12 @@ from typing import Protocol
 from service.config import TRANSPORT_CHANGES
 from service.transport import (
     coalesce,
+    date_header,
+    h2_direct,
     h2_guard,
     h2_headers,
     hpack_memo,
+    idle_timer,
 )
 from service.transport.shapes import library_versions
 
@@ -43,7 +46,10 @@ class Change(Protocol):
 CHANGES: dict[str, Change] = {
     "hpack_memo": hpack_memo,
     "h2_headers": h2_headers,
+    "date_header": date_header,
+    "idle_timer": idle_timer,
     "coalesce": coalesce,
+    "h2_direct": h2_direct,
 }
 assert tuple(CHANGES) == TRANSPORT_CHANGES, "service.config names every change, in order"
 
@@ -73,5 +79,4 @@ def install(changes: Iterable[str] = TRANSPORT_CHANGES) -> list[str]:
             library_versions(),
         )
     h2_guard.install()
-    log.info("library changes applied: %s", ", ".join(applied) or "none")
     return applied
