@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask
 
-from service import access, errors, exposition, health, hotpath, store
+from service import access, errors, exposition, health, store
 from service.addresses import TrustedProxies
 from service.config import Settings, load_settings
 from service.cookies import LazyCookieSessions
@@ -29,7 +29,7 @@ class ServiceFlask(Flask):
     request_class = access.RouteNotingRequest
 
     def async_to_sync(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        """Run coroutine views on the worker's loop, waiting from the request's thread."""
+        """Run coroutine views on the worker's loop; the request waits for them suspended."""
         loop: WorkerLoop = self.extensions["loop"]
         return loop.wrap(func)
 
@@ -56,7 +56,6 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     app.extensions["throttle"] = make_throttle(settings)
     _init_passwords(app, settings)
     errors.init_app(app)
-    hotpath.init_app(app)
     _register_blueprints(app, settings)
     _believe_trusted_proxies(app, settings)
     exposition.init_app(app, settings)

@@ -26,7 +26,6 @@ from flask import Flask, Request
 from werkzeug.routing import Rule
 
 from service import logs, metrics
-from service.adapter import RUN_IN_THREAD
 from service.addresses import client_address
 from service.logs import REQUEST_ID
 
@@ -102,13 +101,10 @@ class RequestObserver:
         try:
             return self._app(environ, respond)
         finally:
-            # A request stopped on the event loop to run again in a thread counts once,
-            # when it runs there.
-            if not environ.get(RUN_IN_THREAD):
-                seconds = time.perf_counter() - started
-                route = environ.get(ROUTE, metrics.UNMATCHED)
-                method = environ["REQUEST_METHOD"]
-                metrics.request_answered(route, method, status, seconds)
-                if self._access_log:
-                    logs.access(method, route, status, seconds, rid, client_address(environ))
+            seconds = time.perf_counter() - started
+            route = environ.get(ROUTE, metrics.UNMATCHED)
+            method = environ["REQUEST_METHOD"]
+            metrics.request_answered(route, method, status, seconds)
+            if self._access_log:
+                logs.access(method, route, status, seconds, rid, client_address(environ))
             REQUEST_ID.reset(token)

@@ -1,7 +1,10 @@
-"""Serve the Flask (WSGI) app over ASGI: each request runs in a worker thread.
+"""Serve the Flask (WSGI) app over ASGI, on the server's event loop.
 
-Written for this service instead of Hypercorn's WSGI mode, which sends no response for
-empty bodies (204, HEAD), has a fixed thread pool, and ignores lifespan shutdown.
+Each request runs in a greenlet on the loop (service/loop.py): where the app waits for
+PostgreSQL or Redis, the greenlet is suspended and the loop serves other requests.
+Written for this service instead of Hypercorn's WSGI mode, which runs every request in a
+fixed thread pool, sends no response for empty bodies (204, HEAD), and ignores lifespan
+shutdown.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_to_bytes
+
+from service.loop import run_suspendable
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,6 @@ BUSY = (
 )
 PROBLEM = [(b"content-type", b"application/problem+json")]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
-# Set by the app in a request's environ when, on the event loop, it would have to wait.
-RUN_IN_THREAD = "service.run_in_thread"
 
 
 class Lane:
@@ -116,13 +119,10 @@ class Lane:
 class AsgiAdapter:
     """An ASGI 3 application wrapping a WSGI application.
 
-    Views run in request threads, except on the event loop: those `inline` selects, and
-    those for which `prefetch`, awaited before any other request goes to a thread, fetched
-    all they would wait for. An app that finds, on the loop, that it would have to wait
-    sets RUN_IN_THREAD in the environ, and the request is run again in a thread. Those the
-    `lane` selects run in its own threads, or are refused at once when it is full. A
-    request `needs_database` selects first waits for one of `database_slots` turns (see
-    service/isolation.py).
+    Requests run on the event loop, suspended wherever the app waits (run_suspendable).
+    Those the `lane` selects (CPU-bound work) run in its own threads, or are refused at
+    once when it is full. A request `needs_database` selects first waits for one of
+    `database_slots` turns (see service/isolation.py).
     """
 
     def __init__(
@@ -131,9 +131,6 @@ class AsgiAdapter:
         *,
         max_body_bytes: int,
         body_timeout: float = 60.0,
-        threads: int,
-        inline: Callable[[str, str], bool] | None = None,
-        prefetch: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
         lane: Lane | None = None,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
@@ -144,13 +141,9 @@ class AsgiAdapter:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout
-        self._threads = threads
-        self._inline = inline
-        self._prefetch = prefetch
         self._lane = lane
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._pool: ThreadPoolExecutor | None = None
         self._needs_database = needs_database
         self._database_turns = asyncio.Semaphore(database_slots)
         self._database_wait = database_wait
@@ -185,14 +178,12 @@ class AsgiAdapter:
         gc.freeze()
 
     async def shutdown(self) -> None:
-        """Close the app's connections and the request threads."""
+        """Close the app's connections and the lane's threads."""
         if self._on_shutdown is not None:
             try:
                 await self._on_shutdown()
             except Exception:
                 log.exception("error during shutdown")
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
         if self._lane is not None:
             self._lane.shutdown()
 
@@ -205,25 +196,8 @@ class AsgiAdapter:
         if body is None:
             await _respond(send, 413, PROBLEM, TOO_LARGE)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="request")
         environ = build_environ(scope, body)
-        if (self._inline is not None and self._inline(scope["method"], environ["PATH_INFO"])) or (
-            self._prefetch is not None and await self._prefetch(environ)
-        ):
-            prepared = dict(environ)
-            status, headers, chunks = self._call(environ)
-            if environ.get(RUN_IN_THREAD):
-                # It would have waited (a token whose verdict is not kept, say): the view
-                # stopped before doing anything, and runs again where waiting is harmless.
-                environ = {**prepared, "wsgi.input": io.BytesIO(body)}
-                loop = asyncio.get_running_loop()
-                status, headers, chunks = await loop.run_in_executor(
-                    self._pool, self._call, environ
-                )
-        elif (lane := self._lane) is not None and lane.selects(
-            scope["method"], environ["PATH_INFO"]
-        ):
+        if (lane := self._lane) is not None and lane.selects(scope["method"], environ["PATH_INFO"]):
             # A lane request (a login, say) may reach the database too: it takes a turn
             # first, so a hung database refuses it within the wait instead of letting the
             # lane's few threads queue it behind every other stuck one.
@@ -237,14 +211,13 @@ class AsgiAdapter:
         elif self._needs_database is not None and self._needs_database(
             scope["method"], environ["PATH_INFO"]
         ):
-            answer = await self._call_in_turn(self._pool, environ)
+            answer = await self._call_in_turn(environ)
             if answer is None:
                 await _respond(send, 503, [*PROBLEM, (b"retry-after", b"2")], BUSY)
                 return
             status, headers, chunks = answer
         else:
-            loop = asyncio.get_running_loop()
-            status, headers, chunks = await loop.run_in_executor(self._pool, self._call, environ)
+            status, headers, chunks = await self._call_on_loop(environ)
         await _respond(send, status, headers, chunks)
 
     async def _in_turn(
@@ -270,21 +243,22 @@ class AsgiAdapter:
             return False
         return True
 
-    async def _call_in_turn(
-        self, pool: ThreadPoolExecutor, environ: dict[str, Any]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Run the app in a thread once a database turn is free; None if none came in time."""
+    async def _call_in_turn(self, environ: dict[str, Any]) -> Answer | None:
+        """Run the app once a database turn is free; None if none came in time."""
         if not await self._take_turn():
             return None
-        loop = asyncio.get_running_loop()
         try:
-            future = pool.submit(self._call, environ)
+            task = asyncio.ensure_future(run_suspendable(lambda: self._call(environ)))
         except BaseException:
             self._database_turns.release()
             raise
-        # The turn ends with the thread's work, even if this request is cancelled meanwhile.
-        future.add_done_callback(lambda _: _call_soon(loop, self._database_turns.release))
-        return await asyncio.wrap_future(future)
+        # The turn ends with the view's work, even if this request is cancelled meanwhile.
+        task.add_done_callback(lambda _: self._database_turns.release())
+        return await asyncio.shield(task)
+
+    async def _call_on_loop(self, environ: dict[str, Any]) -> Answer:
+        """Run the app on this loop, to the end even if the request is cancelled meanwhile."""
+        return await run_suspendable(lambda: self._call(environ))
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """Read the whole body; None once it exceeds the limit, TimeoutError if it stalls.
@@ -321,7 +295,7 @@ class AsgiAdapter:
             message = await receive()
 
     def _call(self, environ: dict[str, Any]) -> Answer:
-        """Run the WSGI app to completion in a worker thread."""
+        """Run the WSGI app to completion (suspendable on the loop, or in a lane's thread)."""
         started: list[Any] = []
 
         def start_response(

@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     database_statement_timeout: float = Field(default=5.0, gt=0, le=600)
     # Waiting for a pooled connection, or for a turn among DATABASE_MAX_REQUESTS:
     database_pool_timeout: float = Field(default=2.0, gt=0, le=60)
-    # Requests of one worker that may wait on the database at once (default: all request
-    # threads but 4), so that requests needing none are served while it hangs.
+    # Requests of one worker that may wait on the database at once (default: as many as
+    # the pool and its overflow hold), so that a hung database cannot pile up the rest.
     database_max_requests: int | None = Field(default=None, ge=1, le=256)
     redis_url: str | None = None
     redis_prefix: str = "authsvc:"
@@ -133,7 +133,7 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     request_body_timeout: float = Field(default=60.0, gt=0, le=3600)
-    request_threads: int = Field(default=16, ge=1, le=256)
+    redis_pool_size: int = Field(default=24, ge=1, le=1024)
     # An address whose HTTP/2 connection was cut for abuse (GOAWAY ENHANCE_YOUR_CALM) has
     # its new connections reset at accept, before TLS, for H2_ABUSE_PENALTY seconds (0: off),
     # doubled for each further offence up to H2_ABUSE_PENALTY_MAX; per worker, for at most
@@ -189,7 +189,7 @@ class Settings(BaseSettings):
         """How many requests may wait on the database at once (DATABASE_MAX_REQUESTS)."""
         if self.database_max_requests is not None:
             return self.database_max_requests
-        return max(1, self.request_threads - 4)
+        return 2 * self.database_pool_size
 
     @property
     def library_change_names(self) -> frozenset[str]:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 
 from flask import Blueprint, current_app
 
-from service.hotpath import runs_inline
+from service.isolation import no_database
 from service.store import get_store
 
 bp = Blueprint("health", __name__)
@@ -17,7 +17,7 @@ PROBE_TIMEOUT = 2.0
 
 
 @bp.get("/healthz")
-@runs_inline
+@no_database
 def healthz() -> dict[str, object]:
     """The process is alive and serving."""
     body: dict[str, object] = {"status": "ok"}

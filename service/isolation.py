@@ -1,12 +1,11 @@
-"""Which requests may wait on the database, so that the others never queue behind them.
+"""Which requests may wait on the database, so that a hung one cannot pile up the rest.
 
-Requests run in a bounded pool of request threads. When PostgreSQL hangs, each request
-bound for it holds its thread until its timeouts end it; unchecked, they would take every
-thread, and a request that needs no database would wait behind them. So a request that
-may reach the database first takes a turn, one of DATABASE_MAX_REQUESTS (fewer than the
-threads), waiting for it on the event loop, not in a thread, for at most
-DATABASE_POOL_TIMEOUT (then 503). Views that never reach the store say so with
-@no_database and never wait for a turn; any other view is taken to need one.
+Requests run on the event loop, each suspended while it waits. When PostgreSQL hangs,
+each request bound for it waits until its timeouts end it; unchecked, they would pile up
+without bound. So a request that may reach the database first takes a turn, one of
+DATABASE_MAX_REQUESTS, waiting for it for at most DATABASE_POOL_TIMEOUT (then 503).
+Views that never reach the store say so with @no_database and never wait for a turn;
+any other view is taken to need one.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 F = TypeVar("F", bound=Callable[..., Any])
 
 ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_LONGEST = 256  # longer paths are matched each time: the memo stays under 4 MiB
 
 
 def no_database(view: F) -> F:
@@ -31,15 +31,30 @@ def no_database(view: F) -> F:
 
 def database_policy(app: Flask) -> Callable[[str, str], bool]:
     """Return a (method, path) -> bool test: whether the request needs a database turn."""
+    spared = marked_views(app, "no_database")
+    routed = marked_views(app, None)
+    return lambda method, path: routed(method, path) and not spared(method, path)
+
+
+def marked_views(app: Flask, mark: str | None) -> Callable[[str, str], bool]:
+    """Return a (method, path) -> bool test for views carrying the attribute mark.
+
+    With mark None: whether any view answers (not a 404, 405 or redirect).
+    """
     matcher = app.url_map.bind("localhost")
 
-    @lru_cache(maxsize=ROUTE_CACHE_SIZE)
-    def needs_database(method: str, path: str) -> bool:
+    def is_marked(method: str, path: str) -> bool:
+        if len(path) > ROUTE_CACHE_LONGEST:
+            return matches(method, path)
+        return remembered(method, path)
+
+    def matches(method: str, path: str) -> bool:
         try:
             endpoint, _ = matcher.match(path, method=method)
         except HTTPException:
-            return False  # no view runs: a 404, 405 or redirect
+            return False
         view = app.view_functions.get(str(endpoint))
-        return not getattr(view, "no_database", False)
+        return view is not None and (mark is None or bool(getattr(view, mark, False)))
 
-    return needs_database
+    remembered = lru_cache(maxsize=ROUTE_CACHE_SIZE)(matches)
+    return is_marked

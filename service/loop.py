@@ -17,6 +17,8 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
+import greenlet
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -34,6 +36,59 @@ def on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+_DONE, _FAILED, _WAIT = "done", "failed", "wait"
+IDLE_GREENLETS = 64  # kept for reuse per thread: making one costs more than a GET's view
+
+
+class _Suspendable(greenlet.greenlet):  # type: ignore[misc]
+    """Runs synchronous calls on the loop, one after another; their waits suspend it."""
+
+    def __init__(self) -> None:
+        super().__init__(self._serve)
+
+    def _serve(self, func: Callable[[], Any]) -> None:
+        parent = self.parent
+        assert parent is not None
+        while True:
+            try:
+                outcome: tuple[str, Any] = (_DONE, func())
+            except BaseException as error:  # handed to run_suspendable's caller
+                outcome = (_FAILED, error)
+            func = parent.switch(outcome)
+
+
+_idle = threading.local()
+
+
+def suspendable() -> bool:
+    """Whether the caller may wait: it runs in run_suspendable on the loop."""
+    return isinstance(greenlet.getcurrent(), _Suspendable)
+
+
+async def run_suspendable(func: Callable[[], T]) -> T:
+    """Run synchronous func on this loop; each WorkerLoop.run inside it is awaited here.
+
+    The coroutine it waits for runs as a task in a copy of func's context, as it would
+    from a thread. A request's view thus waits for PostgreSQL or Redis without a thread.
+    """
+    idle: list[_Suspendable] = _idle.__dict__.setdefault("greenlets", [])
+    child = idle.pop() if idle else _Suspendable()
+    outcome = child.switch(func)
+    while outcome[0] == _WAIT:
+        _, coro, context = outcome
+        try:
+            value = await asyncio.get_running_loop().create_task(coro, context=context)
+        except BaseException as error:  # the caller of WorkerLoop.run sees it
+            outcome = child.throw(error)
+        else:
+            outcome = child.switch(value)
+    if len(idle) < IDLE_GREENLETS:
+        idle.append(child)
+    if outcome[0] == _FAILED:
+        raise outcome[1]
+    return outcome[1]  # type: ignore[no-any-return]
 
 
 class WorkerLoop:
@@ -88,6 +143,10 @@ class WorkerLoop:
         """Whether the caller is this loop's own thread (where blocking would deadlock)."""
         return self._thread is threading.current_thread() and self._pid == os.getpid()
 
+    def can_wait(self) -> bool:
+        """Whether run() may wait here: off the loop's thread, or suspendable on it."""
+        return suspendable() or not self.in_loop_thread()
+
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule coro on the loop, in a copy of the caller's context, and return its future."""
         loop = self.loop
@@ -108,7 +167,13 @@ class WorkerLoop:
         return future
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run coro on the loop and wait for it from a thread that is not the loop's."""
+        """Run coro on the loop and wait for it: from a thread, or suspended on the loop."""
+        current = greenlet.getcurrent()
+        if isinstance(current, _Suspendable):
+            waited = coro if timeout is None else asyncio.wait_for(coro, timeout)
+            parent = current.parent
+            assert parent is not None
+            return parent.switch((_WAIT, waited, contextvars.copy_context()))  # type: ignore[no-any-return]
         if self.in_loop_thread():
             coro.close()
             raise WouldBlock("waiting on the event loop from the event loop itself")

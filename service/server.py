@@ -13,9 +13,7 @@ from service.auth.passwords import hashing_lane
 from service.binds import BindError, check_binds, host_port
 from service.config import ConfigError, Settings, load_settings, read_file
 from service.exposition import MetricsListenerError, run_metrics
-from service.hotpath import inline_policy
 from service.isolation import database_policy
-from service.oauth.prefetch import ClientPrefetch
 from service.tls import TlsConfig, check_certificate, ensure_dev_certificate
 from service.transport.penalty_box import Policy
 from service.workers import run_workers
@@ -32,14 +30,10 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     transport.install(settings.library_change_names)
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
-    database = flask_app.extensions["store"].db
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.request_body_timeout,
-        threads=settings.request_threads,
-        inline=inline_policy(flask_app),
-        prefetch=ClientPrefetch(database, flask_app.extensions["oauth_keyring"]),
         lane=hashing_lane(flask_app, settings),
         on_startup=lambda: start_app(flask_app),
         on_shutdown=lambda: stop_app(flask_app),

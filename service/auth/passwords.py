@@ -32,7 +32,7 @@ from flask import Flask
 from service.adapter import Lane
 from service.config import Settings
 from service.errors import ServiceUnavailable
-from service.hotpath import marked_views
+from service.isolation import marked_views
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

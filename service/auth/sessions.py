@@ -89,10 +89,7 @@ async def refresh(*, store: Store, claims: dict[str, object]) -> TokenPair:
     """
     sid, presented = str(claims["sid"]), str(claims["jti"])
     next_jti = new_id()
-    async with store.db.session() as session:
-        info = await session_store.rotate(
-            session, sid=sid, presented_jti=presented, next_jti=next_jti
-        )
+    info = await session_store.rotate(store.db, sid=sid, presented_jti=presented, next_jti=next_jti)
     if info is None:
         audit("refresh_replay", user_id=claims.get("sub"), sid=sid)
         await revoke_session(store=store, sid=sid, reason="refresh-reuse")

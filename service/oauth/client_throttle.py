@@ -16,8 +16,11 @@ a secret that cannot be guessed loses nothing by it, and clients keep working.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import math
+from base64 import b64decode
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 from authlib.oauth2 import OAuth2Error
 from flask import current_app
@@ -25,8 +28,8 @@ from flask import request as http_request
 
 from service.addresses import address_group, client_address
 from service.config import Settings
-from service.loop import WorkerLoop, WouldBlock
-from service.oauth.prefetch import named_clients
+from service.loop import WorkerLoop
+from service.oauth.clients import plausible_identifier
 from service.store.throttle import Attempt, Counter, ThrottleUnavailable, get_throttle
 
 # On Hypercorn's event loop (a client_credentials request run inline) the count is waited
@@ -72,11 +75,50 @@ def counted(failure: OAuth2Error) -> OAuth2Error:
     attempt = client_attempt(
         settings=settings, client_ids=named_clients(environ), address=client_address(environ)
     )
-    if loop.in_loop_thread():
-        raise WouldBlock("counting a failed client authentication needs Redis")
-    future = loop.submit(get_throttle().fail(attempt))
     try:
-        wait = future.result(settings.redis_timeout * 2)
-    except (ThrottleUnavailable, concurrent.futures.TimeoutError):
+        wait = loop.run(get_throttle().fail(attempt), timeout=settings.redis_timeout * 2)
+    except (ThrottleUnavailable, TimeoutError, concurrent.futures.TimeoutError):
         return failure
     return SlowDown(wait) if wait > 0 else failure
+
+
+FORM = "application/x-www-form-urlencoded"
+MAX_FORM_BYTES = 8192  # token requests are a few hundred bytes
+Form = list[tuple[str, str]]
+
+
+def named_clients(environ: dict[str, Any]) -> list[str]:
+    """The plausible client ids of the request's Basic credentials and form, in that order."""
+    form = _form(environ)
+    basic = _basic_client_id(environ.get("HTTP_AUTHORIZATION", ""))
+    posted = next((value for name, value in form or () if name == "client_id"), None)
+    return list(dict.fromkeys(c for c in (basic, posted) if c and plausible_identifier(c)))
+
+
+def _basic_client_id(header: str) -> str | None:
+    """The client id of Basic credentials with a secret, read as Authlib reads it."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        credentials = b64decode(token.strip()).decode()
+    except ValueError:  # not base64, or not UTF-8
+        return None
+    client_id, colon, secret = credentials.partition(":")
+    return unquote(client_id) if colon and secret else None
+
+
+def _form(environ: dict[str, Any]) -> Form | None:
+    """A urlencoded body's fields as Werkzeug's form parser reads it; None if it might not."""
+    mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+    body = environ.get("wsgi.input")
+    if mimetype != FORM or not isinstance(body, io.BytesIO):
+        return None
+    data = body.getvalue()
+    if len(data) > MAX_FORM_BYTES:
+        return None
+    try:
+        # Strict: where Werkzeug would replace bytes that are not UTF-8, nothing is read.
+        return parse_qsl(data.decode(), keep_blank_values=True, errors="strict")
+    except UnicodeError:
+        return None

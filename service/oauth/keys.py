@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -23,7 +24,6 @@ from jwt.algorithms import ECAlgorithm
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.events import audit
-from service.loop import on_event_loop
 from service.store import Store
 from service.store import oauth_keys as key_store
 from service.store.models import utcnow
@@ -192,12 +192,13 @@ class Keyring:
             self._schedule_reload()
 
     def _await_reload(self) -> None:
-        """Wait for a reload, from a request thread only (the loop's own thread never waits)."""
+        """Wait for a reload where waiting is allowed (see WorkerLoop.can_wait)."""
         pending = self._schedule_reload()
-        if pending is None or self._store.loop.in_loop_thread():
+        loop = self._store.loop
+        if pending is None or not loop.can_wait():
             return
         with contextlib.suppress(Exception):
-            pending.result(timeout=RELOAD_WAIT_SECONDS)
+            loop.run(_finished(pending), timeout=RELOAD_WAIT_SECONDS)
 
     def _published(self) -> list[Key]:
         now = utcnow()
@@ -217,11 +218,10 @@ class Keyring:
         """The newest key allowed to sign now."""
         age = time.monotonic() - self._loaded_at
         if age >= SIGNER_RELOAD_SECONDS or self._signer() is None:
-            # Signing may wait for a reread, so that a retirement is seen in time (and a first
-            # key made): in a request thread, as a token request runs on the event loop only
-            # when signs_without_waiting() said so.
-            if on_event_loop():
-                raise RuntimeError("the signing keys need a reread: not on the event loop")
+            # Signing waits for a reread, so that a retirement is seen in time (and a first
+            # key made).
+            if not self._store.loop.can_wait():
+                raise RuntimeError("the signing keys need a reread: here nothing may wait")
             self._await_reload()
         elif age >= SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS:
             self._schedule_reload()
@@ -245,3 +245,8 @@ class Keyring:
         if not self._keys:
             self._await_reload()
         return {"keys": [key.public_jwk for key in self._published()]}
+
+
+async def _finished(pending: Future[None]) -> None:
+    """Wait for a reload started on the loop."""
+    await asyncio.wrap_future(pending)

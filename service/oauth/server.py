@@ -8,10 +8,9 @@ from typing import Any
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from flask import Flask
-from flask import request as http_request
 
 from service import metrics
-from service.oauth import bridge, client_throttle, families, prefetch
+from service.oauth import bridge, client_throttle, families
 from service.oauth.clients import find_clients, plausible_identifier
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
 from service.oauth.grants import (
@@ -73,9 +72,6 @@ class Server(AuthorizationServer):  # type: ignore[misc]
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):
             return None
-        looked_up, client = prefetch.prefetched(http_request.environ, client_id)
-        if looked_up:
-            return client
         found = find_clients(database=bridge.store().db, client_ids=[client_id])
         return bridge.run(found)[client_id]
 

@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.loop import WorkerLoop, WouldBlock
+from service.loop import WorkerLoop
 from service.store.blocklist import (
     Blocklist,
     BlocklistUnavailable,
@@ -103,11 +103,9 @@ class Store:
         On the event loop it answers only from memory and raises WouldBlock otherwise (the
         request is then run again in a thread); elsewhere it waits for the loop's answer.
         """
-        if not self.loop.in_loop_thread():
-            return self.loop.run(self.check(ref))
         known = self.blocklist.known(ref)
         if known is None:
-            raise WouldBlock("the revocation check needs Redis")
+            return self.loop.run(self.check(ref))
         return self._settle(known)
 
     async def probe(self) -> bool:
@@ -333,7 +331,7 @@ def _make_blocklist(settings: Settings) -> Blocklist:
         bucket_seconds=settings.revocation_bucket_seconds,
         session_bucket_seconds=settings.revocation_session_bucket_seconds,
         timeout=settings.redis_timeout,
-        max_connections=settings.request_threads + 8,
+        max_connections=settings.redis_pool_size,
         propagation=settings.revocation_propagation_ms / 1000,
         kept_verdicts=settings.verified_token_memo,
     )

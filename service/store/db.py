@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -80,6 +81,7 @@ class Database:
         self._settings = settings
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._autocommit: AsyncEngine | None = None
         self._pid: int | None = None
 
     @property
@@ -93,6 +95,7 @@ class Database:
         if self._engine is None or self._pid != os.getpid():
             self._engine = _create_engine(self.url, self._settings)
             self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+            self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
             self._pid = os.getpid()
         return self._engine
 
@@ -104,6 +107,18 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def statement(self) -> AsyncIterator[AsyncConnection]:
+        """Yield a pooled connection on which each statement commits by itself.
+
+        For a single statement on a request's path: no ORM session, no BEGIN and COMMIT
+        round trips (about a quarter of the CPU of the same UPDATE through a session).
+        """
+        self.engine  # noqa: B018 - makes sure the factory exists in this process
+        assert self._autocommit is not None
+        async with self._autocommit.connect() as connection:
+            yield connection
+
     async def ping(self) -> None:
         """Run a trivial query; raises when the database does not answer."""
         async with self.engine.connect() as conn:
@@ -113,7 +128,7 @@ class Database:
         """Close every pooled connection of this process."""
         if self._engine is not None and self._pid == os.getpid():
             await self._engine.dispose()
-        self._engine = self._sessions = None
+        self._engine = self._sessions = self._autocommit = None
 
 
 def _create_engine(url: str, settings: Settings) -> AsyncEngine:

@@ -55,30 +55,41 @@ async def record(session: AsyncSession, *, entries: Iterable[Entry]) -> int | No
     ]
     if not rows:
         return None
-    postgres = session.get_bind().dialect.name == "postgresql"
-    statement = (pg_insert if postgres else sqlite_insert)(Revocation).values(rows)
-    excluded = statement.excluded
-    changes: dict[str, Any] = {
-        "expires_at": _greatest(Revocation.expires_at, excluded.expires_at),
-        "cutoff_ms": _greatest(Revocation.cutoff_ms, excluded.cutoff_ms),
-        "created_at": excluded.created_at,
-        "user_id": func.coalesce(excluded.user_id, Revocation.user_id),
-        "user_group": func.coalesce(excluded.user_group, Revocation.user_group),
-    }
-    if postgres:
-        changes["seq"] = func.nextval(SEQUENCE)
-    result = await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[Revocation.kind, Revocation.subject], set_=changes
-        ).returning(Revocation.seq)
-    )
+    statement = _UPSERTS[session.get_bind().dialect.name]
+    result = await session.execute(statement, rows)
     numbers = [seq for seq in result.scalars() if seq is not None]
     return max(numbers) if numbers else None
+
+
+def _upsert(insert: Any, *, numbered: bool) -> Any:
+    """The upsert of record(), built once per dialect: building it per call cost a compile."""
+    table = Revocation.__table__
+    statement = insert(table)
+    excluded = statement.excluded
+    changes: dict[str, Any] = {
+        "expires_at": _greatest(table.c.expires_at, excluded.expires_at),
+        "cutoff_ms": _greatest(table.c.cutoff_ms, excluded.cutoff_ms),
+        "created_at": excluded.created_at,
+        "user_id": func.coalesce(excluded.user_id, table.c.user_id),
+        "user_group": func.coalesce(excluded.user_group, table.c.user_group),
+    }
+    if numbered:
+        changes["seq"] = func.nextval(SEQUENCE)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.kind, table.c.subject], set_=changes
+    ).returning(table.c.seq)
 
 
 def _greatest(current: Any, proposed: Any) -> Any:
     """SQL for the larger of two values, where the current one may be NULL."""
     return case((or_(current.is_(None), proposed > current), proposed), else_=current)
+
+
+# SQLite numbers nothing: its revocations carry no seq.
+_UPSERTS = {
+    "postgresql": _upsert(pg_insert, numbered=True),
+    "sqlite": _upsert(sqlite_insert, numbered=False),
+}
 
 
 async def stream_active(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.store.db import Database
 from service.store.models import LoginSession, User, utcnow
 
 
@@ -32,35 +34,39 @@ async def open_session(
     await session.flush()
 
 
+_SESSIONS = cast(Table, LoginSession.__table__)
+_ROTATE = (
+    update(_SESSIONS)
+    .where(
+        _SESSIONS.c.id == bindparam("sid"),
+        _SESSIONS.c.refresh_jti == bindparam("presented"),
+        _SESSIONS.c.revoked_at.is_(None),
+        _SESSIONS.c.expires_at > bindparam("now"),
+    )
+    .values(refresh_jti=bindparam("next"), rotated_at=bindparam("now"))
+    .returning(
+        _SESSIONS.c.user_id,
+        _SESSIONS.c.expires_at,
+        select(User.username)
+        .where(User.id == _SESSIONS.c.user_id)
+        .scalar_subquery()
+        .label("username"),
+    )
+)
+
+
 async def rotate(
-    session: AsyncSession, *, sid: str, presented_jti: str, next_jti: str
+    database: Database, *, sid: str, presented_jti: str, next_jti: str
 ) -> SessionInfo | None:
     """Swap the current refresh jti if it is the presented one; None means it was not.
 
     The UPDATE's WHERE clause is the compare-and-swap: of two concurrent rotations with the
     same token, the second re-reads the row after the first commits and matches nothing.
+    One statement, built once, committed by itself: this runs on every refresh.
     """
-    now = utcnow()
-    row = (
-        await session.execute(
-            update(LoginSession)
-            .where(
-                LoginSession.id == sid,
-                LoginSession.refresh_jti == presented_jti,
-                LoginSession.revoked_at.is_(None),
-                LoginSession.expires_at > now,
-            )
-            .values(refresh_jti=next_jti, rotated_at=now)
-            .returning(
-                LoginSession.user_id,
-                LoginSession.expires_at,
-                select(User.username)
-                .where(User.id == LoginSession.user_id)
-                .scalar_subquery()
-                .label("username"),
-            )
-        )
-    ).one_or_none()
+    values = {"sid": sid, "presented": presented_jti, "next": next_jti, "now": utcnow()}
+    async with database.statement() as connection:
+        row = (await connection.execute(_ROTATE, values)).one_or_none()
     if row is None or row.username is None:
         return None
     return SessionInfo(
@@ -68,24 +74,25 @@ async def rotate(
     )
 
 
+_CLOSE = (
+    update(_SESSIONS)
+    .where(_SESSIONS.c.id == bindparam("sid"), _SESSIONS.c.revoked_at.is_(None))
+    .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason"))
+    .returning(_SESSIONS.c.expires_at, _SESSIONS.c.user_id)
+)
+_FIND = select(_SESSIONS.c.expires_at, _SESSIONS.c.user_id).where(
+    _SESSIONS.c.id == bindparam("sid")
+)
+
+
 async def close_session(
     session: AsyncSession, *, sid: str, reason: str
 ) -> tuple[datetime | None, uuid.UUID | None]:
     """Mark one session revoked; returns its expiry and user, or None if it was unknown."""
-    row = (
-        await session.execute(
-            update(LoginSession)
-            .where(LoginSession.id == sid, LoginSession.revoked_at.is_(None))
-            .values(revoked_at=utcnow(), revoked_reason=reason)
-            .returning(LoginSession.expires_at, LoginSession.user_id)
-        )
-    ).first()
+    values = {"sid": sid, "now": utcnow(), "reason": reason}
+    row = (await session.execute(_CLOSE, values)).first()
     if row is None:
-        row = (
-            await session.execute(
-                select(LoginSession.expires_at, LoginSession.user_id).where(LoginSession.id == sid)
-            )
-        ).first()
+        row = (await session.execute(_FIND, {"sid": sid})).first()
     return (row[0], row[1]) if row is not None else (None, None)
 
 

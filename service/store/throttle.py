@@ -298,5 +298,5 @@ def make_throttle(settings: Settings) -> Throttle:
         prefix=settings.redis_prefix,
         secret=settings.secret_key,
         timeout=settings.redis_timeout,
-        max_connections=settings.request_threads + settings.password_hash_threads + 8,
+        max_connections=settings.redis_pool_size + settings.password_hash_threads,
     )
