@@ -29,7 +29,7 @@ def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 async def test_full_collections_skip_what_start_up_built() -> None:
     gc.unfreeze()
     warmed = Warmed()
-    adapter = AsgiAdapter(app, max_body_bytes=1024, threads=1, on_startup=warmed.build)
+    adapter = AsgiAdapter(app, max_body_bytes=1024, on_startup=warmed.build)
     try:
         await adapter.startup()
         frozen = gc.get_freeze_count()

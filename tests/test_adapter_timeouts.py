@@ -40,7 +40,7 @@ async def call(adapter: AsgiAdapter, messages: list[dict[str, Any]]) -> list[dic
 
 
 async def test_a_stalled_body_gets_408() -> None:
-    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2, threads=1)
+    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2)
     sent = await call(adapter, [{"type": "http.request", "body": b"ab", "more_body": True}])
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
@@ -48,14 +48,14 @@ async def test_a_stalled_body_gets_408() -> None:
 
 
 async def test_a_body_in_parts_is_read_whole() -> None:
-    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2, threads=1)
+    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2)
     parts = [{"type": "http.request", "body": b"x" * 10, "more_body": True}] * 3
     sent = await call(adapter, [*parts, {"type": "http.request", "body": b"y"}])
     assert (sent[0]["status"], sent[1]["body"]) == (200, b"31")
 
 
 async def test_a_single_oversized_message_gets_413() -> None:
-    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2, threads=1)
+    adapter = AsgiAdapter(echo_app, max_body_bytes=1024, body_timeout=0.2)
     sent = await call(adapter, [{"type": "http.request", "body": b"z" * 2000}])
     assert sent[0]["status"] == 413
 
