@@ -179,7 +179,7 @@ async def test_requests_without_the_database_are_served_while_it_hangs(
     oauth_token = await oauth_access_token(http, settings, user)
     proxy.freeze()
     credentials = {"username": user.username, "password": PASSWORD}
-    # Three times the request threads, all bound for the hung database.
+    # More than twice the database turns (2 x DATABASE_POOL_SIZE), all bound for the hung database.
     stuck = [
         asyncio.ensure_future(timed(http.post("/auth/login", json=credentials))) for _ in range(48)
     ]

@@ -15,7 +15,7 @@ import pytest
 from service import create_app
 from service.adapter import PATH_CACHE_LONGEST, _unquote_path, _unquote_short_path
 from service.config import Settings
-from service.hotpath import ROUTE_CACHE_LONGEST, inline_policy
+from service.isolation import ROUTE_CACHE_LONGEST, marked_views
 from tests.h2_raw import RawH2
 from tests.servers import RunningServer, server_env, start_server
 
@@ -109,10 +109,10 @@ def test_only_short_paths_are_remembered_by_the_adapter() -> None:
     assert _unquote_short_path.cache_info().currsize == before + 1
 
 
-def test_only_short_paths_are_remembered_by_the_inline_policy(settings: Settings) -> None:
-    is_inline = inline_policy(create_app(settings))
-    assert not is_inline("GET", "/api/" + "x" * ROUTE_CACHE_LONGEST)
-    assert is_inline("GET", "/api/hello")
-    cells = [cell.cell_contents for cell in is_inline.__closure__ or ()]
+def test_only_short_paths_are_remembered_by_the_route_policy(settings: Settings) -> None:
+    spared = marked_views(create_app(settings), "no_database")
+    assert not spared("GET", "/api/" + "x" * ROUTE_CACHE_LONGEST)
+    assert spared("GET", "/api/hello")
+    cells = [cell.cell_contents for cell in spared.__closure__ or ()]
     (memo,) = [cell for cell in cells if hasattr(cell, "cache_info")]
     assert memo.cache_info().currsize == 1

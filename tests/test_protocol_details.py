@@ -118,7 +118,7 @@ async def test_oauth_protected_routes_accept_the_scheme_in_any_case(
 async def test_a_revoked_token_stays_revoked_in_any_case(
     client: httpx.AsyncClient, user: Session
 ) -> None:
-    # Warm the verified-token memo, so the exact-case spelling takes the prefetch path.
+    # Warm the verified-token memo, so the exact-case spelling is answered from it.
     assert (await client.get("/api/hello", headers=user.bearer())).status_code == 200
     logout = await client.post("/auth/logout", headers={"Authorization": f"BEARER {user.access}"})
     assert logout.status_code == 204

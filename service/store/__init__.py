@@ -100,9 +100,12 @@ class Store:
     def verdict(self, ref: TokenRef) -> Verdict:
         """The same check for code that cannot await (the token loader, Authlib's hooks).
 
-        On the event loop it answers only from memory and raises WouldBlock otherwise (the
-        request is then run again in a thread); elsewhere it waits for the loop's answer.
+        On the loop's thread it answers from memory when it can, else waits suspended (see
+        WorkerLoop.run); a thread (the hashing lane's) always waits for the loop's answer,
+        as the kept verdicts and the feed belong to the loop.
         """
+        if not self.loop.in_loop_thread():
+            return self.loop.run(self.check(ref))
         known = self.blocklist.known(ref)
         if known is None:
             return self.loop.run(self.check(ref))

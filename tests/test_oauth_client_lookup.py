@@ -1,4 +1,4 @@
-"""Clients looked up on the event loop before the token, revocation and introspection views."""
+"""OAuth clients are looked up by each request, on the event loop, suspended while it waits."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from flask import Flask
+from flask import Flask, current_app
 
 from service import close_app, create_app
 from service.config import Settings
-from service.loop import WorkerLoop, WouldBlock, on_event_loop
-from service.oauth import bridge, keys, prefetch
+from service.loop import WorkerLoop, WouldBlock, on_event_loop, run_suspendable, suspendable
+from service.oauth import bridge, client_throttle, keys
 from service.oauth import server as oauth_server
+from service.oauth.client_throttle import MAX_FORM_BYTES, named_clients
 from service.oauth.clients import (
     Registered,
     delete_client,
@@ -26,56 +29,68 @@ from service.oauth.clients import (
     plausible_identifier,
     rotate_secret,
 )
-from service.oauth.models import Client
-from service.oauth.prefetch import ENVIRON_KEY, MAX_FORM_BYTES, named_clients
 from service.store import Store
 from service.store.db import Database
-from tests.conftest import serve_in_process
+from tests.conftest import make_settings, serve_in_process
 from tests.oauth_helpers import new_client
 
 TOKEN = "/oauth/token"
 FORM = "application/x-www-form-urlencoded"
 
 
-@pytest.fixture
-def lookups(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The client ids that views looked up themselves, through the app's loop."""
-    calls: list[list[str]] = []
+@dataclass(frozen=True)
+class Site:
+    """Where a call ran: its thread, whether that is the app loop's, whether it may wait."""
 
-    def counting(*, database: Database, client_ids: Sequence[str]) -> Any:
-        calls.append(list(client_ids))
+    thread: threading.Thread
+    loop_thread: bool
+    suspendable: bool
+
+
+def site() -> Site:
+    """Where the caller runs, inside a request of the app."""
+    loop: WorkerLoop = current_app.extensions["loop"]
+    return Site(threading.current_thread(), loop.in_loop_thread(), suspendable())
+
+
+def on_the_loop() -> Site:
+    """Where a request runs when served by this test's loop: its thread, suspendable."""
+    return Site(threading.current_thread(), loop_thread=True, suspendable=True)
+
+
+@dataclass
+class Lookups:
+    """The client ids that requests looked up, and where each lookup was made."""
+
+    ids: list[list[str]] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> Lookups:
+    """Record every client lookup of query_client."""
+    seen = Lookups()
+
+    def recording(*, database: Database, client_ids: Sequence[str]) -> Any:
+        seen.ids.append(list(client_ids))
+        seen.sites.append(site())
         return find_clients(database=database, client_ids=client_ids)
 
-    monkeypatch.setattr(oauth_server, "find_clients", counting)
-    return calls
+    monkeypatch.setattr(oauth_server, "find_clients", recording)
+    return seen
 
 
-@pytest.fixture
-def prefetches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The client ids looked up ahead, on the event loop."""
-    calls: list[list[str]] = []
-    original = prefetch.find_clients
+def record_sites(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[Site]:
+    """Where each call of owner.name runs, from now on."""
+    sites: list[Site] = []
+    original: Callable[..., Any] = getattr(owner, name)
 
-    async def recording(*, database: Database, client_ids: Sequence[str]) -> Any:
-        calls.append(list(client_ids))
-        return await original(database=database, client_ids=client_ids)
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        sites.append(site())
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(prefetch, "find_clients", recording)
-    return calls
-
-
-@pytest.fixture
-def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Where query_client ran, each time: "loop" (the server's event loop) or "thread"."""
-    ran: list[str] = []
-    original = prefetch.prefetched
-
-    def recording(environ: dict[str, Any], client_id: str) -> tuple[bool, Client | None]:
-        ran.append("loop" if on_event_loop() else "thread")
-        return original(environ, client_id)
-
-    monkeypatch.setattr(prefetch, "prefetched", recording)
-    return ran
+    monkeypatch.setattr(owner, name, recording)
+    return sites
 
 
 async def machine(settings: Settings, **options: Any) -> Registered:
@@ -100,25 +115,20 @@ async def ask_token(
 
 
 @pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
-async def test_a_token_request_uses_the_client_looked_up_ahead(
-    client: httpx.AsyncClient,
-    settings: Settings,
-    lookups: list[list[str]],
-    prefetches: list[list[str]],
-    auth_method: str,
+async def test_a_client_credentials_request_runs_on_the_event_loop(
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups, auth_method: str
 ) -> None:
     registered = await machine(settings, auth_method=auth_method)
     response = await ask_token(client, registered)
     assert response.status_code == 200, response.text
-    assert prefetches == [[registered.client.client_id]]
-    assert lookups == []
+    assert response.headers["cache-control"] == "no-store"
+    assert lookups.ids == [[registered.client.client_id]]
+    # The view waited for PostgreSQL suspended on the loop's own thread: no thread hop.
+    assert lookups.sites == [on_the_loop()]
 
 
-async def test_revocation_and_introspection_use_it_too(
-    client: httpx.AsyncClient,
-    settings: Settings,
-    lookups: list[list[str]],
-    prefetches: list[list[str]],
+async def test_revocation_and_introspection_authenticate_clients_too(
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
 ) -> None:
     registered = await machine(settings)
     auth = (registered.client.client_id, registered.secret or "")
@@ -128,12 +138,14 @@ async def test_revocation_and_introspection_use_it_too(
     assert (await client.post("/oauth/revoke", data={"token": token}, auth=auth)).status_code == 200
     seen = await client.post("/oauth/introspect", data={"token": token}, auth=auth)
     assert seen.json() == {"active": False}
-    assert prefetches == [[registered.client.client_id]] * 4
-    assert lookups == []
+    wrong = await client.post("/oauth/revoke", data={"token": token}, auth=(auth[0], "wrong"))
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
+    assert lookups.ids == [[registered.client.client_id]] * 5
+    assert lookups.sites == [on_the_loop()] * 5
 
 
 async def test_a_deleted_client_is_refused_from_the_next_request(
-    client: httpx.AsyncClient, settings: Settings, lookups: list[list[str]]
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
 ) -> None:
     registered = await machine(settings)
     assert (await ask_token(client, registered)).status_code == 200
@@ -145,7 +157,8 @@ async def test_a_deleted_client_is_refused_from_the_next_request(
     refused = await ask_token(client, registered)
     assert refused.status_code == 401
     assert refused.json()["error"] == "invalid_client"
-    assert lookups == []
+    # Nothing is kept across requests: each looked the client up.
+    assert lookups.ids == [[registered.client.client_id]] * 2
 
 
 async def test_a_rotated_secret_counts_from_the_next_request(
@@ -165,11 +178,8 @@ async def test_a_rotated_secret_counts_from_the_next_request(
     assert (await ask_token(client, registered, secret)).status_code == 200
 
 
-async def test_one_request_naming_two_clients_gets_both_looked_up_at_once(
-    client: httpx.AsyncClient,
-    settings: Settings,
-    lookups: list[list[str]],
-    prefetches: list[list[str]],
+async def test_one_request_naming_two_clients_is_served_as_the_one_it_proves(
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
 ) -> None:
     basic = await machine(settings)
     post = await machine(settings, auth_method="client_secret_post")
@@ -184,74 +194,8 @@ async def test_one_request_naming_two_clients_gets_both_looked_up_at_once(
         auth=(basic.client.client_id, "not the secret"),
     )
     assert response.status_code == 200, response.text
-    assert prefetches == [[basic.client.client_id, post.client.client_id]]
-    assert lookups == []
-
-
-async def test_a_client_not_looked_up_ahead_is_looked_up_by_the_view(
-    client: httpx.AsyncClient,
-    settings: Settings,
-    lookups: list[list[str]],
-    prefetches: list[list[str]],
-) -> None:
-    registered = await machine(settings, auth_method="client_secret_post")
-    # A multipart form is left to the view to parse.
-    response = await client.post(
-        TOKEN,
-        files={"grant_type": (None, "client_credentials")},
-        data={"client_id": registered.client.client_id, "client_secret": registered.secret},
-    )
-    assert response.status_code == 200, response.text
-    assert prefetches == []
-    assert lookups == [[registered.client.client_id]]
-
-
-async def test_only_the_ids_looked_up_ahead_are_answered_from_it(
-    settings: Settings, lookups: list[list[str]]
-) -> None:
-    registered = await machine(settings)
-    real = registered.client
-    other = Client(
-        client_id="another-client",
-        name="a client looked up for this request",
-        secret_hash=None,
-        redirect_uris=(),
-        grant_types=(),
-        scope="",
-        auth_method="none",
-    )
-    app = create_app(settings)
-
-    def query(client_id: str) -> Client | None:
-        answer = {other.client_id: other, "gone": None}
-        with app.test_request_context(TOKEN, environ_overrides={ENVIRON_KEY: answer}):
-            found: Client | None = app.extensions["oauth_server"].query_client(client_id)
-            return found
-
-    try:
-        assert await asyncio.to_thread(query, other.client_id) is other
-        assert await asyncio.to_thread(query, "gone") is None
-        assert lookups == []
-        assert await asyncio.to_thread(query, real.client_id) == real
-        assert lookups == [[real.client_id]]
-    finally:
-        await asyncio.to_thread(close_app, app)
-
-
-async def test_a_failed_lookup_ahead_leaves_it_to_the_view(
-    client: httpx.AsyncClient,
-    settings: Settings,
-    lookups: list[list[str]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    registered = await machine(settings)
-
-    async def failing(*, database: Database, client_ids: Sequence[str]) -> Any:
-        raise OSError("connection refused")
-
-    monkeypatch.setattr(prefetch, "find_clients", failing)
-    assert (await ask_token(client, registered)).status_code == 200
-    assert lookups == [[registered.client.client_id]]
+    assert lookups.ids == [[basic.client.client_id], [post.client.client_id]]
+    assert lookups.sites == [on_the_loop()] * 2
 
 
 def basic(raw: bytes) -> list[tuple[bytes, bytes]]:
@@ -275,8 +219,7 @@ def basic(raw: bytes) -> list[tuple[bytes, bytes]]:
 )
 async def test_hostile_client_ids_get_json_errors_and_are_never_looked_up(
     client: httpx.AsyncClient,
-    lookups: list[list[str]],
-    prefetches: list[list[str]],
+    lookups: Lookups,
     body: bytes,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
@@ -285,7 +228,8 @@ async def test_hostile_client_ids_get_json_errors_and_are_never_looked_up(
     )
     assert response.status_code in {400, 401}, response.text
     assert response.json()["error"] in {"invalid_client", "unsupported_grant_type"}
-    looked_up = [name for call in lookups + prefetches for name in call]
+    # Only printable ids of bounded length reach PostgreSQL (%ff arrives as U+FFFD, say).
+    looked_up = [name for call in lookups.ids for name in call]
     assert all(plausible_identifier(name) for name in looked_up), looked_up
 
 
@@ -311,70 +255,106 @@ def test_the_client_ids_a_request_names() -> None:
     assert named_clients(environ(b"client_id=a", credentials("a:s"))) == ["a"]
     assert named_clients(environ(authorization=credentials("a%3Ab:s"))) == ["a:b"]
     assert named_clients(environ(b"client_id=a+b%2B")) == ["a b+"]
-    # Basic credentials without a secret are not used by Authlib: nothing to look up.
+    # Basic credentials without a secret are not used by Authlib: they name no client.
     assert named_clients(environ(authorization=credentials("a:"))) == []
     assert named_clients(environ(authorization=credentials("a"))) == []
     assert named_clients(environ(authorization="Bearer abc")) == []
     assert named_clients(environ(b"client_id=")) == []
     assert named_clients(environ(b"client_id=a", CONTENT_TYPE="multipart/form-data")) == []
     assert named_clients(environ(b"client_id=a&x=" + b"y" * MAX_FORM_BYTES)) == []
+    assert named_clients(environ(b"client_id=%00")) == []
 
 
-@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
-async def test_a_client_credentials_request_runs_on_the_event_loop(
-    client: httpx.AsyncClient, settings: Settings, threads: list[str], auth_method: str
-) -> None:
-    registered = await machine(settings, auth_method=auth_method)
-    response = await ask_token(client, registered)
-    assert response.status_code == 200, response.text
-    assert response.headers["cache-control"] == "no-store"
-    assert threads == ["loop"]
-    wrong = await ask_token(client, registered, "not the secret")
-    assert wrong.status_code == 401
-    assert wrong.json()["error"] == "invalid_client"
-    # Counting the failure needs Redis: the request stops there and runs again in a thread.
-    assert threads[1:] == ["loop", "thread"]
-
-
-async def test_other_requests_run_in_a_thread(
-    client: httpx.AsyncClient, settings: Settings, threads: list[str]
-) -> None:
-    registered = await machine(settings)
-    auth = (registered.client.client_id, registered.secret or "")
-    form = {"grant_type": "client_credentials"}
-    assert (await client.post(TOKEN + "?scope=profile", data=form, auth=auth)).status_code == 200
-    refresh = {"grant_type": "refresh_token", "refresh_token": "unknown"}
-    assert (await client.post(TOKEN, data=refresh, auth=auth)).status_code == 400
-    assert (await client.post("/oauth/revoke", data={"token": "x"}, auth=auth)).status_code == 200
-    assert set(threads) == {"thread"}
-
-
-async def test_a_token_due_a_key_reread_is_signed_in_a_thread(
-    settings: Settings, captured_app: list[Flask], threads: list[str]
+async def test_a_token_due_a_key_reread_is_signed_after_it_on_the_loop(
+    settings: Settings, captured_app: list[Flask], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registered = await machine(settings)
     async with serve_in_process(settings) as http:
-        keyring = captured_app[0].extensions["oauth_keyring"]
+        keyring: keys.Keyring = captured_app[0].extensions["oauth_keyring"]
+        rereads: list[str] = []
+        signed: list[tuple[Site, int]] = []  # where, and how many rereads had ended by then
+        load, signing_key = keyring.load, keyring.signing_key
+
+        async def counted_load() -> None:
+            rereads.append("started")
+            await load()
+            rereads.append("ended")
+
+        def counted_signing_key() -> keys.Key:
+            where = site()
+            key = signing_key()
+            signed.append((where, rereads.count("ended")))
+            return key
+
+        monkeypatch.setattr(keyring, "load", counted_load)
+        monkeypatch.setattr(keyring, "signing_key", counted_signing_key)
         assert (await ask_token(http, registered)).status_code == 200
         keyring._loaded_at = time.monotonic() - keys.SIGNER_RELOAD_SECONDS
+        response = await ask_token(http, registered)
+        assert response.status_code == 200, response.text
+        assert response.json()["access_token"]
+        assert time.monotonic() - keyring._loaded_at < keys.SIGNER_RELOAD_SECONDS
         assert (await ask_token(http, registered)).status_code == 200
-        assert (await ask_token(http, registered)).status_code == 200
-    # The reread was waited for in a thread; the next request signs on the loop again.
-    assert threads == ["loop", "thread", "loop"]
+    # The second request waited for the reread before signing, suspended on the loop.
+    assert rereads == ["started", "ended"]
+    assert signed == [(on_the_loop(), 0), (on_the_loop(), 1), (on_the_loop(), 1)]
 
 
-async def test_nothing_waits_for_the_store_on_the_event_loop(settings: Settings) -> None:
+async def test_a_failed_client_authentication_is_counted_from_the_loop(
+    settings: Settings,
+    tmp_path: Path,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limited = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        redis_prefix=prefix,
+        secret_key=settings.secret_key,  # the stored OAuth signing keys are sealed with it
+        jwt_secret=settings.jwt_secret,
+        client_failures_per_client=2,
+    )
+    registered = await machine(limited)
+    auth = (registered.client.client_id, "not the secret")
+    counted = record_sites(monkeypatch, client_throttle, "counted")
+    async with serve_in_process(limited) as http:
+        answers = [await ask_token(http, registered, auth[1]) for _ in range(3)]
+        introspect = await http.post("/oauth/introspect", data={"token": "x"}, auth=auth)
+    assert [a.status_code for a in answers] == [401, 401, 429]
+    assert answers[0].json()["error"] == "invalid_client"
+    assert answers[2].json()["error"] == "slow_down"
+    assert int(answers[2].headers["retry-after"]) > 0
+    assert (introspect.status_code, introspect.json()["error"]) == (429, "slow_down")
+    assert counted == [on_the_loop()] * 4
+
+
+async def test_outside_a_request_nothing_waits_on_the_event_loop(settings: Settings) -> None:
     app = create_app(settings)
-    app.extensions["loop"].attach()  # as the server's start-up does
+    loop: WorkerLoop = app.extensions["loop"]
+    loop.attach()  # as the server's start-up does
     keyring: keys.Keyring = app.extensions["oauth_keyring"]
     try:
-        assert on_event_loop()
-        assert not keyring.signs_without_waiting()  # never loaded
+        assert on_event_loop() and loop.in_loop_thread()
+        assert not suspendable() and not loop.can_wait()
+        await keyring.load()
         with app.app_context():
+            assert keyring.signing_key()  # fresh keys: nothing to wait for
             with pytest.raises(WouldBlock):
                 bridge.run(asyncio.sleep(0))
-            with pytest.raises(RuntimeError):
+            keyring._loaded_at = time.monotonic() - keys.SIGNER_RELOAD_SECONDS
+            with pytest.raises(RuntimeError, match="reread"):
                 keyring.signing_key()
+
+        def request() -> keys.Key:
+            """The same calls as a request's view makes them: suspended where they wait."""
+            with app.app_context():
+                assert suspendable() and loop.can_wait()
+                assert bridge.run(asyncio.sleep(0, "waited")) == "waited"
+                return keyring.signing_key()
+
+        assert await run_suspendable(request)
+        assert time.monotonic() - keyring._loaded_at < keys.SIGNER_RELOAD_SECONDS
         assert not await asyncio.to_thread(on_event_loop)
         assert threading.current_thread() is threading.main_thread()
     finally:
