@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     # Waiting for a pooled connection, or for a turn among DATABASE_MAX_REQUESTS:
     database_pool_timeout: float = Field(default=2.0, gt=0, le=60)
     # Requests of one worker that may wait on the database at once (default: as many as
-    # the pool and its overflow hold), so that a hung database cannot pile up the rest.
+    # the pool holds; its overflow serves start-up, maintenance and the CLI), so that a
+    # hung database cannot pile up the rest.
     database_max_requests: int | None = Field(default=None, ge=1, le=256)
     redis_url: str | None = None
     redis_prefix: str = "authsvc:"
@@ -189,7 +190,7 @@ class Settings(BaseSettings):
         """How many requests may wait on the database at once (DATABASE_MAX_REQUESTS)."""
         if self.database_max_requests is not None:
             return self.database_max_requests
-        return 2 * self.database_pool_size
+        return self.database_pool_size
 
     @property
     def library_change_names(self) -> frozenset[str]:

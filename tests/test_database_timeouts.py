@@ -179,7 +179,7 @@ async def test_requests_without_the_database_are_served_while_it_hangs(
     oauth_token = await oauth_access_token(http, settings, user)
     proxy.freeze()
     credentials = {"username": user.username, "password": PASSWORD}
-    # More than twice the database turns (2 x DATABASE_POOL_SIZE), all bound for the hung database.
+    # More than four times the database turns (DATABASE_POOL_SIZE), all bound for the hung database.
     stuck = [
         asyncio.ensure_future(timed(http.post("/auth/login", json=credentials))) for _ in range(48)
     ]
@@ -204,8 +204,9 @@ async def test_requests_without_the_database_are_served_while_it_hangs(
 async def test_waiting_for_a_pooled_connection_is_bounded(
     settings: Settings, proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Two connections at most, both held by requests stuck on the hung database.
-    tight = {"database_pool_size": 1, "database_pool_timeout": 0.3}
+    # Two connections at most, both held by requests stuck on the hung database; more
+    # turns than connections, so that the third waits for the pool, not for a turn.
+    tight = {"database_pool_size": 1, "database_pool_timeout": 0.3, "database_max_requests": 3}
     bounds = {"database_connect_timeout": 3.0, "database_statement_timeout": 3.0}
     proxied = proxied_settings(settings, proxy, tmp_path, **tight, **bounds)
     async with serve_in_process(proxied) as http:
