@@ -13,12 +13,9 @@ import asyncio
 import contextlib
 import gc
 import io
-import json
 import logging
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -52,77 +49,12 @@ PROBLEM = [(b"content-type", b"application/problem+json")]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
-class Lane:
-    """Threads of their own for one kind of costly request, and a bound on how many wait.
-
-    Past `limit` requests in the lane (running or queued), the adapter answers 503 with
-    Retry-After at once, without a thread: a storm of such requests neither queues without
-    end nor holds the request threads that every other request needs.
-    """
-
-    def __init__(
-        self,
-        *,
-        selects: Callable[[str, str], bool],
-        threads: int,
-        limit: int,
-        busy_detail: str,
-        retry_after: int = 2,
-    ) -> None:
-        self.selects = selects
-        self._threads = threads
-        self._limit = limit
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        body = {"type": "about:blank", "title": "Service Unavailable", "status": 503}
-        self.busy: Answer = (
-            503,
-            [
-                *PROBLEM,
-                (b"retry-after", str(retry_after).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-            json.dumps({**body, "detail": busy_detail}).encode(),
-        )
-
-    async def run(
-        self, call: Callable[[dict[str, Any]], Answer], environ: dict[str, Any]
-    ) -> Answer:
-        """Run call(environ) in the lane's threads, or answer 503 when the lane is full."""
-        with self._lock:
-            if self._pending >= self._limit:
-                return self.busy
-            self._pending += 1
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lane")
-        # Released when the call ends, not when its waiter goes: an abandoned request that
-        # is still running keeps its place.
-        try:
-            future = self._pool.submit(call, environ)
-        except RuntimeError:  # shutting down
-            self._release(None)
-            raise
-        future.add_done_callback(self._release)
-        return await asyncio.wrap_future(future)
-
-    def _release(self, _future: Future[Answer] | None) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    def shutdown(self) -> None:
-        """Stop the lane's threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 class AsgiAdapter:
     """An ASGI 3 application wrapping a WSGI application.
 
     Requests run on the event loop, suspended wherever the app waits (run_suspendable).
-    Those the `lane` selects (CPU-bound work) run in its own threads, or are refused at
-    once when it is full. A request `needs_database` selects first waits for one of
-    `database_slots` turns (see service/isolation.py).
+    A request `needs_database` selects first waits for one of `database_slots` turns (see
+    service/isolation.py).
     """
 
     def __init__(
@@ -131,7 +63,6 @@ class AsgiAdapter:
         *,
         max_body_bytes: int,
         body_timeout: float = 60.0,
-        lane: Lane | None = None,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         needs_database: Callable[[str, str], bool] | None = None,
@@ -141,7 +72,6 @@ class AsgiAdapter:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout
-        self._lane = lane
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._needs_database = needs_database
@@ -178,14 +108,12 @@ class AsgiAdapter:
         gc.freeze()
 
     async def shutdown(self) -> None:
-        """Close the app's connections and the lane's threads."""
+        """Close the app's connections."""
         if self._on_shutdown is not None:
             try:
                 await self._on_shutdown()
             except Exception:
                 log.exception("error during shutdown")
-        if self._lane is not None:
-            self._lane.shutdown()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -197,18 +125,7 @@ class AsgiAdapter:
             await _respond(send, 413, PROBLEM, TOO_LARGE)
             return
         environ = build_environ(scope, body)
-        if (lane := self._lane) is not None and lane.selects(scope["method"], environ["PATH_INFO"]):
-            # A lane request (a login, say) may reach the database too: it takes a turn
-            # first, so a hung database refuses it within the wait instead of letting the
-            # lane's few threads queue it behind every other stuck one.
-            answer = await self._in_turn(
-                scope["method"], environ, lambda: lane.run(self._call, environ)
-            )
-            if answer is None:
-                await _respond(send, 503, [*PROBLEM, (b"retry-after", b"2")], BUSY)
-                return
-            status, headers, chunks = answer
-        elif self._needs_database is not None and self._needs_database(
+        if self._needs_database is not None and self._needs_database(
             scope["method"], environ["PATH_INFO"]
         ):
             answer = await self._call_in_turn(environ)
@@ -219,19 +136,6 @@ class AsgiAdapter:
         else:
             status, headers, chunks = await self._call_on_loop(environ)
         await _respond(send, status, headers, chunks)
-
-    async def _in_turn(
-        self, method: str, environ: dict[str, Any], run: Callable[[], Awaitable[Answer]]
-    ) -> Answer | None:
-        """Await run(), within a database turn where the view may need one; None if none came."""
-        if self._needs_database is None or not self._needs_database(method, environ["PATH_INFO"]):
-            return await run()
-        if not await self._take_turn():
-            return None
-        try:
-            return await run()
-        finally:
-            self._database_turns.release()
 
     async def _take_turn(self) -> bool:
         """Wait for a database turn, at most the pool wait; False if none came."""
@@ -295,7 +199,7 @@ class AsgiAdapter:
             message = await receive()
 
     def _call(self, environ: dict[str, Any]) -> Answer:
-        """Run the WSGI app to completion (suspendable on the loop, or in a lane's thread)."""
+        """Run the WSGI app to completion (in run_suspendable, on the loop)."""
         started: list[Any] = []
 
         def start_response(

@@ -9,7 +9,6 @@ from typing import Any, cast
 
 from service import create_app, start_app, stop_app, transport
 from service.adapter import AsgiAdapter
-from service.auth.passwords import hashing_lane
 from service.binds import BindError, check_binds, host_port
 from service.config import ConfigError, Settings, load_settings, read_file
 from service.exposition import MetricsListenerError, run_metrics
@@ -34,7 +33,6 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.request_body_timeout,
-        lane=hashing_lane(flask_app, settings),
         on_startup=lambda: start_app(flask_app),
         on_shutdown=lambda: stop_app(flask_app),
         needs_database=database_policy(flask_app),

@@ -14,9 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from service import create_app
 from service.addresses import address_group
-from service.auth.passwords import hashing_lane
 from service.config import ConfigError, Settings, load_settings
 from service.oauth.clients import Registered, register_client
 from service.store import throttle as throttle_store
@@ -328,16 +326,6 @@ async def test_a_login_flood_is_shed_while_refresh_stays_fast(
     # Shed at once, not after waiting their turn behind the admitted ones.
     slowest_admitted = max(seconds for status, seconds, _ in results if status == 200)
     assert max(seconds for seconds, _ in shed) < slowest_admitted
-
-
-def test_the_hashing_lane_takes_the_posts_that_hash(settings: Settings) -> None:
-    app = create_app(settings)
-    lane = hashing_lane(app, settings)
-    hashing = [("POST", path) for path in ("/auth/login", "/auth/register", "/auth/password")]
-    for method, path in [*hashing, ("POST", "/oauth/login")]:
-        assert lane.selects(method, path), path
-    for method, path in [("GET", "/oauth/login"), ("POST", "/auth/refresh"), ("GET", "/")]:
-        assert not lane.selects(method, path), path
 
 
 @pytest.fixture

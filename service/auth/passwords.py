@@ -2,15 +2,9 @@
 
 Hashing is CPU-bound (~17 ms at OWASP parameters). It runs in a small dedicated thread
 pool (argon2's C code releases the GIL), so a login storm queues here instead of taking
-every core from token checks.
-
-The queue is bounded before a request takes a thread: a request thread waits while its
-view hashes, so without a lane of their own, a storm of logins filled every request
-thread and everything else queued behind it (a refresh took 15 s behind 300 logins), and
-the limit here never tripped (it counted at most REQUEST_THREADS jobs). Views marked
-@hashes_password run in the adapter's hashing lane: a few threads of their own, at most
-PASSWORD_QUEUE_LIMIT requests per worker running or waiting, 503 past that. The limit
-here stays as the bound for callers outside the adapter.
+every core from token checks. Requests wait for their hash on the event loop, suspended
+like any other wait; at most PASSWORD_QUEUE_LIMIT hashes per worker run or wait, and a
+request past that gets 503 with Retry-After at once.
 """
 
 from __future__ import annotations
@@ -23,41 +17,17 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from flask import Flask
 
-from service.adapter import Lane
 from service.config import Settings
 from service.errors import ServiceUnavailable
-from service.isolation import marked_views
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 BUSY = "Too many requests are waiting for password hashing; retry shortly."
-# A lane thread spends most of a request waiting for its hash: a couple more than the
-# hashing threads keep those busy while others read or write the database.
-EXTRA_LANE_THREADS = 2
-
-
-def hashes_password(view: F) -> F:
-    """Mark a view whose POST hashes a password: it runs in the bounded hashing lane."""
-    view.hashes_password = True  # type: ignore[attr-defined]
-    return view
-
-
-def hashing_lane(app: Flask, settings: Settings) -> Lane:
-    """The adapter's lane for POSTs to views marked @hashes_password."""
-    marked = marked_views(app, "hashes_password")
-    return Lane(
-        selects=lambda method, path: method == "POST" and marked(method, path),
-        threads=settings.password_hash_threads + EXTRA_LANE_THREADS,
-        limit=settings.password_queue_limit,
-        busy_detail=BUSY,
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from flask_jwt_extended import get_jwt, jwt_required
 from service.addresses import client_address
 from service.auth import accounts, sessions
 from service.auth.jwt import revokes_presented_token
-from service.auth.passwords import Passwords, hashes_password
+from service.auth.passwords import Passwords
 from service.auth.schemas import (
     Credentials,
     EmailChange,
@@ -39,7 +39,6 @@ def _passwords() -> Passwords:
 
 
 @bp.post("/register")
-@hashes_password
 async def register() -> tuple[dict[str, str | None], int]:
     """Create an account, unless registration is closed."""
     store = get_store()
@@ -60,7 +59,6 @@ def _describe(account: Account) -> dict[str, str | None]:
 
 
 @bp.post("/login")
-@hashes_password
 async def login() -> tuple[dict[str, object], int, dict[str, str]]:
     """Exchange credentials for an access and refresh token."""
     body = parse_body(Credentials)
@@ -119,7 +117,6 @@ async def _revoked(revocation: Awaitable[None]) -> Response:
 
 
 @bp.post("/password")
-@hashes_password
 @jwt_required()
 @first_party_only
 async def change_password() -> Response:
@@ -140,7 +137,6 @@ async def change_password() -> Response:
 
 
 @bp.post("/email")
-@hashes_password
 @jwt_required()
 @first_party_only
 async def change_email() -> dict[str, str | None]:

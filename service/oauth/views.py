@@ -24,7 +24,7 @@ from flask.typing import ResponseReturnValue
 from service.addresses import client_address
 from service.auth.attempts import TooManyAttempts
 from service.auth.credentials import verify_credentials
-from service.auth.passwords import Passwords, hashes_password
+from service.auth.passwords import Passwords
 from service.oauth import bridge, pages
 from service.oauth.parameters import repeated_parameter
 from service.oauth.server import Server, metadata
@@ -113,7 +113,6 @@ def authorize() -> ResponseReturnValue:
 
 
 @bp.route("/oauth/login", methods=["GET", "POST"])
-@hashes_password
 def login() -> ResponseReturnValue:
     """The sign-in form of the authorization flow."""
     next_url = pages.safe_next(request.values.get("next"))
