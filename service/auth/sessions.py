@@ -129,16 +129,7 @@ async def _audited(revocation: Awaitable[None], event: str, user_id: str, sid: s
 
 async def revoke_session(*, store: Store, sid: str, reason: str) -> None:
     """Revoke every token of one session, durably and in the blocklist."""
-    async with store.revoking() as (session, revocations):
-        expires_at, user_id = await session_store.close_session(session, sid=sid, reason=reason)
-        until = (
-            int(expires_at.timestamp())
-            if expires_at
-            else int(time.time()) + store.settings.refresh_token_ttl
-        )
-        user = None if user_id is None else str(user_id)
-        revocations.append(Entry(kind=Kind.SESSION, subject=sid, expires_at=until, user=user))
-        metrics.revoked(reason)  # counted once recorded, also if Redis then fails (202)
+    await store.revoke_session(sid, reason)
 
 
 async def revoke_all_sessions(*, store: Store, user_id: str, reason: str) -> None:

@@ -6,26 +6,31 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import Flask, current_app
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import metrics
 from service.config import Settings
 from service.loop import WorkerLoop
+from service.store import sessions as session_store
 from service.store.blocklist import (
     Blocklist,
     BlocklistUnavailable,
     Entry,
+    Kind,
     RedisBlocklist,
     TokenRef,
     Verdict,
 )
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
+from service.store.group_commit import GroupCommit
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
 from service.store.redis_target import Topology, parse_target
@@ -63,6 +68,33 @@ class Store:
         self._doubts = 0
         self._doubts_cleared = 0
         self._maintenance: list[Future[None]] = []
+        self._session_revocations = GroupCommit(self._revoke_sessions)
+
+    async def revoke_session(self, sid: str, reason: str) -> None:
+        """Revoke every token of one login session, durably and in the blocklist.
+
+        Logouts that arrive together share one commit and one blocklist write.
+        """
+        await self._session_revocations.submit((sid, reason))
+
+    async def _revoke_sessions(self, batch: list[tuple[str, str]]) -> None:
+        async with self.revoking() as (session, revocations):
+            closed: dict[str, tuple[datetime, uuid.UUID]] = {}
+            for reason in dict.fromkeys(reason for _, reason in batch):
+                sids = list(dict.fromkeys(sid for sid, why in batch if why == reason))
+                closed |= await session_store.close_sessions(session, sids=sids, reason=reason)
+            # An unknown session (a token of a deleted user, say) is revoked for as long
+            # as any of its tokens may live.
+            longest = int(time.time()) + self.settings.refresh_token_ttl
+            for sid in dict.fromkeys(sid for sid, _ in batch):
+                expires_at, user_id = closed.get(sid, (None, None))
+                until = int(expires_at.timestamp()) if expires_at else longest
+                user = None if user_id is None else str(user_id)
+                revocations.append(
+                    Entry(kind=Kind.SESSION, subject=sid, expires_at=until, user=user)
+                )
+            for _, reason in batch:  # counted once recorded, also if Redis then fails (202)
+                metrics.revoked(reason)
 
     async def revoke(self, entries: Iterable[Entry]) -> None:
         """Persist revocations, then put them in force; returns once both are done."""

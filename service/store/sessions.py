@@ -74,26 +74,30 @@ async def rotate(
     )
 
 
-_CLOSE = (
+_CLOSE_MANY = (
     update(_SESSIONS)
-    .where(_SESSIONS.c.id == bindparam("sid"), _SESSIONS.c.revoked_at.is_(None))
+    .where(_SESSIONS.c.id.in_(bindparam("sids", expanding=True)), _SESSIONS.c.revoked_at.is_(None))
     .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason"))
-    .returning(_SESSIONS.c.expires_at, _SESSIONS.c.user_id)
+    .returning(_SESSIONS.c.id, _SESSIONS.c.expires_at, _SESSIONS.c.user_id)
 )
-_FIND = select(_SESSIONS.c.expires_at, _SESSIONS.c.user_id).where(
-    _SESSIONS.c.id == bindparam("sid")
+_FIND_MANY = select(_SESSIONS.c.id, _SESSIONS.c.expires_at, _SESSIONS.c.user_id).where(
+    _SESSIONS.c.id.in_(bindparam("sids", expanding=True))
 )
 
 
-async def close_session(
-    session: AsyncSession, *, sid: str, reason: str
-) -> tuple[datetime | None, uuid.UUID | None]:
-    """Mark one session revoked; returns its expiry and user, or None if it was unknown."""
-    values = {"sid": sid, "now": utcnow(), "reason": reason}
-    row = (await session.execute(_CLOSE, values)).first()
-    if row is None:
-        row = (await session.execute(_FIND, {"sid": sid})).first()
-    return (row[0], row[1]) if row is not None else (None, None)
+async def close_sessions(
+    session: AsyncSession, *, sids: list[str], reason: str
+) -> dict[str, tuple[datetime, uuid.UUID]]:
+    """Mark sessions revoked; returns the expiry and user of each that exists."""
+    values = {"sids": sids, "now": utcnow(), "reason": reason}
+    found = {
+        row.id: (row.expires_at, row.user_id) for row in await session.execute(_CLOSE_MANY, values)
+    }
+    missing = [sid for sid in sids if sid not in found]
+    if missing:
+        rows = await session.execute(_FIND_MANY, {"sids": missing})
+        found.update({row.id: (row.expires_at, row.user_id) for row in rows})
+    return found
 
 
 async def close_user_sessions(
