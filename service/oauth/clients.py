@@ -132,7 +132,7 @@ async def find_clients(
     *, database: Database, client_ids: Sequence[str]
 ) -> dict[str, Client | None]:
     """The clients with these ids (None for an unknown one), read in one statement."""
-    rows = await client_store.find_clients(database.engine, client_ids=client_ids)
+    rows = await client_store.find_clients(database, client_ids=client_ids)
     return {client_id: Client.from_row(row) if row else None for client_id, row in rows.items()}
 
 

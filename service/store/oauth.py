@@ -5,32 +5,45 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Row, case, delete, func, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.store.db import Database
 from service.store.models import User, utcnow
 from service.store.oauth_models import OAuthClient, OAuthConsent
 from service.store.users import Account
 
+_CLIENTS = cast(Table, OAuthClient.__table__)
+_FIND_CLIENTS = select(_CLIENTS).where(_CLIENTS.c.client_id.in_(bindparam("ids", expanding=True)))
+
 
 async def find_clients(
-    engine: AsyncEngine, *, client_ids: Sequence[str]
+    database: Database, *, client_ids: Sequence[str]
 ) -> dict[str, Row[Any] | None]:
     """The client rows with these ids (None for an unknown one), read in one statement.
 
-    Autocommit: a single SELECT needs no transaction, and BEGIN and COMMIT would be two
-    more round trips on every token request.
+    Autocommit (a single SELECT needs no BEGIN and COMMIT round trips) and built once: it
+    runs on every token request.
     """
     found: dict[str, Row[Any] | None] = dict.fromkeys(client_ids)
-    table = OAuthClient.__table__
-    query = select(table).where(table.c.client_id.in_(client_ids))
-    async with engine.connect() as connection:
-        await connection.execution_options(isolation_level="AUTOCOMMIT")
-        for row in await connection.execute(query):
+    async with database.statement() as connection:
+        for row in await connection.execute(_FIND_CLIENTS, {"ids": list(client_ids)}):
             found[row.client_id] = row
     return found
 
