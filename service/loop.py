@@ -54,6 +54,8 @@ class _Suspendable(greenlet.greenlet):  # type: ignore[misc]
         while True:
             try:
                 outcome: tuple[str, Any] = (_DONE, func())
+            except greenlet.GreenletExit:
+                raise  # collected while suspended (the loop closed under it): just end
             except BaseException as error:  # handed to run_suspendable's caller
                 outcome = (_FAILED, error)
             func = parent.switch(outcome)
