@@ -55,14 +55,10 @@ RESULTS = BENCH_DIR / "results"
 THRESHOLD = 1.05
 WARM_UP_S = 1.0
 ALL, NONE = "all", "none"
-# The protocols whose code each change alters (h2_direct's HTTP/1.1 part only notes
-# whether a body is a response's last).
+# The protocols whose code each change alters.
 ACTS_ON = {
     "hpack_memo": (H2,),
     "h2_headers": (H2,),
-    "h2_direct": (H2,),
-    "date_header": (H1, H2),
-    "idle_timer": (H1, H2),
     "coalesce": (H1, H2),
 }
 

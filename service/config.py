@@ -30,10 +30,7 @@ DEV_ISSUER = "https://127.0.0.1:8443"
 TRANSPORT_CHANGES = (
     "hpack_memo",
     "h2_headers",
-    "date_header",
-    "idle_timer",
     "coalesce",
-    "h2_direct",
 )
 # And the one in Flask-JWT-Extended: each token's signature verified once (auth/verified.py).
 PERFORMANCE_CHANGES = (*TRANSPORT_CHANGES, "verified_tokens")

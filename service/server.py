@@ -26,9 +26,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hypercorn.toml"
 def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     """The Flask app wrapped for ASGI, with its shutdown hook."""
     settings = settings or load_settings()
-    transport.install(settings.library_change_names)
+    applied = transport.install(settings.library_change_names)
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
+    if "verified_tokens" in flask_app.extensions:
+        applied.append("verified_tokens")
+    log.info("library changes applied: %s", ", ".join(applied) or "none")
     return AsgiAdapter(
         flask_app.wsgi_app,
         max_body_bytes=settings.max_body_bytes,

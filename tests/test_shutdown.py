@@ -1,4 +1,4 @@
-"""A stop (SIGTERM): new connections are refused at once, requests in flight still finish."""
+"""A stop (SIGTERM): new connections refused at once, requests in flight finished, idle ones cut."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -50,6 +53,77 @@ def test_sigterm_refuses_new_connections_and_finishes_the_one_in_flight(
             server.stop()
 
 
+@pytest.mark.fault
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {"LIBRARY_CHANGES": "all"},
+        {"LIBRARY_CHANGES": "none"},
+        {"LIBRARY_CHANGES": "all", "H2_ABUSE_PENALTY": "0"},  # the loop's own accept
+    ],
+    ids=["all-changes", "no-changes", "no-penalty-box"],
+)
+def test_sigterm_does_not_wait_for_idle_keep_alive_connections(
+    settings: Settings, tmp_path: Path, setup: dict[str, str]
+) -> None:
+    # Clients that keep idle connections without reading them never answer the server's
+    # TLS close; a stop used to wait 30 s for them (service/stopping.py).
+    env = server_env(settings, tmp_path) | setup
+    server = start_server(env, workers=1, log_dir=tmp_path)
+    idle: list[ssl.SSLSocket] = []
+    try:
+        idle += [_idle_http1(server), _idle_http2(server)]
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)  # the master only, as a supervisor does
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 20 s after SIGTERM:\n{server.log()}")
+        took = time.monotonic() - started
+        assert took < 5, f"the stop took {took:.1f} s with idle keep-alive connections open"
+        assert server.process.returncode == 0, server.log()
+        for conn in idle:  # each was closed by the server
+            conn.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert conn.recv(65536) == b""
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        for conn in idle:
+            conn.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.stop()
+
+
+def _idle_http1(server: RunningServer) -> ssl.SSLSocket:
+    """An HTTP/1.1 connection left idle after one response, read whole."""
+    conn = _tls_connection(server)
+    host, port = _address(server)
+    conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    status_line, _ = _read_response(conn)
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
+    return conn
+
+
+def _idle_http2(server: RunningServer) -> ssl.SSLSocket:
+    """An HTTP/2 connection left idle after one response, read whole."""
+    conn = _tls_connection(server, "h2")
+    assert conn.selected_alpn_protocol() == "h2"
+    host, port = _address(server)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    request = [(":method", "GET"), (":scheme", "https"), (":path", "/healthz")]
+    connection.send_headers(1, [*request, (":authority", f"{host}:{port}")], end_stream=True)
+    conn.sendall(connection.data_to_send())
+    ended = False
+    while not ended:
+        data = conn.recv(65536)
+        assert data, "connection closed before the response"
+        events = connection.receive_data(data)
+        ended = any(isinstance(event, h2.events.StreamEnded) for event in events)
+        conn.sendall(connection.data_to_send())
+    return conn
+
+
 def _register(server: RunningServer) -> str:
     username = f"stop_{uuid.uuid4().hex[:10]}"
     with httpx.Client(base_url=server.url, verify=False) as http:
@@ -64,12 +138,12 @@ def _address(server: RunningServer) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def _tls_connection(server: RunningServer) -> ssl.SSLSocket:
-    """An HTTP/1.1 connection over TLS, certificate unchecked (a test certificate)."""
+def _tls_connection(server: RunningServer, alpn: str = "http/1.1") -> ssl.SSLSocket:
+    """A connection over TLS (HTTP/1.1 unless alpn says), certificate unchecked (a test one)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols([alpn])
     host, port = _address(server)
     raw = socket.create_connection((host, port), timeout=10)
     return context.wrap_socket(raw, server_hostname=host)

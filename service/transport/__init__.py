@@ -24,12 +24,9 @@ from typing import Protocol
 from service.config import TRANSPORT_CHANGES
 from service.transport import (
     coalesce,
-    date_header,
-    h2_direct,
     h2_guard,
     h2_headers,
     hpack_memo,
-    idle_timer,
 )
 from service.transport.shapes import library_versions
 
@@ -46,10 +43,7 @@ class Change(Protocol):
 CHANGES: dict[str, Change] = {
     "hpack_memo": hpack_memo,
     "h2_headers": h2_headers,
-    "date_header": date_header,
-    "idle_timer": idle_timer,
     "coalesce": coalesce,
-    "h2_direct": h2_direct,
 }
 assert tuple(CHANGES) == TRANSPORT_CHANGES, "service.config names every change, in order"
 

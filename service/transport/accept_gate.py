@@ -11,9 +11,13 @@ an address in the penalty box (penalty_box.py) is reset (SO_LINGER 0: the client
 at once and the worker keeps no TIME_WAIT), every other one goes to the loop's own
 connect_accepted_socket, the same transport and TLS protocol as the loop's own server.
 
+The worker runs on this loop with the penalty box off too (the loop's own server accepts
+then): its TLS connections are tracked, so that a stop need not wait for peers that never
+answer the close (service/stopping.py).
+
 `shapes_differ` checks at start-up that Hypercorn's worker is still what this replaces;
-if not, one warning is logged and Hypercorn's own worker runs, without the penalty box.
-See docs/performance.md, "Library changes".
+if not, one warning is logged and Hypercorn's own worker runs, without the penalty box and
+waiting at a stop for every TLS peer's answer. See docs/performance.md, "Library changes".
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
+from service.stopping import Connections
 from service.transport import penalty_box
 
 log = logging.getLogger(__name__)
@@ -133,12 +138,22 @@ async def create_server(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     host: Any = None,
     port: Any = None,
+    *,
+    gate: bool = True,
+    connections: Connections | None = None,
     **options: Any,
 ) -> Any:
-    """The loop's create_server; a TCP socket Hypercorn hands over is served through the gate."""
+    """The loop's create_server; a TCP socket Hypercorn hands over is served through the gate.
+
+    Without gate, every socket goes to the loop. With connections, TLS connections are
+    tracked there, for the stop.
+    """
+    if connections is not None and options.get("ssl") is not None:
+        protocol_factory = connections.track(protocol_factory)
     sock = options.get("sock")
     if (
-        host is None
+        gate
+        and host is None
         and port is None
         and isinstance(sock, socket.socket)
         and sock.type == socket.SOCK_STREAM
@@ -149,8 +164,11 @@ async def create_server(
     return await original(protocol_factory, host, port, **options)
 
 
-def loop_factory(worker_class: str) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(
+    worker_class: str, *, gate: bool = True, connections: Connections | None = None
+) -> Callable[[], asyncio.AbstractEventLoop]:
     """A new-loop function for worker_class whose create_server is the gate's."""
+    serve = functools.partial(create_server, gate=gate, connections=connections)
     if worker_class == "uvloop":
         import uvloop
 
@@ -158,7 +176,7 @@ def loop_factory(worker_class: str) -> Callable[[], asyncio.AbstractEventLoop]:
             """uvloop, with the gate's create_server."""
 
             async def create_server(self, *args: Any, **kwargs: Any) -> Any:
-                return await create_server(self, super().create_server, *args, **kwargs)
+                return await serve(self, super().create_server, *args, **kwargs)
 
         return GatedUvloop
 
@@ -166,7 +184,7 @@ def loop_factory(worker_class: str) -> Callable[[], asyncio.AbstractEventLoop]:
         """asyncio's loop, with the gate's create_server."""
 
         async def create_server(self, *args: Any, **kwargs: Any) -> Any:
-            return await create_server(self, super().create_server, *args, **kwargs)
+            return await serve(self, super().create_server, *args, **kwargs)
 
     return GatedLoop
 
@@ -218,29 +236,35 @@ def shapes_differ(worker_class: str) -> list[str]:
 
 
 def run_worker(config: Any, sockets: Any, shutdown_event: Any) -> None:
-    """Run one Hypercorn worker; with a penalty policy, on a loop that gates new connections."""
+    """Run one Hypercorn worker on the gate's loop (gating only with a penalty policy)."""
     from hypercorn.asyncio import run
     from hypercorn.utils import check_multiprocess_shutdown_event, load_application
 
     stock = run.uvloop_worker if config.worker_class == "uvloop" else run.asyncio_worker
     policy = getattr(config, "penalty_policy", None)
-    if policy is None:
-        stock(config=config, sockets=sockets, shutdown_event=shutdown_event)
-        return
     differ = shapes_differ(config.worker_class)
     if differ:
+        lost = ["a stop waits for every TLS peer to answer its close (up to 30 s)"]
+        if policy is not None:
+            lost.insert(0, "HTTP/2 abuse penalty box NOT installed")
         log.warning(
-            "HTTP/2 abuse penalty box NOT installed: Hypercorn's worker differs (%s; "
-            "hypercorn %s); its own worker runs",
+            "Hypercorn's worker differs (%s; hypercorn %s): its own worker runs; %s",
             "; ".join(differ),
             version("hypercorn"),
+            "; ".join(lost),
         )
         stock(config=config, sockets=sockets, shutdown_event=shutdown_event)
         return
     penalty_box.BOX.configure(policy)
+    connections = Connections()
     app = load_application(config.application_path, config.wsgi_max_body_size)
-    trigger = functools.partial(check_multiprocess_shutdown_event, shutdown_event, asyncio.sleep)
-    new_loop = loop_factory(config.worker_class)
+
+    async def trigger() -> None:
+        """Hypercorn's wait for the shutdown event; then the stop's handling of connections."""
+        await check_multiprocess_shutdown_event(shutdown_event, asyncio.sleep)
+        connections.stopping()
+
+    new_loop = loop_factory(config.worker_class, gate=policy is not None, connections=connections)
     with asyncio.Runner(debug=config.debug, loop_factory=new_loop) as runner:
         runner.get_loop().set_exception_handler(quiet_tls_errors)
         runner.run(run.worker_serve(app, config, sockets=sockets, shutdown_trigger=trigger))
