@@ -29,15 +29,6 @@ class WouldBlock(RuntimeError):
     """Work on the event loop that would have to wait for I/O: run it in a thread instead."""
 
 
-def on_event_loop() -> bool:
-    """Whether the caller runs on a thread's running event loop, where waiting stalls it."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 _DONE, _FAILED, _WAIT = "done", "failed", "wait"
 IDLE_GREENLETS = 64  # kept for reuse per thread: making one costs more than a GET's view
 

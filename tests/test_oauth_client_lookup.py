@@ -18,7 +18,7 @@ from flask import Flask, current_app
 
 from service import close_app, create_app
 from service.config import Settings
-from service.loop import WorkerLoop, WouldBlock, on_event_loop, run_suspendable, suspendable
+from service.loop import WorkerLoop, WouldBlock, run_suspendable, suspendable
 from service.oauth import bridge, client_throttle, keys
 from service.oauth import server as oauth_server
 from service.oauth.client_throttle import MAX_FORM_BYTES, named_clients
@@ -359,3 +359,12 @@ async def test_outside_a_request_nothing_waits_on_the_event_loop(settings: Setti
         assert threading.current_thread() is threading.main_thread()
     finally:
         await asyncio.to_thread(close_app, app)
+
+
+def on_event_loop() -> bool:
+    """Whether the caller runs on a thread's running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -2,7 +2,7 @@
 
 Flask-JWT-Extended matches JWT_HEADER_TYPE exactly, so `bearer` or `BEARER` would be
 answered "missing token". Rewriting the scheme in the WSGI environ, before Flask reads it,
-reaches every path a request can take (a request thread or the event loop).
+reaches every route at once.
 """
 
 from __future__ import annotations

@@ -145,10 +145,10 @@ def init_app(app: Flask, settings: Settings) -> None:
 def is_revoked(_header: dict[str, Any], claims: dict[str, Any]) -> bool:
     """The one place a request's token is checked for revocation; fails closed (503).
 
-    On the event loop only a verdict kept in memory answers; without one, WouldBlock
-    sends the request to a thread, where the check waits for Redis. A view that only
-    revokes the presented token runs even when the answer is unknown: revoking it again
-    is harmless, and its durable record must not wait for Redis.
+    A verdict kept in memory answers at once; without one, the request waits (suspended)
+    for one check in Redis. A view that only revokes the presented token runs even when
+    the answer is unknown: revoking it again is harmless, and its durable record must not
+    wait for Redis.
     """
     if not current_app.config["REVOCATION_CHECK"]:
         return False

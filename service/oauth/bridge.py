@@ -1,9 +1,8 @@
 """Authlib's hooks are synchronous: they reach the async store through the app's loop.
 
-OAuth views are plain (sync) functions, so they run in a request thread, never on the loop
-thread; blocking there on a coroutine scheduled on the loop is safe and keeps the pooled
-connections of the loop. (A client_credentials token request whose client was looked up
-beforehand runs on the server's event loop instead: it reaches no store, see prefetch.py.)
+OAuth views are plain (sync) functions running in a request's greenlet on the loop (see
+service/loop.py): waiting there on a coroutine suspends only that request, and keeps the
+pooled connections of the loop.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ TIMEOUT = 30.0
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on the app's loop and wait for its result (from a request thread only)."""
+    """Run coro on the app's loop and wait for its result, suspended (from a request only)."""
     result: T = current_app.extensions["loop"].run(coro, timeout=TIMEOUT)
     return result
 

@@ -40,7 +40,7 @@ SIGNER_RELOAD_SECONDS = 5.0
 SIGNER_REFRESH_AHEAD_SECONDS = 1.0
 # `keys retire` takes effect this far ahead: every worker has reread the keys by then.
 RETIRE_DELAY_SECONDS = RELOAD_SECONDS + 10.0
-# How long a request thread without a usable key waits for a reload.
+# How long a request without a usable key waits for a reload.
 RELOAD_WAIT_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
 class Keyring:
     """This process's copy of the keys, loaded at worker start and reread in the background.
 
-    Token checks may run on the server's event loop (see service.hotpath): they never wait
-    for the database. An unknown kid only schedules a reload, and its token is refused.
+    Token checks never wait for the database: an unknown kid only schedules a reload, and
+    its token is refused.
     """
 
     def __init__(self, store: Store) -> None:
@@ -207,12 +207,6 @@ class Keyring:
     def _signer(self) -> Key | None:
         now = utcnow()
         return next((key for key in self._keys if key.signs_at(now)), None)
-
-    def signs_without_waiting(self) -> bool:
-        """Whether signing_key() answers at once, by a margin: no reread to wait for."""
-        age = time.monotonic() - self._loaded_at
-        fresh = age < SIGNER_RELOAD_SECONDS - SIGNER_REFRESH_AHEAD_SECONDS
-        return fresh and self._signer() is not None
 
     def signing_key(self) -> Key:
         """The newest key allowed to sign now."""

@@ -1,7 +1,7 @@
 """OAuth endpoints and pages: thin views over Authlib's server and the page helpers.
 
-These views are plain functions on purpose: they run in a request thread, where Authlib's
-synchronous hooks may wait on the app's loop (see bridge.py).
+These views are plain functions on purpose: Authlib's hooks are synchronous, and wait on
+the app's loop suspended (see bridge.py).
 """
 
 from __future__ import annotations

@@ -343,7 +343,7 @@ class RedisBlocklist:
             return None
         kept = feed.lookup(ref)
         if kept is None:
-            return None  # counted as a miss by the check that follows, in a thread
+            return None  # counted as a miss by the check that follows
         metrics.kept_verdict(True)
         return Verdict(kept)
 
