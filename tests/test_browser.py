@@ -17,35 +17,11 @@ import pytest
 
 from service.config import Settings
 from service.oauth.clients import Registered
+from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.oauth_helpers import new_client, pkce
 from tests.servers import RunningServer, server_env, start_server
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--ignore-certificate-errors",
-]
 PASSWORD = "correct horse battery"
-
-
-def _require_browser() -> None:
-    """Fail in CI, skip locally, when the browser or its driver is missing."""
-    missing = []
-    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-        missing.append("Chromium: apt-get install chromium")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        missing.append("Playwright: pip install playwright (no browser download needed)")
-    if not missing:
-        return
-    message = "browser test needs " + "; ".join(missing)
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 class Callback:
@@ -102,7 +78,7 @@ def callback() -> Iterator[Callback]:
 def test_login_and_consent_in_a_real_browser(
     server: RunningServer, callback: Callback, settings: Settings
 ) -> None:
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     registered: Registered = asyncio.run(
@@ -173,4 +149,4 @@ def test_missing_browser_fails_in_ci_and_skips_locally(
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="apt-get install chromium"):
-        _require_browser()
+        require_browser()

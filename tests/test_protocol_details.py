@@ -16,6 +16,7 @@ import pytest
 
 from service import tls
 from service.config import Settings
+from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.conftest import Session
 from tests.oauth_helpers import (
     REDIRECT,
@@ -398,9 +399,7 @@ INJECT_STYLE = """new Promise(done => {
 def test_a_real_browser_applies_the_pages_own_style_and_reports_no_violation(
     real_server: RunningServer,
 ) -> None:
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser
-
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as driver:
