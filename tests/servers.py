@@ -302,7 +302,9 @@ class SentinelGroup(RedisProcesses):
 
     def start(self) -> None:
         """Start the primary, its replica (synced), then the sentinels (agreed on the replica)."""
+        # --dir: a replica's full sync writes the primary's snapshot there (dump.rdb).
         common = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+        common += ("--dir", str(self.directory))
         self.processes[self.primary_port] = start_redis_process(
             "--port", str(self.primary_port), *common
         )
