@@ -6,9 +6,10 @@ TLS: what differs is the revocation check). Each setup: one user logs in, then
 --concurrency clients GET /api/hello for --seconds. From the primaries' INFO
 commandstats, divided by the GETs: the check scripts run (EVALSHA: one round trip
 each), and every command Redis ran (those inside scripts and background verification
-included).
+included). Then --logouts sign-ins of that user, each followed by a timed logout: a
+logout answers once the revocation is in force on every worker (see docs/revocation.md).
 
-    PYTHONPATH=. .venv/bin/python bench/cluster.py [--seconds 5] [--concurrency 8]
+    PYTHONPATH=. .venv/bin/python bench/cluster.py [--seconds 5] [--concurrency 8] [--logouts 20]
 
 Sends traffic only to 127.0.0.1.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +44,12 @@ from tests.servers import (  # noqa: E402
 PASSWORD = "correct horse battery"
 SECRET_KEY = secrets.token_urlsafe(48)  # one for every run: the database keeps what it sealed
 JWT_SECRET = secrets.token_urlsafe(48)
+
+
+def _default_window() -> int:
+    from service.config import Settings
+
+    return int(Settings.model_fields["revocation_propagation_ms"].default)
 
 
 def _settings(database: str, redis_url: str, workdir: Path, propagation_ms: int):
@@ -78,8 +86,8 @@ def _commands(ports: list[int]) -> tuple[int, int]:
     return scripts, total
 
 
-async def _run(settings, ports: list[int], seconds: float, concurrency: int) -> str:
-    """A table row's numbers: GETs per second, scripts and commands per GET."""
+async def _run(settings, ports: list[int], seconds: float, concurrency: int, logouts: int) -> str:
+    """A table row's numbers: GETs per second, scripts and commands per GET, logout times."""
     from service.server import build_asgi_app
 
     app = build_asgi_app(settings)
@@ -109,21 +117,34 @@ async def _run(settings, ports: list[int], seconds: float, concurrency: int) -> 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         after = _commands(ports)
+        times = []
+        for _ in range(logouts):
+            signed_in = await http.post(
+                "/auth/login", json={"username": username, "password": PASSWORD}
+            )
+            bearer = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
+            started = time.perf_counter()
+            response = await http.post("/auth/logout", headers=bearer)
+            times.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 204, response.status_code
     finally:
         await http.aclose()
         await app.shutdown()
     scripts, commands = (after[i] - before[i] for i in range(2))
     per_get = max(done, 1)
-    return f"{done / elapsed:,.0f} | {scripts / per_get:.2f} | {commands / per_get:.2f}"
+    logout = f"{statistics.median(times):.1f} | {max(times):.1f}" if times else "- | -"
+    return f"{done / elapsed:,.0f} | {scripts / per_get:.2f} | {commands / per_get:.2f} | {logout}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--logouts", type=int, default=20)
     args = parser.parse_args()
     from service.store.migrate import upgrade
 
+    modes = (("kept verdicts (default)", _default_window()), ("every check asks", 0))
     database = f"authsvc_bench_cluster_{secrets.token_hex(4)}"
     asyncio.run(_admin(f'CREATE DATABASE "{database}"'))
     rows = []
@@ -138,15 +159,19 @@ def main() -> None:
             wait_for_redis(port)
             upgrade(_settings(database, f"redis://127.0.0.1:{port}/0", workdir, 0))
             single_url = f"redis://127.0.0.1:{port}/0"
-            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
+            for label, propagation in modes:
                 settings = _settings(database, single_url, workdir, propagation)
-                numbers = asyncio.run(_run(settings, [port], args.seconds, args.concurrency))
+                numbers = asyncio.run(
+                    _run(settings, [port], args.seconds, args.concurrency, args.logouts)
+                )
                 rows.append(f"| one server, {label} | {numbers} |")
             cluster.start()
             primaries = cluster.primaries()
-            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
+            for label, propagation in modes:
                 settings = _settings(database, cluster.url, workdir, propagation)
-                numbers = asyncio.run(_run(settings, primaries, args.seconds, args.concurrency))
+                numbers = asyncio.run(
+                    _run(settings, primaries, args.seconds, args.concurrency, args.logouts)
+                )
                 rows.append(f"| 3-primary Cluster, {label} | {numbers} |")
         finally:
             cluster.stop()
@@ -154,9 +179,11 @@ def main() -> None:
             single.wait()
             asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
     print(
-        f"\nbench/cluster.py --seconds {args.seconds} --concurrency {args.concurrency}\n\n"
-        "| Redis | protected GETs/s | check scripts per GET | Redis commands per GET |\n"
-        "| --- | ---: | ---: | ---: |"
+        f"\nbench/cluster.py --seconds {args.seconds} --concurrency {args.concurrency} "
+        f"--logouts {args.logouts}\n\n"
+        "| Redis | protected GETs/s | check scripts per GET | Redis commands per GET "
+        "| logout p50 ms | logout max ms |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
     )
     print("\n".join(rows))
 
