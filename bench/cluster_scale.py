@@ -11,15 +11,16 @@ at a time, then --concurrency at once, interleaved between the two setups in thr
 Blocklists are built with the service's defaults (shards, buckets, pool, propagation
 window), but for a 5 s timeout so the load's large pipelines never time out.
 
-Reported per size: load time, Redis memory per revocation (sum of the primaries'
-used_memory above the empty size), check p50/p99 (microseconds, client side) sequential and
-concurrent, and the script's own time inside Redis (INFO commandstats usec_per_call of
-EVALSHA): the part that would grow with the set if anything did.
+Reported per size: load time, keys held, Redis memory per revocation (sum of the
+primaries' used_memory above the empty size), check p50/p99 (microseconds, client side)
+sequential and concurrent, and the script's own time inside Redis (INFO commandstats
+usec_per_call of EVALSHA): the part that would grow with the set if anything did.
 
     nice -n 10 env PYTHONPATH=. .venv/bin/python bench/cluster_scale.py \
         [--sizes 0,100000,1000000,10000000] [--single-up-to 10000000] [--checks 20000]
 
-Writes bench/results/cluster_scale.md. Sends traffic only to 127.0.0.1.
+About 30 minutes for 10M on this (loaded, 2-core) machine, most of it the loads. Writes
+bench/results/cluster_scale.md after every size. Sends traffic only to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -149,6 +150,18 @@ def _stats(ports: list[int]) -> tuple[int, int, int]:
     return calls, usec, memory
 
 
+def _keys(ports: list[int]) -> int:
+    """Keys held, summed over the servers on ports."""
+    total = 0
+    for port in ports:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            total += int(client.dbsize())
+        finally:
+            client.close()
+    return total
+
+
 async def _load(setup: Setup, population: Population, size: int) -> float:
     """Grow setup's revoked set to size; the seconds it took."""
     started = time.perf_counter()
@@ -215,6 +228,7 @@ async def _measure(
         calls, usec = redis_us[setup.name]
         row = {
             "memory": "-" if size == 0 else f"{(memory - setup.base_memory) / size:,.0f}",
+            "keys": f"{_keys(setup.ports):,}",
             "redis": f"{usec / max(calls, 1):.1f}",
             "calls": f"{calls / (2 * ROUNDS * per_round):.2f}",
             "rate": f"{ROUNDS * per_round / spent[setup.name]:,.0f}",
@@ -258,6 +272,7 @@ async def _run(single_port: int, cluster: RedisClusterGroup, args: argparse.Name
 
 COLUMNS = (
     "load",
+    "keys",
     "memory",
     "seq p50",
     "seq p99",
@@ -271,7 +286,7 @@ COLUMNS = (
 
 def _table(setups: list[Setup], concurrency: int) -> list[str]:
     header = (
-        "| revoked | Redis | load (added, rate) | bytes per revocation | check p50 µs | "
+        "| revoked | Redis | load (added, rate) | keys | bytes per revocation | check p50 µs | "
         f"check p99 µs | p50 µs, {concurrency} at once | p99 µs, {concurrency} at once | "
         f"checks/s, {concurrency} at once | µs inside Redis per check | EVALSHA per check |"
     )
