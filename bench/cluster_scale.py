@@ -9,7 +9,9 @@ size it checks --checks tokens never seen before (so no kept verdict answers: ev
 is one EVALSHA), of users of that population and expiring in the loaded buckets, first one
 at a time, then --concurrency at once, interleaved between the two setups in three rounds.
 Blocklists are built with the service's defaults (shards, buckets, pool, propagation
-window), but for a 5 s timeout so the load's large pipelines never time out.
+window), but for a 5 s timeout so the load's large pipelines never time out;
+--shards / --cluster-shards try another REVOCATION_SHARDS (written to
+cluster_scale-shards<N>.md).
 
 Reported per size: load time, keys held, Redis memory per revocation (sum of the
 primaries' used_memory above the empty size), check p50/p99 (microseconds, client side)
@@ -64,12 +66,12 @@ def _default(name: str) -> int:
     return int(Settings.model_fields[name].default)
 
 
-def _blocklist(kind: type[RedisBlocklist], url: str) -> RedisBlocklist:
+def _blocklist(kind: type[RedisBlocklist], url: str, shards: int) -> RedisBlocklist:
     """A blocklist as the service makes one (service.store._make_blocklist), timeout aside."""
     return kind(
         url,
         prefix=PREFIX,
-        shards=_default("revocation_shards"),
+        shards=shards,
         bucket_seconds=_default("revocation_bucket_seconds"),
         session_bucket_seconds=_default("revocation_session_bucket_seconds"),
         timeout=5.0,
@@ -244,11 +246,13 @@ async def _run(single_port: int, cluster: RedisClusterGroup, args: argparse.Name
     population = Population(users=args.users, now=int(time.time()))
     single = Setup(
         "one server",
-        _blocklist(RedisBlocklist, f"redis://127.0.0.1:{single_port}/0"),
+        _blocklist(RedisBlocklist, f"redis://127.0.0.1:{single_port}/0", args.shards),
         [single_port],
     )
     clustered = Setup(
-        "3-primary Cluster", _blocklist(ClusterBlocklist, cluster.url), cluster.primaries()
+        "3-primary Cluster",
+        _blocklist(ClusterBlocklist, cluster.url, args.cluster_shards),
+        cluster.primaries(),
     )
     started = time.perf_counter()
     try:
@@ -307,7 +311,8 @@ def _report(setups: list[Setup], args: argparse.Namespace, seconds: float) -> No
     command = (
         f"bench/cluster_scale.py --sizes {','.join(map(str, args.sizes))} "
         f"--single-up-to {args.single_up_to} --checks {args.checks} "
-        f"--concurrency {args.concurrency} --users {args.users}"
+        f"--concurrency {args.concurrency} --users {args.users} "
+        f"--shards {args.shards} --cluster-shards {args.cluster_shards}"
     )
     report = "\n".join(
         [
@@ -324,7 +329,9 @@ def _report(setups: list[Setup], args: argparse.Namespace, seconds: float) -> No
     )
     print(report, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cluster_scale.md").write_text(report)
+    shards = _default("revocation_shards")
+    tried = "" if args.shards == args.cluster_shards == shards else f"-shards{args.cluster_shards}"
+    (RESULTS / f"cluster_scale{tried}.md").write_text(report)
 
 
 def main() -> None:
@@ -338,6 +345,9 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--users", type=int, default=1_000_000)
+    shards = _default("revocation_shards")
+    parser.add_argument("--shards", type=int, default=shards, help="REVOCATION_SHARDS")
+    parser.add_argument("--cluster-shards", type=int, default=shards)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
