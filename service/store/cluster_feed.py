@@ -246,6 +246,9 @@ class ClusterFeed:
         if feed is None or not feed.holds(group):
             yield None
             return
+        # A write counts as use: a subscription that went idle while a write to many
+        # groups is under way could not hear their acknowledgements.
+        feed.cache.last_lookup = clock()
         with feed.receipt() as receipt:
             yield receipt
 
