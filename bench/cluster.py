@@ -6,9 +6,19 @@ TLS: what differs is the revocation check). Each setup: one user logs in, then
 --concurrency clients GET /api/hello for --seconds. From the primaries' INFO
 commandstats, divided by the GETs: the check scripts run (EVALSHA: one round trip
 each), and every command Redis ran (those inside scripts and background verification
-included).
+included). Then --logouts sign-ins of that user, each followed by a timed logout: a
+logout answers once the revocation is in force on every worker (see docs/revocation.md).
 
-    PYTHONPATH=. .venv/bin/python bench/cluster.py [--seconds 5] [--concurrency 8]
+    PYTHONPATH=. .venv/bin/python bench/cluster.py [--seconds 5] [--concurrency 8] [--logouts 20]
+
+With --server, the real server instead, once per setup, both running: `python -m service
+serve` (Hypercorn, TLS, 2 workers, as bench/stacks.py starts it; --service-src another
+tree), the protected GET driven by wrk over HTTP/1.1 (bench/drivers.py) for --seconds,
+the setups interleaved for --rounds rounds (medians reported); then --logouts timed
+logouts (a sign-in each, on a connection of its own) while wrk keeps both workers busy, so
+that both are subscribed and a logout waits for both to acknowledge.
+
+    PYTHONPATH=. .venv/bin/python bench/cluster.py --server [--seconds 10] [--rounds 3]
 
 Sends traffic only to 127.0.0.1.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import backends  # noqa: E402
+import client  # noqa: E402
+import drivers  # noqa: E402
+import stacks  # noqa: E402
 from backends import PG_URL, _admin  # noqa: E402
 
 from tests.servers import (  # noqa: E402
@@ -42,6 +57,12 @@ from tests.servers import (  # noqa: E402
 PASSWORD = "correct horse battery"
 SECRET_KEY = secrets.token_urlsafe(48)  # one for every run: the database keeps what it sealed
 JWT_SECRET = secrets.token_urlsafe(48)
+
+
+def _default_window() -> int:
+    from service.config import Settings
+
+    return int(Settings.model_fields["revocation_propagation_ms"].default)
 
 
 def _settings(database: str, redis_url: str, workdir: Path, propagation_ms: int):
@@ -78,8 +99,8 @@ def _commands(ports: list[int]) -> tuple[int, int]:
     return scripts, total
 
 
-async def _run(settings, ports: list[int], seconds: float, concurrency: int) -> str:
-    """A table row's numbers: GETs per second, scripts and commands per GET."""
+async def _run(settings, ports: list[int], seconds: float, concurrency: int, logouts: int) -> str:
+    """A table row's numbers: GETs per second, scripts and commands per GET, logout times."""
     from service.server import build_asgi_app
 
     app = build_asgi_app(settings)
@@ -109,24 +130,167 @@ async def _run(settings, ports: list[int], seconds: float, concurrency: int) -> 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         after = _commands(ports)
+        times = []
+        for _ in range(logouts):
+            signed_in = await http.post(
+                "/auth/login", json={"username": username, "password": PASSWORD}
+            )
+            bearer = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
+            started = time.perf_counter()
+            response = await http.post("/auth/logout", headers=bearer)
+            times.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 204, response.status_code
     finally:
         await http.aclose()
         await app.shutdown()
     scripts, commands = (after[i] - before[i] for i in range(2))
     per_get = max(done, 1)
-    return f"{done / elapsed:,.0f} | {scripts / per_get:.2f} | {commands / per_get:.2f}"
+    logout = f"{statistics.median(times):.1f} | {max(times):.1f}" if times else "- | -"
+    return f"{done / elapsed:,.0f} | {scripts / per_get:.2f} | {commands / per_get:.2f} | {logout}"
+
+
+def _in_process(args: argparse.Namespace, port: int, cluster: RedisClusterGroup, workdir: Path):
+    """The in-process table: each setup with kept verdicts and with every check asking."""
+    from service.store.migrate import upgrade
+
+    modes = (("kept verdicts (default)", _default_window()), ("every check asks", 0))
+    database = f"authsvc_bench_cluster_{secrets.token_hex(4)}"
+    asyncio.run(_admin(f'CREATE DATABASE "{database}"'))
+    rows = []
+    try:
+        single_url = f"redis://127.0.0.1:{port}/0"
+        upgrade(_settings(database, single_url, workdir, 0))
+        for label, propagation in modes:
+            settings = _settings(database, single_url, workdir, propagation)
+            numbers = asyncio.run(
+                _run(settings, [port], args.seconds, args.concurrency, args.logouts)
+            )
+            rows.append(f"| one server, {label} | {numbers} |")
+        primaries = cluster.primaries()
+        for label, propagation in modes:
+            settings = _settings(database, cluster.url, workdir, propagation)
+            numbers = asyncio.run(
+                _run(settings, primaries, args.seconds, args.concurrency, args.logouts)
+            )
+            rows.append(f"| 3-primary Cluster, {label} | {numbers} |")
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    print(
+        f"\nbench/cluster.py --seconds {args.seconds} --concurrency {args.concurrency} "
+        f"--logouts {args.logouts}\n\n"
+        "| Redis | protected GETs/s | check scripts per GET | Redis commands per GET "
+        "| logout p50 ms | logout max ms |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    print("\n".join(rows))
+
+
+def _timed_logouts(stack: stacks.Stack, context, count: int) -> list[float]:
+    """Milliseconds of count logouts, each of a fresh sign-in, on a connection of its own."""
+    times = []
+    for _ in range(count):
+        pair = client.login(stack.port, context)
+        conn = client.connect(stack.port, context)
+        try:
+            started = time.perf_counter()
+            status, body = client.call(conn, "POST", "/auth/logout", token=pair.access)
+            times.append((time.perf_counter() - started) * 1000)
+        finally:
+            conn.close()
+        assert status == 204, (status, body[:200])
+    return times
+
+
+def _served(args: argparse.Namespace, port: int, cluster: RedisClusterGroup, workdir: Path):
+    """The real server per setup: GETs/s and latency from wrk, Redis commands, logouts."""
+    run = backends.create(workdir)
+    context = client.tls_context(run.cert)
+    setups = {
+        "one server": (f"redis://127.0.0.1:{port}/0", [port]),
+        "3-primary Cluster": (cluster.url, cluster.primaries()),
+    }
+    servers = {}
+    try:
+        for name, (url, _) in setups.items():
+            extra = {"REDIS_URL": url, "REDIS_PREFIX": "bench:"}
+            servers[name] = stack = stacks.ours(run, args.service_src, extra)
+            stack.name = name.replace(" ", "-")
+        stacks.migrate(next(iter(servers.values())))
+        for stack in servers.values():
+            stacks.start(stack, workdir)
+        for stack in servers.values():
+            stacks.wait_ready(stack, context)
+        client.register(next(iter(servers.values())).port, context)
+        tokens = {}
+        for name, stack in servers.items():
+            tokens[name] = pair = client.login(stack.port, context)
+            client.smoke(stack.port, context, pair)
+            drivers.get_h1(stack.url, pair.access, 2)  # warm-up: both workers, pools, feeds
+        results: dict[str, list[tuple[drivers.Result, float, float]]] = {n: [] for n in servers}
+        for _ in range(args.rounds):
+            for name, stack in servers.items():
+                before = _commands(setups[name][1])
+                result = drivers.get_h1(stack.url, tokens[name].access, args.seconds)
+                after = _commands(setups[name][1])
+                assert result.non2xx == 0 and result.errors == 0, result
+                per_get = max(result.requests, 1)
+                scripts, commands = ((after[i] - before[i]) / per_get for i in range(2))
+                results[name].append((result, scripts, commands))
+        logouts = {}
+        for name, stack in servers.items():
+            load = drivers.wrk_start(
+                f"{stack.url}/api/hello", "get.lua", [tokens[name].access], 60, connections=4
+            )
+            try:
+                time.sleep(1)
+                logouts[name] = _timed_logouts(stack, context, args.logouts)
+            finally:
+                load.terminate()
+                load.wait(10)
+    finally:
+        for stack in servers.values():
+            stacks.stop(stack)
+        backends.drop(run)
+    print(
+        f"\nbench/cluster.py --server --seconds {args.seconds} --rounds {args.rounds} "
+        f"--logouts {args.logouts} (service: {args.service_src})\n\n"
+        "| Redis | protected GETs/s (median) | p50 ms | p99 ms | check scripts per GET "
+        "| Redis commands per GET | logout p50 ms | logout max ms |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for name, rounds in results.items():
+        rps = statistics.median(result.rps for result, _, _ in rounds)
+        p50 = statistics.median(result.p50_ms for result, _, _ in rounds)
+        p99 = statistics.median(result.p99_ms for result, _, _ in rounds)
+        scripts = statistics.median(s for _, s, _ in rounds)
+        commands = statistics.median(c for _, _, c in rounds)
+        times = logouts[name]
+        print(
+            f"| {name} | {rps:,.0f} | {p50:.1f} | {p99:.1f} | {scripts:.2f} | {commands:.2f} "
+            f"| {statistics.median(times):.1f} | {max(times):.1f} |"
+        )
+    print(
+        "\nrounds (GETs/s): "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{result.rps:,.0f}" for result, _, _ in rounds)
+            for name, rounds in results.items()
+        )
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--logouts", type=int, default=20)
+    parser.add_argument("--server", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--service-src", type=Path, default=ROOT)
     args = parser.parse_args()
-    from service.store.migrate import upgrade
-
-    database = f"authsvc_bench_cluster_{secrets.token_hex(4)}"
-    asyncio.run(_admin(f'CREATE DATABASE "{database}"'))
-    rows = []
+    if args.seconds is None:
+        args.seconds = 10.0 if args.server else 5.0
+    if args.server and drivers.missing_tools():
+        sys.exit(f"apt-get install {' '.join(drivers.missing_tools())}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         port = free_port()
@@ -136,29 +300,12 @@ def main() -> None:
         cluster = RedisClusterGroup(workdir)
         try:
             wait_for_redis(port)
-            upgrade(_settings(database, f"redis://127.0.0.1:{port}/0", workdir, 0))
-            single_url = f"redis://127.0.0.1:{port}/0"
-            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
-                settings = _settings(database, single_url, workdir, propagation)
-                numbers = asyncio.run(_run(settings, [port], args.seconds, args.concurrency))
-                rows.append(f"| one server, {label} | {numbers} |")
             cluster.start()
-            primaries = cluster.primaries()
-            for label, propagation in (("kept verdicts (default)", 50), ("every check asks", 0)):
-                settings = _settings(database, cluster.url, workdir, propagation)
-                numbers = asyncio.run(_run(settings, primaries, args.seconds, args.concurrency))
-                rows.append(f"| 3-primary Cluster, {label} | {numbers} |")
+            (_served if args.server else _in_process)(args, port, cluster, workdir)
         finally:
             cluster.stop()
             single.kill()
             single.wait()
-            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-    print(
-        f"\nbench/cluster.py --seconds {args.seconds} --concurrency {args.concurrency}\n\n"
-        "| Redis | protected GETs/s | check scripts per GET | Redis commands per GET |\n"
-        "| --- | ---: | ---: | ---: |"
-    )
-    print("\n".join(rows))
 
 
 if __name__ == "__main__":

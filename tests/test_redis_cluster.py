@@ -42,6 +42,7 @@ from tests.servers import RedisClusterGroup
 PASSWORD = "correct horse battery"
 PREFIX = "cluster:"
 WINDOW = 0.025
+ACK_WINDOW = 1.0  # long enough to tell a write that was acknowledged from one that waited
 
 
 def test_groups_spread_evenly_over_the_slots() -> None:
@@ -107,7 +108,7 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCl
     yield from _started_cluster(tmp_path_factory.mktemp("cluster"))
 
 
-def keeping(url: str, prefix: str) -> ClusterBlocklist:
+def keeping(url: str, prefix: str, window: float = WINDOW) -> ClusterBlocklist:
     """A cluster blocklist whose checks keep verdicts, as a worker's do."""
     return ClusterBlocklist(
         url,
@@ -116,7 +117,7 @@ def keeping(url: str, prefix: str) -> ClusterBlocklist:
         bucket_seconds=60,
         timeout=0.3,
         max_connections=4,
-        propagation=WINDOW,
+        propagation=window,
     )
 
 
@@ -143,15 +144,19 @@ def revocations_of(ref: TokenRef) -> list[Entry]:
 class OtherWorker:
     """A cluster blocklist on a thread and loop of its own: another worker."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, window: float = WINDOW) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.blocklist = keeping(url, prefix)
+        self.blocklist = keeping(url, prefix, window)
 
     def add(self, entries: list[Entry]) -> Future[None]:
         """Revoke on the other worker's loop; the future ends when add() returned there."""
         return asyncio.run_coroutine_threadsafe(self.blocklist.add(entries), self._loop)
+
+    def kept(self, ref: TokenRef) -> Future[Verdict]:
+        """Check ref on the other worker until it keeps the verdict (its feed subscribed)."""
+        return asyncio.run_coroutine_threadsafe(kept(self.blocklist, ref), self._loop)
 
     def close(self) -> None:
         """Close its connections and stop its thread."""
@@ -164,18 +169,29 @@ class OtherWorker:
 Workers = tuple[ClusterBlocklist, OtherWorker]
 
 
-@pytest.fixture
-async def workers(
-    shared_cluster: RedisClusterGroup,
-) -> AsyncIterator[tuple[ClusterBlocklist, OtherWorker]]:
-    """Two workers on one loaded cluster blocklist of this test's own prefix."""
+async def two_workers(url: str, window: float) -> AsyncIterator[Workers]:
+    """Two workers on one loaded cluster blocklist of a prefix of their own."""
     prefix = f"feed{random.randrange(1 << 30)}:"
-    worker = keeping(shared_cluster.url, prefix)
+    worker = keeping(url, prefix, window)
     assert await worker.rebuild(durable())
-    other = OtherWorker(shared_cluster.url, prefix)
+    other = OtherWorker(url, prefix, window)
     yield worker, other
     other.close()
     await worker.close()
+
+
+@pytest.fixture
+async def workers(shared_cluster: RedisClusterGroup) -> AsyncIterator[Workers]:
+    """Two workers, keeping verdicts for a short window."""
+    async for pair in two_workers(shared_cluster.url, WINDOW):
+        yield pair
+
+
+@pytest.fixture
+async def acking_workers(shared_cluster: RedisClusterGroup) -> AsyncIterator[Workers]:
+    """Two workers with a long window: only acknowledgements let a write return early."""
+    async for pair in two_workers(shared_cluster.url, ACK_WINDOW):
+        yield pair
 
 
 @pytest.mark.fault
@@ -208,15 +224,23 @@ async def test_a_kept_verdict_is_reused_until_a_revocation_on_a_cluster(
 
 @pytest.mark.fault
 @pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["window", "acks"])
 async def test_no_worker_accepts_a_token_once_its_revocation_returned_on_a_cluster(
-    workers: Workers, kind: Kind
+    workers: Workers, acking_workers: Workers, kind: Kind, acknowledged: bool
 ) -> None:
-    """The guarantee, raced: one worker checks without pause while another revokes."""
-    worker, other = workers
+    """The guarantee, raced: one worker checks without pause while another revokes.
+
+    The writer either never checks (it hears no acknowledgement and waits the window),
+    or checks too, with a long window: then its revocation returns on acknowledgements.
+    """
+    worker, other = acking_workers if acknowledged else workers
     index = list(Kind).index(kind)
     for _ in range(10):
         ref = new_ref()
         assert await kept(worker, ref) is Verdict.VALID
+        if acknowledged:
+            assert await asyncio.wrap_future(other.kept(ref)) is Verdict.VALID
+        started = time.monotonic()
         returned = other.add([revocations_of(ref)[index]])
         while True:
             time.sleep(random.uniform(0, WINDOW))
@@ -227,6 +251,77 @@ async def test_no_worker_accepts_a_token_once_its_revocation_returned_on_a_clust
                 break
             await asyncio.sleep(0)
         returned.result()
+        if acknowledged:
+            assert time.monotonic() - started < ACK_WINDOW / 2, "not acknowledged"
+
+
+async def timed_add(blocklist: ClusterBlocklist, entries: list[Entry]) -> float:
+    """Seconds blocklist.add(entries) took to return."""
+    started = time.monotonic()
+    await blocklist.add(entries)
+    return time.monotonic() - started
+
+
+@pytest.mark.fault
+async def test_a_revocation_returns_once_every_subscriber_acknowledged_on_a_cluster(
+    acking_workers: Workers, shared_cluster: RedisClusterGroup
+) -> None:
+    worker, other = acking_workers
+    # Users of every primary: each write goes to its group's node and is acknowledged there.
+    refs = [new_ref() for _ in range(12)]
+    for ref in refs:
+        assert await kept(worker, ref) is Verdict.VALID
+        assert await asyncio.wrap_future(other.kept(ref)) is Verdict.VALID
+    homes = {shared_cluster.port_of_key(worker.key(group_of(ref.sub), "ready")) for ref in refs}
+    assert len(homes) > 1
+    took = []
+    for ref in refs[:6]:
+        took.append(await timed_add(worker, revocations_of(ref)[:1]))
+    for ref in refs[6:]:
+        started = time.monotonic()
+        await asyncio.wrap_future(other.add(revocations_of(ref)[1:2]))  # this loop acknowledges
+        took.append(time.monotonic() - started)
+    for ref in refs:
+        assert await worker.check(ref) is Verdict.REVOKED
+        assert await asyncio.wrap_future(other.kept(ref)) is Verdict.REVOKED
+    print(f"\nrevocations acknowledged by both workers returned in {max(took):.3f} s at most")
+    assert max(took) < ACK_WINDOW / 4
+
+    # One write for users of several primaries: a transaction and acknowledgements on each.
+    several = [new_ref() for _ in range(6)]
+    for ref in several:
+        assert await kept(worker, ref) is Verdict.VALID
+        assert await asyncio.wrap_future(other.kept(ref)) is Verdict.VALID
+    entries = [revocations_of(ref)[0] for ref in several]
+    assert await timed_add(worker, entries) < ACK_WINDOW / 4
+    for ref in several:
+        assert await worker.check(ref) is Verdict.REVOKED
+        assert await asyncio.wrap_future(other.kept(ref)) is Verdict.REVOKED
+
+    # A subscriber that never acknowledges (stalled, or older code) is counted by SPUBLISH:
+    # the writer waits for it, the window and no longer.
+    ref = new_ref()
+    assert await kept(worker, ref) is Verdict.VALID
+    channel = worker.key(group_of(ref.sub), "revoked")
+    silent = redis.Redis(host="127.0.0.1", port=shared_cluster.port_of_key(channel))
+    pubsub = silent.pubsub()
+    try:
+        pubsub.ssubscribe(channel)
+        assert pubsub.get_message(timeout=1)["type"] == "ssubscribe"
+        waited = await timed_add(worker, revocations_of(ref)[:1])
+        print(f"with a subscriber that never acknowledges: {waited:.3f} s")
+        assert ACK_WINDOW <= waited < ACK_WINDOW * 1.5
+        assert await worker.check(ref) is Verdict.REVOKED
+    finally:
+        pubsub.close()
+        silent.close()
+
+    # A writer that never checks (a command) hears no acknowledgement: it waits the window.
+    command = keeping(shared_cluster.url, worker._prefix, ACK_WINDOW)
+    try:
+        assert await timed_add(command, revocations_of(new_ref())[:1]) >= ACK_WINDOW
+    finally:
+        await command.close()
 
 
 async def status(http: httpx.AsyncClient, token: str) -> int:

@@ -54,7 +54,7 @@ from service.store.blocklist import (
 from service.store.cluster_feed import ClusterFeed
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.redis_target import connect_cluster, node_name
-from service.store.revocation_feed import RevocationFeed, message
+from service.store.revocation_feed import Receipt, RevocationFeed, message
 
 # What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
 FAILURES = (RedisError, RedisClusterException)
@@ -246,9 +246,10 @@ class ClusterBlocklist(RedisBlocklist):
     async def add(self, entries: Iterable[Entry], *, seq: int | None = None) -> None:
         """Write revocations, one transaction per group; in force once this returns.
 
-        Each transaction announces its entries on the group's channel; with kept verdicts,
-        this returns the window after the last one, past which no worker trusts a verdict
-        kept before it (see cluster_feed.py).
+        Each transaction announces its entries on the group's channel. With kept verdicts,
+        this returns once every subscription each announcement reached has acknowledged
+        it, or at the latest the window after the last transaction, past which no worker
+        trusts a verdict kept before it (see cluster_feed.py).
         """
         by_group: dict[int, list[Entry]] = defaultdict(list)
         for entry in entries:
@@ -257,22 +258,48 @@ class ClusterBlocklist(RedisBlocklist):
         if not by_group:
             return
         client = await self._client()
-        try:
+        feeds = self._cluster_feed()
+        if feeds is None:
             for group, group_entries in by_group.items():
-                async with client.pipeline(transaction=True) as pipe:
-                    self._queue_group(pipe, group, group_entries)
-                    if seq is not None:
-                        pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
-                    announcement = message(map(_subject, group_entries), seq or 0)
-                    channel = self.key(group, "revoked")
-                    pipe.eval(ANNOUNCE_SCRIPT, 1, channel, announcement)
-                    await pipe.execute()
+                await self._write_group(client, group, group_entries, seq, None)
+            return
+        await feeds.subscribe(by_group)
+        with contextlib.ExitStack() as receipts:
+            counted: list[tuple[Receipt, int]] = []
+            for group, group_entries in by_group.items():
+                receipt = receipts.enter_context(feeds.receipt(group))
+                readers = await self._write_group(client, group, group_entries, seq, receipt)
+                if receipt is not None:
+                    counted.append((receipt, readers))
+            if len(counted) < len(by_group):
+                # A group's node this worker hears no acknowledgement from: the window.
+                await asyncio.sleep(self._propagation)
+                return
+            waits = (receipt.all_of(readers) for receipt, readers in counted)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), self._propagation)
+
+    async def _write_group(
+        self,
+        client: RedisCluster,
+        group: int,
+        entries: list[Entry],
+        seq: int | None,
+        receipt: Receipt | None,
+    ) -> int:
+        """One group's entries and seq in one transaction, announced; the readers reached."""
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                self._queue_group(pipe, group, entries)
+                if seq is not None:
+                    pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
+                announcement = message(map(_subject, entries), seq or 0, receipt)
+                pipe.eval(ANNOUNCE_SCRIPT, 1, self.key(group, "revoked"), announcement)
+                replies = await pipe.execute()
         except FAILURES as exc:
             raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
-        for group in by_group:
-            self.raise_group_floor(group, seq)
-        if self._propagation:
-            await asyncio.sleep(self._propagation)
+        self.raise_group_floor(group, seq)
+        return int(replies[-1])
 
     def _queue_group(self, pipe: ClusterPipeline, group: int, entries: list[Entry]) -> None:
         """Queue one group's entries: one HSET and EXPIREAT per bucket, a script per cutoff."""

@@ -7,8 +7,14 @@ keeps one such connection per primary, subscribed to the channels of the groups 
 primary holds, and pings it; a kept verdict of group g is reused only while the
 connection that confirmed g's channel has answered a PING sent less than the window ago.
 Redis answers on one connection in order, so that answer proves every message the node
-published before it was read. A writer returns the window after its write (there are no
-acknowledgements here: they only ever shortened the wait).
+published before it was read.
+
+Acknowledgements work as on one server, per node: each connection also subscribes to an
+acknowledgement channel of its own on its node (under the tag of one of that node's
+groups, so in one of its slots), a writer names it in its announcement, and every
+connection that reads the announcement SPUBLISHes the writer's receipt id there. SPUBLISH
+tells the writer how many connections of g's node got the announcement; the writer
+returns once that many have acknowledged, or the window after its write.
 
 A node's connection that fails, stalls, is told its slot moved (sunsubscribe), or
 confirms a subscription forgets everything it kept; where no connection to a group's
@@ -21,7 +27,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis.asyncio as aredis
@@ -36,10 +43,10 @@ from service.store.redis_target import RedisTarget
 from service.store.revocation_feed import (
     IDLE_AFTER,
     RECONNECT_DELAY,
+    Receipt,
     Revocable,
     RevocationFeed,
     clock,
-    parse_message,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class NodeFeed(RevocationFeed):
         self._channels = channels
         self._on_group_seq = on_group_seq
         self._wanted: dict[bytes, int] = {}
+        self._ack_id = os.urandom(8).hex()
         self.groups: frozenset[int] = frozenset()
         self.started_at = -math.inf
         self._again = False
@@ -95,11 +103,13 @@ class NodeFeed(RevocationFeed):
             try:
                 await asyncio.wait_for(self._subscribe(pubsub), self._timeout)
                 self.subscribed = True
+                self._ready.set()
                 await self._read(pubsub)
             except Exception as exc:  # any failure: forget, and subscribe again
                 log.warning("revocation feed of a node unavailable: %s", type(exc).__name__)
             finally:
                 self.subscribed = False
+                self._ready.clear()
                 self.groups = frozenset()
                 self._forget()
                 self.subscription = None
@@ -108,14 +118,21 @@ class NodeFeed(RevocationFeed):
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
-        """SSUBSCRIBE each group's channel (one slot each) and wait until Redis confirmed all."""
+        """SSUBSCRIBE each group's channel (one slot each) and the acknowledgement channel.
+
+        Waits until Redis confirmed all of them.
+        """
         self._wanted = self._channels()
         if not self._wanted:
             raise SlotMoved("this node holds no group's slot")
-        for channel in self._wanted:
+        # In the slot of one of this node's groups: the node that delivers the
+        # announcements of its groups is the one their readers acknowledge on.
+        first = min(self._wanted, key=self._wanted.__getitem__)
+        self._acks = f"{first.decode()}:acks:{self._ack_id}"
+        for channel in [*self._wanted, self._acks.encode()]:
             await pubsub.ssubscribe(channel)
         confirmed = 0
-        while confirmed < len(self._wanted):
+        while confirmed < len(self._wanted) + 1:
             reply = await pubsub.get_message(timeout=self._timeout)
             if reply is not None:
                 self._handle(reply)
@@ -128,12 +145,12 @@ class NodeFeed(RevocationFeed):
             self._again = False
             raise SlotMoved("a group's slot came to this node")
         kind = reply["type"]
-        if kind == "smessage":
-            parsed = parse_message(reply["data"])
-            if parsed is None or parsed[0] is None:
-                self.cache.reset()
-            else:
-                self.cache.drop(parsed[0])
+        if kind == "smessage" and reply["channel"] == self._acks.encode():
+            receipt = self._receipts.get(reply["data"].decode(errors="replace"))
+            if receipt is not None:
+                receipt.acknowledged()
+        elif kind == "smessage":
+            parsed = self._apply(reply["data"])
             group = self._wanted.get(reply["channel"])
             if parsed is not None and group is not None:
                 self._on_group_seq(group, parsed[1])
@@ -145,6 +162,11 @@ class NodeFeed(RevocationFeed):
             self._forget()
         else:
             super()._handle(reply)
+
+    async def _acknowledge(self, channel: str, receipt_id: str) -> None:
+        # On this connection's node, which holds the channel's slot (else Redis refuses,
+        # and the writer waits out its window).
+        await self._client.spublish(channel, receipt_id)
 
 
 class ClusterFeed:
@@ -192,6 +214,43 @@ class ClusterFeed:
                 feed.resubscribe()
             return None
         return feed
+
+    @property
+    def started(self) -> bool:
+        """Whether this process ever looked a verdict up (it serves checks)."""
+        return any(feed.started for feed in self._nodes.values())
+
+    async def subscribe(self, groups: Iterable[int]) -> None:
+        """Have the connections of these groups' nodes subscribed, waiting up to half a window.
+
+        Only in a process that serves checks: a writer that never checks (a command) has
+        no subscription to hear acknowledgements on, and waits the window instead.
+        """
+        if not self.started:
+            return
+        waits = set()
+        for group in groups:
+            feed = self.feed_of(group)
+            if feed is not None and not feed.holds(group):
+                waits.add(feed)
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(feed.subscribe() for feed in waits)), self.window / 2
+                )
+
+    @contextlib.contextmanager
+    def receipt(self, group: int) -> Iterator[Receipt | None]:
+        """A receipt for a write to group, on the connection to its node (None: none holds it)."""
+        feed = self.feed_of(group)
+        if feed is None or not feed.holds(group):
+            yield None
+            return
+        # A write counts as use: a subscription that went idle while a write to many
+        # groups is under way could not hear their acknowledgements.
+        feed.cache.last_lookup = clock()
+        with feed.receipt() as receipt:
+            yield receipt
 
     def lookup(self, group: int, ref: Revocable) -> tuple[NodeFeed | None, int | None]:
         """The feed of ref's group and a verdict kept there that is safe to reuse, if any."""

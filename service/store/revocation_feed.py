@@ -318,8 +318,11 @@ class RevocationFeed:
             # renewed after a reconnect) may have named anything kept.
             self._forget()
 
-    def _apply(self, data: bytes) -> None:
-        """Drop what a revocation may change, then tell its writer, if it asks, that we did."""
+    def _apply(self, data: bytes) -> tuple[list[Subject] | None, int] | None:
+        """Drop what a revocation may change, then tell its writer, if it asks, that we did.
+
+        Returns the message as parse_message reads it.
+        """
         parsed = parse_message(data)
         if parsed is None or parsed[0] is None:
             # Unreadable, or a load that may change anything: no kept verdict holds.
@@ -333,6 +336,7 @@ class RevocationFeed:
             sending = asyncio.get_running_loop().create_task(self._acknowledge(*ack))
             self._sending.add(sending)
             sending.add_done_callback(self._sent)
+        return parsed
 
     async def _acknowledge(self, channel: str, receipt_id: str) -> None:
         await self._client.publish(channel, receipt_id)
