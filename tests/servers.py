@@ -408,6 +408,18 @@ class RedisClusterGroup(RedisProcesses):
         assert created.returncode == 0, created.stdout.decode(errors="replace")[-2000:]
         self.wait_until_healthy()
 
+    def restart_empty(self) -> None:
+        """SIGKILL every node, then make a new, empty cluster on the same ports.
+
+        Each node forgets its cluster (nodes-*.conf) and its data (a replica's full sync
+        leaves an RDB file behind, which a starting node would load): new processes, so
+        new run_ids, and slots assigned afresh.
+        """
+        self.stop()
+        for path in [*self.directory.glob("nodes-*.conf"), *self.directory.glob("*.rdb")]:
+            path.unlink()
+        self.start()
+
     def nodes(self) -> list[dict[str, str]]:
         """CLUSTER NODES as the first node that answers sees it: port, role and flags."""
         for port in self.processes:

@@ -12,8 +12,10 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Container, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -330,6 +332,38 @@ async def status(http: httpx.AsyncClient, token: str) -> int:
     return response.status_code
 
 
+def on_cluster(settings: Settings, cluster: RedisClusterGroup, tmp_path: Path) -> Settings:
+    """The service's settings on this cluster, with the run's database and secrets."""
+    return make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=cluster.url,
+        redis_prefix=PREFIX,
+        secret_key=settings.secret_key,
+        jwt_secret=settings.jwt_secret,
+    )
+
+
+def primary_of(cluster: RedisClusterGroup, session: Session) -> int:
+    """The port of the primary that holds the group of the session's user now."""
+    return cluster.port_of_key(f"{PREFIX}{{{group_tags()[group_of(sub_of(session))]}}}ready")
+
+
+async def users_on_every_primary(
+    http: httpx.AsyncClient, cluster: RedisClusterGroup, per_primary: int
+) -> dict[int, list[Session]]:
+    """A first session of new users, per_primary of them on each primary, by its port."""
+    found: dict[int, list[Session]] = {port: [] for port in cluster.primaries()}
+    for _ in range(100):
+        if all(len(sessions) >= per_primary for sessions in found.values()):
+            return found
+        session = await login(http, await register(http, PASSWORD), PASSWORD)
+        sessions = found[primary_of(cluster, session)]
+        if len(sessions) < per_primary:
+            sessions.append(session)
+    raise AssertionError(f"users did not spread over the primaries: {found}")
+
+
 @pytest.mark.fault
 async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
     settings: Settings,
@@ -338,20 +372,11 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    own = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=cluster.url,
-        redis_prefix=PREFIX,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
-    )
-    tags = group_tags()
-    async with serve_in_process(own) as http:
+    async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
         username = await register(http, PASSWORD)
         early, late, kept = [await login(http, username, PASSWORD) for _ in range(3)]
         group = group_of(sub_of(kept))
-        home = cluster.port_of_key(f"{PREFIX}{{{tags[group]}}}ready")
+        home = primary_of(cluster, kept)
         assert await status(http, early.access) == 200
         assert (await http.post("/auth/logout", headers=early.bearer())).status_code == 204
         assert await status(http, early.access) == 401
@@ -371,8 +396,7 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         for _ in range(20):
             other_name = await register(http, PASSWORD)
             other = await login(http, other_name, PASSWORD)
-            other_group = group_of(sub_of(other))
-            if cluster.port_of_key(f"{PREFIX}{{{tags[other_group]}}}ready") != home:
+            if primary_of(cluster, other) != home:
                 break
         else:
             raise AssertionError("every user landed on one primary")
@@ -415,7 +439,7 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         print(f"home user's checks answered 200 again {recovered:.2f} s after the kill")
         # The promoted replica answered with another run_id: its groups were reloaded from
         # the durable record, and only those.
-        loaded = re.findall(r"durable record into (\d+) groups in ([0-9.]+) s", caplog.text)
+        loaded = reloads(caplog)
         assert loaded, caplog.text
         print(f"reloads after the failover (groups, seconds): {loaded}")
         assert all(int(groups) < GROUPS for groups, _ in loaded)
@@ -426,6 +450,253 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         assert await status(http, kept.access) == 401
         assert await status(http, other.access) == 200
         assert (await login(http, username, PASSWORD)).access
+
+
+def reloads(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The loads from the durable record logged so far: (groups, seconds)."""
+    return re.findall(r"durable record into (\d+) groups in ([0-9.]+) s", caplog.text)
+
+
+STABLE = 2.0  # seconds of 200s after the last 503 that count as recovered
+
+
+@dataclass(eq=False)
+class Token:
+    """An access token the test follows, and where its logout stands."""
+
+    session: Session
+    primary: int  # the port of its group's primary when the test began
+    kept: bool = False  # never logged out
+    leaving: bool = False  # its logout was sent
+    revoked_at: float | None = None  # when the logout answered 204 or 202
+
+
+@dataclass
+class Watch:
+    """Probe tokens without pause; keep what valid ones answered and each answer not allowed.
+
+    A token is revoked from the moment its logout answered 204 or 202: from then on only
+    401 or 503 may come back. One whose logout was not yet sent may answer 200 or 503.
+    """
+
+    http: httpx.AsyncClient
+    tokens: list[Token]
+    valid: list[tuple[float, Token, int]] = field(default_factory=list)
+    latest: dict[Token, int] = field(default_factory=dict)
+    wrong: list[str] = field(default_factory=list)
+    revoked_probes: int = 0
+    accepted: int = 0  # revoked tokens answered 200
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Probe every token in turn (the never logged out first) until stop is set."""
+        ordered = sorted(self.tokens, key=lambda token: not token.kept)
+        while not stop.is_set():
+            for token in ordered:
+                await self._probe(token)
+            await asyncio.sleep(0)
+
+    async def _probe(self, token: Token) -> None:
+        revoked, leaving = token.revoked_at is not None, token.leaving
+        answer = await status(self.http, token.session.access)
+        if revoked:
+            self.revoked_probes += 1
+            self.accepted += answer == 200
+            allowed = {401, 503}
+        elif leaving or token.leaving:  # its logout is under way: either answer is right
+            allowed = {200, 401, 503}
+        else:
+            self.valid.append((time.monotonic(), token, answer))
+            self.latest[token] = answer
+            allowed = {200, 503}
+        if answer not in allowed:
+            self.wrong.append(f"{'revoked' if revoked else 'valid'} token answered {answer}")
+
+    def last_unavailable(self) -> float | None:
+        """When a valid token last answered 503."""
+        return max((at for at, _, answer in self.valid if answer == 503), default=None)
+
+    def recovered_for(self, seconds: float) -> bool:
+        """Whether, after some 503, every kept token answers 200 and none 503 for so long."""
+        last = self.last_unavailable()
+        kept = [token for token in self.tokens if token.kept]
+        return (
+            last is not None
+            and time.monotonic() - last >= seconds
+            and all(self.latest.get(token) == 200 for token in kept)
+        )
+
+    async def until_recovered(self, since: float, tasks: list[asyncio.Task[None]]) -> float:
+        """Wait until recovered for STABLE seconds (30 at most); how long after since 200 came."""
+        while not self.recovered_for(STABLE):
+            assert time.monotonic() - since < 30, f"the service never recovered: {self.latest}"
+            for task in tasks:
+                if task.done():
+                    task.result()  # raises what went wrong there
+            await asyncio.sleep(0.05)
+        last = self.last_unavailable()
+        assert last is not None
+        back = min(at for at, _, answer in self.valid if answer == 200 and at > last)
+        return back - since
+
+    def unavailable(self, since: float, primaries: Container[int] | None = None) -> str:
+        """When valid tokens (of users on these primaries) answered 503, after since."""
+        moments = [
+            at - since
+            for at, token, answer in self.valid
+            if answer == 503 and (primaries is None or token.primary in primaries)
+        ]
+        if not moments:
+            return "never"
+        return f"{moments[-1] - moments[0]:.2f} s ({moments[0]:.2f}-{moments[-1]:.2f} s)"
+
+
+async def log_out(
+    http: httpx.AsyncClient, tokens: list[Token], answers: list[tuple[float, Token, int]]
+) -> None:
+    """Log each token's session out in turn; a 503 is retried until it answers 204 or 202."""
+    for token in tokens:
+        token.leaving = True
+        while True:
+            response = await http.post("/auth/logout", headers=token.session.bearer())
+            answers.append((time.monotonic(), token, response.status_code))
+            if response.status_code in {202, 204}:
+                token.revoked_at = time.monotonic()
+                break
+            assert response.status_code == 503, response.text
+            await asyncio.sleep(0.05)
+
+
+async def stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Set stop and wait for the tasks (cancelling those that do not heed it)."""
+    stop.set()
+    done, pending = await asyncio.wait(tasks, timeout=10)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()
+
+
+@pytest.mark.fault
+async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
+    settings: Settings,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A primary SIGKILLed while sessions are logged out and every token probed, without pause."""
+    async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
+        users = await users_on_every_primary(http, cluster, per_primary=2)
+        victim = next(iter(users))
+        firsts = [session for sessions in users.values() for session in sessions]
+        kept = [Token(session, primary_of(cluster, session), kept=True) for session in firsts]
+        leaving = [
+            Token(await login(http, user.session.username, PASSWORD), user.primary)
+            for _ in range(8)
+            for user in kept  # users take turns, so logouts hit every primary
+        ]
+        for token in [*kept, *leaving]:
+            assert await status(http, token.session.access) == 200
+
+        caplog.set_level(logging.INFO, logger="service.store")
+        caplog.clear()
+        watch = Watch(http, [*kept, *leaving])
+        logouts: list[tuple[float, Token, int]] = []
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(watch.run(stop)),
+            asyncio.create_task(log_out(http, leaving, logouts)),
+        ]
+        try:
+            while len(logouts) < 3:  # some revoked before the kill
+                await asyncio.sleep(0.05)
+            killed = time.monotonic()
+            cluster.kill(victim)
+            recovered = await watch.until_recovered(killed, tasks)
+        finally:
+            await stopped(stop, tasks)
+
+        assert victim not in cluster.primaries()
+        assert watch.wrong == [], watch.wrong[:10]
+        assert watch.accepted == 0
+        during = Counter(answer for at, _, answer in logouts if killed <= at <= killed + recovered)
+        assert during, "no logout was under way during the failover"
+        others = set(users) - {victim}
+        print(
+            f"\nfault table | primary SIGKILLed during logouts | 200 again {recovered:.2f} s "
+            f"after the kill | 503s: killed primary's users {watch.unavailable(killed, {victim})}"
+            f", others' {watch.unavailable(killed, others)} | revoked tokens accepted: "
+            f"{watch.accepted} of {watch.revoked_probes} probes | logouts during the failover: "
+            f"{during[204]} x 204, {during[202]} x 202, {during[503]} x 503 retried "
+            f"| reloads (groups, s): {reloads(caplog)}"
+        )
+        # Afterwards: every revoked token refused, every other one accepted, logouts in force.
+        for token in [*kept, *leaving]:
+            expected = 401 if token.revoked_at is not None else 200
+            assert await status(http, token.session.access) == expected
+        last = kept[0]
+        assert (await http.post("/auth/logout", headers=last.session.bearer())).status_code == 204
+        assert await status(http, last.session.access) == 401
+
+
+@pytest.mark.fault
+async def test_no_revoked_token_gets_in_while_the_whole_cluster_restarts_empty(
+    settings: Settings,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every node killed and a new, empty cluster made on the same ports: PostgreSQL refills it."""
+    async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
+        users = await users_on_every_primary(http, cluster, per_primary=1)
+        tokens = [
+            Token(await login(http, first.username, PASSWORD), port)
+            for port, sessions in users.items()
+            for first in sessions
+            for _ in range(3)
+        ]
+        # Each user logs one session out; the first user also logs out everywhere.
+        for token in tokens[::3]:
+            response = await http.post("/auth/logout", headers=token.session.bearer())
+            assert response.status_code == 204
+            token.revoked_at = time.monotonic()
+        everywhere = tokens[1]
+        response = await http.post("/auth/logout-all", headers=everywhere.session.bearer())
+        assert response.status_code == 204
+        for token in tokens[:3]:
+            token.revoked_at = token.revoked_at or time.monotonic()
+        for token in tokens:
+            token.kept = token.revoked_at is None
+            assert await status(http, token.session.access) == (200 if token.kept else 401)
+
+        caplog.set_level(logging.INFO, logger="service.store")
+        caplog.clear()
+        watch = Watch(http, tokens)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(watch.run(stop))]
+        try:
+            await asyncio.sleep(0.2)
+            down = time.monotonic()
+            await asyncio.to_thread(cluster.restart_empty)
+            healthy = time.monotonic() - down
+            rebuilt = await watch.until_recovered(down, tasks)
+        finally:
+            await stopped(stop, tasks)
+
+        assert watch.wrong == [], watch.wrong[:10]
+        assert watch.accepted == 0
+        loaded = reloads(caplog)
+        assert loaded and all(int(groups) <= GROUPS for groups, _ in loaded), caplog.text
+        print(
+            f"\nfault table | whole cluster restarted empty (SIGKILL, new nodes on the same "
+            f"ports) | cluster healthy {healthy:.2f} s after the kill | 200 again "
+            f"{rebuilt:.2f} s after the kill, {rebuilt - healthy:.2f} s after the cluster was "
+            f"healthy | 503s: {watch.unavailable(down)} | revoked tokens accepted: "
+            f"{watch.accepted} of {watch.revoked_probes} probes | reloads (groups, s): {loaded}"
+        )
+        for token in tokens:
+            assert await status(http, token.session.access) == (200 if token.kept else 401)
+        again = await login(http, everywhere.session.username, PASSWORD)
+        assert await status(http, again.access) == 200
 
 
 CLUSTER_ACL = re.compile(
