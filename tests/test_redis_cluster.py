@@ -509,7 +509,8 @@ class Watch:
             self.latest[token] = answer
             allowed = {200, 503}
         if answer not in allowed:
-            self.wrong.append(f"{'revoked' if revoked else 'valid'} token answered {answer}")
+            state = "revoked" if revoked else "valid"
+            self.wrong.append(f"{state} token of primary {token.primary} answered {answer}")
 
     def last_unavailable(self) -> float | None:
         """When a valid token last answered 503."""
@@ -551,10 +552,15 @@ class Watch:
 
 
 async def log_out(
-    http: httpx.AsyncClient, tokens: list[Token], answers: list[tuple[float, Token, int]]
+    http: httpx.AsyncClient,
+    tokens: list[Token],
+    answers: list[tuple[float, Token, int]],
+    stop: asyncio.Event,
 ) -> None:
-    """Log each token's session out in turn; a 503 is retried until it answers 204 or 202."""
+    """Log each token's session out in turn until stop is set; a 503 is retried until 204/202."""
     for token in tokens:
+        if stop.is_set():
+            return
         token.leaving = True
         while True:
             response = await http.post("/auth/logout", headers=token.session.bearer())
@@ -587,8 +593,11 @@ async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
     async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
         users = await users_on_every_primary(http, cluster, per_primary=2)
         victim = next(iter(users))
-        firsts = [session for sessions in users.values() for session in sessions]
-        kept = [Token(session, primary_of(cluster, session), kept=True) for session in firsts]
+        kept = [
+            Token(session, port, kept=True)
+            for port, sessions in users.items()
+            for session in sessions
+        ]
         leaving = [
             Token(await login(http, user.session.username, PASSWORD), user.primary)
             for _ in range(8)
@@ -604,7 +613,7 @@ async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
         stop = asyncio.Event()
         tasks = [
             asyncio.create_task(watch.run(stop)),
-            asyncio.create_task(log_out(http, leaving, logouts)),
+            asyncio.create_task(log_out(http, leaving, logouts, stop)),
         ]
         try:
             while len(logouts) < 3:  # some revoked before the kill
@@ -618,16 +627,25 @@ async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
         assert victim not in cluster.primaries()
         assert watch.wrong == [], watch.wrong[:10]
         assert watch.accepted == 0
-        during = Counter(answer for at, _, answer in logouts if killed <= at <= killed + recovered)
-        assert during, "no logout was under way during the failover"
+        during = Counter(
+            (token.primary == victim, answer)
+            for at, token, answer in logouts
+            if killed <= at <= killed + recovered
+        )
+        assert during, "no logout was answered during the failover"
         others = set(users) - {victim}
+
+        def answered(on_victim: bool) -> str:
+            counts = (f"{during[on_victim, code]} x {code}" for code in (204, 202, 503))
+            return ", ".join(counts)
+
         print(
             f"\nfault table | primary SIGKILLed during logouts | 200 again {recovered:.2f} s "
             f"after the kill | 503s: killed primary's users {watch.unavailable(killed, {victim})}"
             f", others' {watch.unavailable(killed, others)} | revoked tokens accepted: "
-            f"{watch.accepted} of {watch.revoked_probes} probes | logouts during the failover: "
-            f"{during[204]} x 204, {during[202]} x 202, {during[503]} x 503 retried "
-            f"| reloads (groups, s): {reloads(caplog)}"
+            f"{watch.accepted} of {watch.revoked_probes} probes | logouts answered during the "
+            f"failover (503s retried): killed primary's users {answered(True)}; others' "
+            f"{answered(False)} | reloads (groups, s): {reloads(caplog)}"
         )
         # Afterwards: every revoked token refused, every other one accepted, logouts in force.
         for token in [*kept, *leaving]:
@@ -685,12 +703,11 @@ async def test_no_revoked_token_gets_in_while_the_whole_cluster_restarts_empty(
         assert watch.wrong == [], watch.wrong[:10]
         assert watch.accepted == 0
         loaded = reloads(caplog)
-        assert loaded and all(int(groups) <= GROUPS for groups, _ in loaded), caplog.text
+        assert loaded, caplog.text
         print(
             f"\nfault table | whole cluster restarted empty (SIGKILL, new nodes on the same "
-            f"ports) | cluster healthy {healthy:.2f} s after the kill | 200 again "
-            f"{rebuilt:.2f} s after the kill, {rebuilt - healthy:.2f} s after the cluster was "
-            f"healthy | 503s: {watch.unavailable(down)} | revoked tokens accepted: "
+            f"ports) | 200 again {rebuilt:.2f} s after the kill (every replica synced after "
+            f"{healthy:.2f} s) | 503s: {watch.unavailable(down)} | revoked tokens accepted: "
             f"{watch.accepted} of {watch.revoked_probes} probes | reloads (groups, s): {loaded}"
         )
         for token in tokens:
