@@ -617,6 +617,7 @@ async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
         ]
         try:
             while len(logouts) < 3:  # some revoked before the kill
+                assert not tasks[1].done(), tasks[1].result()
                 await asyncio.sleep(0.05)
             killed = time.monotonic()
             cluster.kill(victim)
