@@ -469,6 +469,7 @@ class Token:
     kept: bool = False  # never logged out
     leaving: bool = False  # its logout was sent
     revoked_at: float | None = None  # when the logout answered 204 or 202
+    revoked_by: int = 0  # which of the two
 
 
 @dataclass
@@ -486,6 +487,7 @@ class Watch:
     wrong: list[str] = field(default_factory=list)
     revoked_probes: int = 0
     accepted: int = 0  # revoked tokens answered 200
+    origin: float = field(default_factory=time.monotonic)  # of the times in wrong
 
     async def run(self, stop: asyncio.Event) -> None:
         """Probe every token in turn (the never logged out first) until stop is set."""
@@ -509,8 +511,14 @@ class Watch:
             self.latest[token] = answer
             allowed = {200, 503}
         if answer not in allowed:
-            state = "revoked" if revoked else "valid"
-            self.wrong.append(f"{state} token of primary {token.primary} answered {answer}")
+            self.wrong.append(self._describe(token, answer))
+
+    def _describe(self, token: Token, answer: int) -> str:
+        state = "valid"
+        if token.revoked_at is not None:
+            state = f"logged out ({token.revoked_by} at {token.revoked_at - self.origin:.2f} s)"
+        moment = time.monotonic() - self.origin
+        return f"{state} token of primary {token.primary} answered {answer} at {moment:.2f} s"
 
     def last_unavailable(self) -> float | None:
         """When a valid token last answered 503."""
@@ -566,7 +574,7 @@ async def log_out(
             response = await http.post("/auth/logout", headers=token.session.bearer())
             answers.append((time.monotonic(), token, response.status_code))
             if response.status_code in {202, 204}:
-                token.revoked_at = time.monotonic()
+                token.revoked_at, token.revoked_by = time.monotonic(), response.status_code
                 break
             assert response.status_code == 503, response.text
             await asyncio.sleep(0.05)
@@ -619,14 +627,14 @@ async def test_no_revoked_token_gets_in_while_a_primary_dies_under_logouts(
             while len(logouts) < 3:  # some revoked before the kill
                 assert not tasks[1].done(), tasks[1].result()
                 await asyncio.sleep(0.05)
-            killed = time.monotonic()
+            killed = watch.origin = time.monotonic()
             cluster.kill(victim)
             recovered = await watch.until_recovered(killed, tasks)
         finally:
             await stopped(stop, tasks)
 
         assert victim not in cluster.primaries()
-        assert watch.wrong == [], watch.wrong[:10]
+        assert watch.wrong == [], (victim, watch.wrong[:10])
         assert watch.accepted == 0
         during = Counter(
             (token.primary == victim, answer)
@@ -694,7 +702,7 @@ async def test_no_revoked_token_gets_in_while_the_whole_cluster_restarts_empty(
         tasks = [asyncio.create_task(watch.run(stop))]
         try:
             await asyncio.sleep(0.2)
-            down = time.monotonic()
+            down = watch.origin = time.monotonic()
             await asyncio.to_thread(cluster.restart_empty)
             healthy = time.monotonic() - down
             rebuilt = await watch.until_recovered(down, tasks)
