@@ -175,6 +175,27 @@ async def test_a_logout_during_a_redis_outage_is_recorded_and_in_force_on_return
             proxy.close()
 
 
+async def test_a_recorded_logout_is_written_back_though_a_later_one_passed_its_number(
+    cut_redis: tuple[httpx.AsyncClient, TcpProxy],
+) -> None:
+    """Redis's seq raised past a revocation it never took must not hide it from recovery."""
+    http, proxy = cut_redis
+    recorded, later = [(await sessions(http, 1))[0] for _ in range(2)]
+    assert (await http.get("/api/hello", headers=recorded.bearer())).status_code == 200
+    proxy.stop()
+    assert (await http.post("/auth/logout", headers=recorded.bearer())).status_code == 202
+    proxy.start()
+    # Answered before a recovery ran: Redis now holds a higher number than the first logout's.
+    assert (await http.post("/auth/logout", headers=later.bearer())).status_code == 204
+    deadline = time.monotonic() + 10
+    while not await refused(http, recorded):
+        assert time.monotonic() < deadline, "the recorded logout never reached Redis"
+        await asyncio.sleep(0.05)
+    for _ in range(20):  # and it stays in force
+        assert await refused(http, recorded)
+        await asyncio.sleep(0.1)
+
+
 async def test_readyz_fails_when_the_redis_user_may_not_run_the_check(
     settings: Settings, prefix: str, tmp_path: Path, client: httpx.AsyncClient
 ) -> None:

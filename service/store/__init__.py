@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import Flask, current_app
@@ -31,6 +32,7 @@ from service.store.blocklist import (
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
 from service.store.group_commit import GroupCommit
+from service.store.groups import GROUPS, group_of
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
 from service.store.redis_target import Topology, parse_target
@@ -67,6 +69,10 @@ class Store:
         # a check failed); while it moves, checks here fail closed.
         self._doubts = 0
         self._doubts_cleared = 0
+        # Revocations recorded here that Redis may not have taken, by the doubt they
+        # raised: a later write (anyone's) can raise Redis's seq past them, so recovery
+        # writes them back by these, not by comparing numbers.
+        self._unwritten: dict[int, Unwritten] = {}
         self._maintenance: list[Future[None]] = []
         self._session_revocations = GroupCommit(self._revoke_sessions)
 
@@ -118,7 +124,7 @@ class Store:
             try:
                 await self.blocklist.add(entries, seq=seq)
             except BlocklistUnavailable:
-                self._doubt()
+                self._doubt(Unwritten.of(entries, seq))
                 raise
 
     async def check(self, ref: TokenRef) -> Verdict:
@@ -159,9 +165,22 @@ class Store:
             return Verdict.NOT_LOADED
         return verdict
 
-    def _doubt(self) -> None:
+    def _doubt(self, unwritten: Unwritten | None = None) -> None:
         with self._recovery_lock:
             self._doubts += 1
+            if unwritten is not None:
+                self._unwritten[self._doubts] = unwritten
+
+    def _unwritten_up_to(self, doubts: int) -> Unwritten | None:
+        """All that the failed writes up to that doubt may have left out of Redis."""
+        with self._recovery_lock:
+            failed = [value for number, value in self._unwritten.items() if number <= doubts]
+        if not failed:
+            return None
+        return Unwritten(
+            after=min(value.after for value in failed),
+            groups=frozenset().union(*(value.groups for value in failed)),
+        )
 
     def request_recovery(self) -> None:
         """Start a recovery on the loop unless one is running or just ran (no wait)."""
@@ -191,6 +210,7 @@ class Store:
         if isinstance(self.blocklist, ClusterBlocklist):
             return await self._recover_groups(self.blocklist)
         doubts = self._doubts
+        unwritten = self._unwritten_up_to(doubts)
         # The floor as it was before Redis is read: a write answered while it is read
         # raises the floor past the seq read, and Redis would seem to have gone back.
         floor = self.blocklist.floor
@@ -199,7 +219,7 @@ class Store:
             latest = await latest_seq(session)
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
         went_back = state.seq < max(floor, settled)
-        if state.loaded and not went_back and state.seq >= latest:
+        if state.loaded and not went_back and state.seq >= latest and unwritten is None:
             self._cleared(doubts)
             self.blocklist.raise_floor(state.seq)
             return True
@@ -211,11 +231,10 @@ class Store:
                 max(floor, settled),
             )
             await self.blocklist.invalidate()
+        after = state.seq if unwritten is None else min(state.seq, unwritten.after)
         started = time.monotonic()
         async with self.db.session() as session:
-            done = await self.blocklist.rebuild(
-                stream_active(session, after_seq=state.seq), seq=latest
-            )
+            done = await self.blocklist.rebuild(stream_active(session, after_seq=after), seq=latest)
         if done:
             self._cleared(doubts)
             # Loading a new or restarted Redis is routine; catching up on writes it missed
@@ -223,7 +242,7 @@ class Store:
             log.log(
                 logging.WARNING if state.loaded else logging.INFO,
                 "blocklist loaded from the durable record after #%d in %.2f s",
-                state.seq,
+                after,
                 time.monotonic() - started,
             )
         return done
@@ -235,6 +254,7 @@ class Store:
         per group; a failover of one shard leaves the groups of the others loaded.
         """
         doubts = self._doubts
+        unwritten = self._unwritten_up_to(doubts)
         floors = blocklist.floors()  # before Redis is read (see recover)
         states = await blocklist.group_states()
         async with self.db.session() as session:
@@ -244,10 +264,11 @@ class Store:
         went_back: list[int] = []
         for group, state in enumerate(states):
             back = state.seq < max(floors[group], settled[group])
-            if state.loaded and not back and state.seq >= latest[group]:
+            missed = unwritten is not None and group in unwritten.groups
+            if state.loaded and not back and state.seq >= latest[group] and not missed:
                 blocklist.raise_group_floor(group, state.seq)
                 continue
-            stale[group] = state.seq
+            stale[group] = min(state.seq, unwritten.after) if missed and unwritten else state.seq
             if back and state.loaded:
                 went_back.append(group)
         if not stale:
@@ -278,6 +299,8 @@ class Store:
     def _cleared(self, doubts: int) -> None:
         with self._recovery_lock:
             self._doubts_cleared = max(self._doubts_cleared, doubts)
+            for number in [number for number in self._unwritten if number <= doubts]:
+                del self._unwritten[number]
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""
@@ -343,6 +366,28 @@ class Store:
         self._maintenance = []
         await self.blocklist.close()
         await self.db.dispose()
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """Revocations Redis may lack: every one numbered above after, of these groups."""
+
+    after: int
+    groups: frozenset[int]
+
+    @classmethod
+    def of(cls, entries: list[Entry], seq: int | None) -> Unwritten:
+        """What a failed write of entries, recorded with highest number seq, may have left out.
+
+        Its other entries took lower numbers in the same commit: stream_active's
+        COMMIT_SKEW brings them along. Nothing numbered (SQLite): everything.
+        """
+        owners = [entry.owner for entry in entries]
+        if any(owner is None for owner in owners):
+            groups = frozenset(range(GROUPS))
+        else:
+            groups = frozenset(group_of(owner) for owner in owners if owner is not None)
+        return cls(after=max((seq or 0) - 1, 0), groups=groups)
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
