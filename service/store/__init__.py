@@ -123,7 +123,7 @@ class Store:
         if entries:
             try:
                 await self.blocklist.add(entries, seq=seq)
-            except BlocklistUnavailable:
+            except BaseException:  # whatever stopped it, Redis may lack what was recorded
                 self._doubt(Unwritten.of(entries, seq))
                 raise
 

@@ -57,7 +57,10 @@ from service.store.redis_target import connect_cluster, node_name
 from service.store.revocation_feed import Receipt, RevocationFeed, message
 
 # What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
-FAILURES = (RedisError, RedisClusterException)
+# AttributeError too: the client closes every node's connections on CLUSTERDOWN, and so
+# do we on a failure (_unreachable), also those a command is using, which then fails on a
+# connection whose socket is gone (`'NoneType' object has no attribute 'writelines'`).
+FAILURES = (RedisError, RedisClusterException, AttributeError)
 
 # FINISH_LOAD_SCRIPT for one group: its announcement goes on the group's own channel.
 FINISH_GROUP_SCRIPT = """
