@@ -49,9 +49,7 @@ from backends import PG_URL, _admin  # noqa: E402
 
 from tests.servers import (  # noqa: E402
     RedisClusterGroup,
-    free_port,
-    start_redis_process,
-    wait_for_redis,
+    one_server_and_a_cluster,
 )
 
 PASSWORD = "correct horse battery"
@@ -293,19 +291,8 @@ def main() -> None:
         sys.exit(f"apt-get install {' '.join(drivers.missing_tools())}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        single = start_redis_process(
-            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"
-        )  # fmt: skip
-        cluster = RedisClusterGroup(workdir)
-        try:
-            wait_for_redis(port)
-            cluster.start()
+        with one_server_and_a_cluster(workdir) as (port, cluster):
             (_served if args.server else _in_process)(args, port, cluster, workdir)
-        finally:
-            cluster.stop()
-            single.kill()
-            single.wait()
 
 
 if __name__ == "__main__":

@@ -49,9 +49,7 @@ from service.store.blocklist import Entry, Kind, RedisBlocklist, TokenRef, Verdi
 from service.store.cluster_blocklist import ClusterBlocklist  # noqa: E402
 from tests.servers import (  # noqa: E402
     RedisClusterGroup,
-    free_port,
-    start_redis_process,
-    wait_for_redis,
+    one_server_and_a_cluster,
 )
 
 RESULTS = ROOT / "bench" / "results"
@@ -349,20 +347,11 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=shards, help="REVOCATION_SHARDS")
     parser.add_argument("--cluster-shards", type=int, default=shards)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        single = start_redis_process(
-            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"
-        )  # fmt: skip
-        cluster = RedisClusterGroup(Path(tmp))
-        try:
-            wait_for_redis(port)
-            cluster.start()
-            asyncio.run(_run(port, cluster, args))
-        finally:
-            cluster.stop()
-            single.kill()
-            single.wait()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        one_server_and_a_cluster(Path(tmp)) as (port, cluster),
+    ):
+        asyncio.run(_run(port, cluster, args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -482,3 +484,21 @@ class RedisClusterGroup(RedisProcesses):
         finally:
             client.close()
         raise AssertionError(f"slot of {key!r} is not served")
+
+
+@contextmanager
+def one_server_and_a_cluster(directory: Path) -> Iterator[tuple[int, RedisClusterGroup]]:
+    """A Redis server (its port) and a 3-primary Cluster beside it, both stopped afterwards."""
+    port = free_port()
+    single = start_redis_process(
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"
+    )  # fmt: skip
+    cluster = RedisClusterGroup(directory)
+    try:
+        wait_for_redis(port)
+        cluster.start()
+        yield port, cluster
+    finally:
+        cluster.stop()
+        single.kill()
+        single.wait()
