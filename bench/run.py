@@ -82,8 +82,9 @@ NOTES = [
     "verify one in-memory Argon2id hash (same parameters). Refresh/logout: ours writes "
     "PostgreSQL (rotation, durable revocation) and Redis; the references one Redis SET.",
     "client_credentials (HTTP Basic client authentication, scope email): ours reads the "
-    "client from PostgreSQL on each request (Authlib) and signs the ES256 access token with "
-    "a key loaded from PostgreSQL (kept in memory, reread every 5 s); the references "
+    "client from PostgreSQL (Authlib) and keeps it while the revocation feed is fresh, for "
+    "5 s at most (a change is announced to every worker), and signs the ES256 access token "
+    "with a key loaded from PostgreSQL (kept in memory, reread every 5 s); the references "
     "use one in-memory client (secret as a SHA-256 digest, like ours) and a P-256 key "
     "generated at start-up (bench/ref_oauth.py). Ours' token carries a few more claims "
     "(nbf, sid, sxp, type, name).",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from flask import Flask, current_app
 from service import close_app, create_app
 from service.config import Settings
 from service.loop import WorkerLoop, WouldBlock, run_suspendable, suspendable
-from service.oauth import bridge, client_throttle, keys
+from service.oauth import bridge, client_throttle, clients, keys
 from service.oauth import server as oauth_server
 from service.oauth.client_throttle import MAX_FORM_BYTES, named_clients
 from service.oauth.clients import (
@@ -140,41 +141,95 @@ async def test_revocation_and_introspection_authenticate_clients_too(
     assert seen.json() == {"active": False}
     wrong = await client.post("/oauth/revoke", data={"token": token}, auth=(auth[0], "wrong"))
     assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
-    assert lookups.ids == [[registered.client.client_id]] * 5
-    assert lookups.sites == [on_the_loop()] * 5
+    # Each authenticated the client: looked up, or kept from a lookup made on the loop.
+    assert lookups.ids and all(ids == [registered.client.client_id] for ids in lookups.ids)
+    assert lookups.sites == [on_the_loop()] * len(lookups.ids)
+
+
+async def until_kept(http: httpx.AsyncClient, registered: Registered, lookups: Lookups) -> None:
+    """Ask for tokens until one is served without a lookup: the worker keeps the client.
+
+    A worker keeps nothing until its feed has proved itself fresh (a few ms after its
+    first lookup).
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        before = len(lookups.ids)
+        assert (await ask_token(http, registered)).status_code == 200
+        if len(lookups.ids) == before:
+            return
+        assert time.monotonic() < deadline, "the client was never kept"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_deleted_client_is_refused_from_the_next_request(
     client: httpx.AsyncClient, settings: Settings, lookups: Lookups
 ) -> None:
     registered = await machine(settings)
-    assert (await ask_token(client, registered)).status_code == 200
+    await until_kept(client, registered, lookups)
     store = Store(settings, WorkerLoop())
     try:
         assert await delete_client(store=store, client_id=registered.client.client_id)
     finally:
         await store.close()
+    looked_up = len(lookups.ids)
     refused = await ask_token(client, registered)
     assert refused.status_code == 401
     assert refused.json()["error"] == "invalid_client"
-    # Nothing is kept across requests: each looked the client up.
-    assert lookups.ids == [[registered.client.client_id]] * 2
+    # The deletion was announced: the worker dropped what it kept and read the client again.
+    assert lookups.ids[looked_up:] == [[registered.client.client_id]]
 
 
 async def test_a_rotated_secret_counts_from_the_next_request(
-    client: httpx.AsyncClient, settings: Settings
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
 ) -> None:
     registered = await machine(settings, auth_method="client_secret_post")
-    assert (await ask_token(client, registered)).status_code == 200
-    database = Database(settings)
+    await until_kept(client, registered, lookups)
+    store = Store(settings, WorkerLoop())
     try:
-        secret = await rotate_secret(database=database, client_id=registered.client.client_id)
+        secret = await rotate_secret(store=store, client_id=registered.client.client_id)
     finally:
-        await database.dispose()
+        await store.close()
     assert secret is not None
     refused = await ask_token(client, registered)
     assert refused.status_code == 401
     assert refused.json()["error"] == "invalid_client"
+    assert (await ask_token(client, registered, secret)).status_code == 200
+
+
+async def test_a_change_redis_could_not_announce_counts_within_the_kept_bound(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    lookups: Lookups,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(clients, "KEPT_CLIENT_SECONDS", 1.0)
+    registered = await machine(settings, auth_method="client_secret_post")
+    await until_kept(client, registered, lookups)
+    with socket.socket() as closed:  # a port nothing listens on: Redis is unreachable
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+    cut_off = make_settings(
+        tmp_path,
+        database_url=settings.database_url,
+        redis_url=unreachable,
+        redis_prefix=settings.redis_prefix,
+        redis_timeout=0.2,
+    )
+    store = Store(cut_off, WorkerLoop())
+    try:
+        secret = await rotate_secret(store=store, client_id=registered.client.client_id)
+    finally:
+        await store.close()
+    assert secret is not None
+    assert "Redis could not announce it" in caplog.text
+    assert registered.client.client_id in caplog.text
+    rotated = time.monotonic()
+    while (await ask_token(client, registered)).status_code == 200:
+        assert time.monotonic() - rotated < 1.0 + 0.5, "the old secret outlived the bound"
+        await asyncio.sleep(0.05)
     assert (await ask_token(client, registered, secret)).status_code == 200
 
 

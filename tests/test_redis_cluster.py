@@ -28,6 +28,7 @@ from service.config import Settings
 from service.store.blocklist import Entry, Kind, TokenRef, Verdict
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.groups import GROUPS, group_of, group_tags
+from service.store.revocation_feed import CLIENT, Subject
 from tests.blocklist_helpers import durable, new_ref
 from tests.conftest import (
     README,
@@ -156,6 +157,10 @@ class OtherWorker:
         """Revoke on the other worker's loop; the future ends when add() returned there."""
         return asyncio.run_coroutine_threadsafe(self.blocklist.add(entries), self._loop)
 
+    def announce(self, subjects: list[Subject]) -> Future[None]:
+        """Announce a change on the other worker's loop; the future ends once it returned."""
+        return asyncio.run_coroutine_threadsafe(self.blocklist.announce(subjects), self._loop)
+
     def kept(self, ref: TokenRef) -> Future[Verdict]:
         """Check ref on the other worker until it keeps the verdict (its feed subscribed)."""
         return asyncio.run_coroutine_threadsafe(kept(self.blocklist, ref), self._loop)
@@ -222,6 +227,23 @@ async def test_a_kept_verdict_is_reused_until_a_revocation_on_a_cluster(
     for ref in refs[1:]:
         assert await worker.check(ref) is Verdict.VALID
     assert len(asked) == calls + 1
+
+
+async def test_a_kept_client_goes_once_its_change_is_announced_on_a_cluster(
+    workers: Workers,
+) -> None:
+    worker, other = workers
+    subjects = [(CLIENT, f"client-{n}") for n in range(12)]  # of several groups and primaries
+    for subject in subjects:
+        deadline = time.monotonic() + 5
+        while (recalled := worker.recall(subject))[0] is None:
+            recalled[1](f"record of {subject[1]}")  # kept once the node's feed subscribed
+            assert time.monotonic() < deadline, "the value was never kept"
+            await asyncio.sleep(WINDOW / 4)
+    await asyncio.wrap_future(other.announce(subjects[:1]))
+    assert worker.recall(subjects[0])[0] is None
+    for subject in subjects[1:]:
+        assert worker.recall(subject)[0] == f"record of {subject[1]}"
 
 
 @pytest.mark.fault

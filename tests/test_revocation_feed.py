@@ -96,6 +96,23 @@ def test_a_verdict_read_before_a_message_is_not_kept() -> None:
     assert cache.get(ref, now=100.0, window=WINDOW) is Verdict.VALID
 
 
+def test_a_value_kept_under_a_subject_goes_with_a_message_naming_it() -> None:
+    cache, ref = VerdictCache(8), new_ref()
+    cache.fresh_since = 100.0
+    client, other = ("c", "client-a"), ("c", "client-b")
+    cache.keep_under(client, "record a", cache.generation, (client,))
+    cache.keep_under(other, "record b", cache.generation, (other,))
+    cache.keep(ref, Verdict.VALID, cache.generation, revocable=True)
+    cache.drop([client])
+    assert cache.get(client, now=100.0, window=WINDOW) is None
+    assert cache.get(other, now=100.0, window=WINDOW) == "record b"
+    assert cache.get(ref, now=100.0, window=WINDOW) is Verdict.VALID
+    generation = cache.generation
+    cache.drop([other])  # a change announced while the record was being read again
+    cache.keep_under(client, "stale record", generation, (client,))
+    assert cache.get(client, now=100.0, window=WINDOW) is None
+
+
 def test_a_reset_forgets_and_distrusts_everything() -> None:
     cache, ref = VerdictCache(8), new_ref()
     cache.fresh_since = 100.0

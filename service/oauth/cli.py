@@ -130,8 +130,12 @@ async def _show(args: argparse.Namespace, database: Database, _s: Settings) -> i
     return 0
 
 
-async def _rotate(args: argparse.Namespace, database: Database, _s: Settings) -> int:
-    secret = await clients.rotate_secret(database=database, client_id=args.client_id)
+async def _rotate(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
+    store = Store(settings, WorkerLoop())
+    try:
+        secret = await clients.rotate_secret(store=store, client_id=args.client_id)
+    finally:
+        await store.close()
     if secret is None:
         print("no such confidential client", file=sys.stderr)
         return 1

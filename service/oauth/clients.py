@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -13,13 +14,19 @@ from service.oauth.scopes import SCOPES
 from service.store import Store
 from service.store import oauth as client_store
 from service.store import oauth_grants as grant_store
-from service.store.blocklist import Entry, Kind
+from service.store.blocklist import BlocklistUnavailable, Entry, Kind, keep_nothing
 from service.store.db import Database
+from service.store.revocation_feed import CLIENT, Subject, clock
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
 MAX_IDENTIFIER = 128
+# A kept client is read again after this long even if no change was announced: the bound
+# on a change whose announcement could not reach Redis (see changed()).
+KEPT_CLIENT_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def plausible_identifier(value: object) -> bool:
@@ -136,15 +143,61 @@ async def find_clients(
     return {client_id: Client.from_row(row) if row else None for client_id, row in rows.items()}
 
 
-async def rotate_secret(*, database: Database, client_id: str) -> str | None:
+@dataclass(frozen=True, slots=True)
+class KeptClient:
+    """A client as this worker read it, and when."""
+
+    client: Client
+    read_at: float
+
+
+def recall_client(store: Store, client_id: str) -> tuple[Client | None, Callable[[Client], None]]:
+    """The client as kept in memory, if no change to it can have been missed; and a keeper.
+
+    Kept like a token's verdict (see revocation_feed.py): a change to the client is
+    announced on the revocation feed, and a kept client is used only while the feed proves
+    this worker has read every announcement up to the propagation window ago. The keeper
+    keeps a client read now unless a change is announced first.
+    """
+    if not store.loop.in_loop_thread():
+        return None, keep_nothing
+    kept, keep = store.blocklist.recall(client_subject(client_id))
+    found = kept.client if kept and clock() - kept.read_at < KEPT_CLIENT_SECONDS else None
+    return found, lambda client: keep(KeptClient(client, clock()))
+
+
+def client_subject(client_id: str) -> Subject:
+    """What an announcement of a change to this client names."""
+    return (CLIENT, client_id)
+
+
+async def changed(store: Store, client_id: str) -> None:
+    """Tell every worker the client changed; returns once none uses what it kept of it.
+
+    When Redis cannot take the announcement, the change is saved all the same, and workers
+    that kept the client read it again within KEPT_CLIENT_SECONDS: that is logged.
+    """
+    try:
+        await store.blocklist.announce([client_subject(client_id)])
+    except BlocklistUnavailable:
+        log.warning(
+            "client %s changed, but Redis could not announce it: workers may use what they "
+            "kept of it for up to %.0f s more",
+            client_id,
+            KEPT_CLIENT_SECONDS,
+        )
+
+
+async def rotate_secret(*, store: Store, client_id: str) -> str | None:
     """Give a confidential client a new secret (the old one stops working); None if unknown."""
-    client = await get_client(database=database, client_id=client_id)
+    client = await get_client(database=store.db, client_id=client_id)
     if client is None or client.is_public:
         return None
     secret = secrets.token_urlsafe(32)
-    async with database.session() as session:
+    async with store.db.session() as session:
         await client_store.set_secret_hash(session, client_id=client_id, secret_hash=digest(secret))
     audit("client_secret_rotated", client_id=client_id)
+    await changed(store, client_id)
     return secret
 
 
@@ -170,6 +223,7 @@ async def delete_client(*, store: Store, client_id: str) -> bool:
         deleted = await client_store.delete_client(session, client_id=client_id)
     if deleted:
         audit("client_deleted", client_id=client_id, grants_revoked=len(grants))
+        await changed(store, client_id)
     return deleted
 
 

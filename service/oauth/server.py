@@ -11,7 +11,7 @@ from flask import Flask
 
 from service import metrics
 from service.oauth import bridge, client_throttle, families
-from service.oauth.clients import find_clients, plausible_identifier
+from service.oauth.clients import find_clients, plausible_identifier, recall_client
 from service.oauth.endpoints import IntrospectionEndpoint, RevocationEndpoint
 from service.oauth.grants import (
     AuthorizationCodeGrant,
@@ -72,8 +72,14 @@ class Server(AuthorizationServer):  # type: ignore[misc]
     def query_client(self, client_id: str) -> Client | None:
         if not plausible_identifier(client_id):
             return None
-        found = find_clients(database=bridge.store().db, client_ids=[client_id])
-        return bridge.run(found)[client_id]
+        store = bridge.store()
+        kept, keep = recall_client(store, client_id)
+        if kept is not None:
+            return kept
+        found = bridge.run(find_clients(database=store.db, client_ids=[client_id]))[client_id]
+        if found is not None:
+            keep(found)
+        return found
 
     def save_token(self, token: dict[str, Any], request: Any) -> None:
         if "refresh_token" not in token:

@@ -24,10 +24,10 @@ import contextlib
 import os
 import time
 import zlib
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
@@ -161,6 +161,15 @@ class State(NamedTuple):
     seq: int
 
 
+# What recall gives: the value kept under a subject (None: none usable now), and how to
+# keep one read now, which a message naming the subject since the recall cancels.
+Recalled = tuple[Any, Callable[[Any], None]]
+
+
+def keep_nothing(_value: Any) -> None:
+    """The keeper of a blocklist that keeps nothing."""
+
+
 class Blocklist(Protocol):
     """What the service needs from a blocklist, whatever stores it."""
 
@@ -178,6 +187,14 @@ class Blocklist(Protocol):
 
     async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
         """Load durable revocations up to seq and mark the blocklist ready; False if busy."""
+        ...
+
+    def recall(self, subject: Subject) -> Recalled:
+        """What this worker keeps under subject while no change to it can have been missed."""
+        ...
+
+    async def announce(self, subjects: Iterable[Subject]) -> None:
+        """Tell every worker these subjects changed; returns once none keeps what it had."""
         ...
 
     async def state(self) -> State:
@@ -347,6 +364,15 @@ class RedisBlocklist:
         metrics.kept_verdict(True)
         return Verdict(kept)
 
+    def recall(self, subject: Subject) -> Recalled:
+        """A value kept under subject on the feed, and its keeper (see Blocklist.recall)."""
+        feed = self._current_feed()
+        if feed is None:
+            return None, keep_nothing
+        kept = feed.lookup(subject)
+        cache, generation = feed.cache, feed.cache.generation
+        return kept, lambda value: cache.keep_under(subject, value, generation, (subject,))
+
     async def check(self, ref: TokenRef) -> Verdict:
         """A kept verdict, else one EVALSHA: is the token, its session or its user revoked?"""
         feed = self._current_feed()
@@ -415,11 +441,20 @@ class RedisBlocklist:
         trusts a verdict it kept (see revocation_feed.py).
         """
         entries = list(entries)
-        if not entries:
-            return
+        if entries:
+            await self._announced(entries, seq, [_subject(entry) for entry in entries])
+
+    async def announce(self, subjects: Iterable[Subject]) -> None:
+        """Announce a change no revocation records (an OAuth client's), as add would."""
+        await self._announced([], None, list(subjects))
+
+    async def _announced(
+        self, entries: list[Entry], seq: int | None, subjects: list[Subject]
+    ) -> None:
+        """Write entries announcing subjects; return once acknowledged, or the window after."""
         feed = self._current_feed()
         if feed is None:
-            await self._write(entries, seq, None)
+            await self._write(entries, seq, None, subjects)
             return
         if feed.started:
             # Subscribed, the writer hears the acknowledgements: a worker whose feed went
@@ -428,20 +463,26 @@ class RedisBlocklist:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(feed.subscribe(), self._propagation / 2)
         with feed.receipt() as receipt:
-            readers = await self._write(entries, seq, receipt)
+            readers = await self._write(entries, seq, receipt, subjects)
             if receipt is None:
                 await asyncio.sleep(self._propagation)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(receipt.all_of(readers), self._propagation)
 
-    async def _write(self, entries: list[Entry], seq: int | None, receipt: Receipt | None) -> int:
-        """Write revocations and their seq in one transaction, announcing them to every worker.
+    async def _write(
+        self,
+        entries: list[Entry],
+        seq: int | None,
+        receipt: Receipt | None,
+        subjects: list[Subject],
+    ) -> int:
+        """Write revocations and their seq in one transaction, announcing subjects to every worker.
 
         Returns how many subscribers the announcement reached.
         """
         client = self._clients()
-        announcement = message(map(_subject, entries), seq or 0, receipt)
+        announcement = message(subjects, seq or 0, receipt)
         try:
             async with client.pipeline(transaction=True) as pipe:
                 self._queue(pipe, entries)

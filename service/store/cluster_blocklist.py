@@ -43,18 +43,20 @@ from service.store.blocklist import (
     BlocklistUnavailable,
     Entry,
     Kind,
+    Recalled,
     RedisBlocklist,
     State,
     TokenRef,
     Verdict,
     _subject,
+    keep_nothing,
     parse_run_id,
     session_started_ms,
 )
 from service.store.cluster_feed import ClusterFeed
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.redis_target import connect_cluster, node_name
-from service.store.revocation_feed import Receipt, RevocationFeed, message
+from service.store.revocation_feed import Receipt, RevocationFeed, Subject, message
 
 # What a cluster client raises when it cannot answer (a slot not covered is not a RedisError).
 # AttributeError too: the client closes every node's connections on CLUSTERDOWN, and so
@@ -165,6 +167,16 @@ class ClusterBlocklist(RedisBlocklist):
         _, kept = feeds.lookup(group_of(ref.sub), ref)
         return None if kept is None else Verdict(kept)
 
+    def recall(self, subject: Subject) -> Recalled:
+        """A value kept on the subscription to the node of the subject's group, and its keeper."""
+        feeds = self._cluster_feed()
+        group = group_of(subject[1])
+        feed, kept = (None, None) if feeds is None else feeds.lookup(group, subject)
+        if feed is None or not feed.holds(group):
+            return None, keep_nothing
+        cache, generation = feed.cache, feed.cache.generation
+        return kept, lambda value: cache.keep_under(subject, value, generation, (subject,))
+
     async def check(self, ref: TokenRef) -> Verdict:
         """A verdict kept on the subscription to the group's node, else one EVALSHA."""
         group = group_of(ref.sub)
@@ -258,23 +270,43 @@ class ClusterBlocklist(RedisBlocklist):
         for entry in entries:
             for group in self._groups_of(entry):
                 by_group[group].append(entry)
-        if not by_group:
+        writes: dict[int, tuple[list[Entry], list[Subject]]] = {
+            group: (found, [_subject(entry) for entry in found])
+            for group, found in by_group.items()
+        }
+        await self._announced_groups(writes, seq)
+
+    async def announce(self, subjects: Iterable[Subject]) -> None:
+        """Announce a change no revocation records, on the channel of each subject's group."""
+        by_group: dict[int, list[Subject]] = defaultdict(list)
+        for subject in subjects:
+            by_group[group_of(subject[1])].append(subject)
+        writes: dict[int, tuple[list[Entry], list[Subject]]] = {
+            group: ([], named) for group, named in by_group.items()
+        }
+        await self._announced_groups(writes, None)
+
+    async def _announced_groups(
+        self, writes: dict[int, tuple[list[Entry], list[Subject]]], seq: int | None
+    ) -> None:
+        """Write each group's entries announcing its subjects; return once acknowledged."""
+        if not writes:
             return
         client = await self._client()
         feeds = self._cluster_feed()
         if feeds is None:
-            for group, group_entries in by_group.items():
-                await self._write_group(client, group, group_entries, seq, None)
+            for group, (entries, subjects) in writes.items():
+                await self._write_group(client, group, entries, subjects, seq, None)
             return
-        await feeds.subscribe(by_group)
+        await feeds.subscribe(writes)
         with contextlib.ExitStack() as receipts:
             counted: list[tuple[Receipt, int]] = []
-            for group, group_entries in by_group.items():
+            for group, (entries, subjects) in writes.items():
                 receipt = receipts.enter_context(feeds.receipt(group))
-                readers = await self._write_group(client, group, group_entries, seq, receipt)
+                readers = await self._write_group(client, group, entries, subjects, seq, receipt)
                 if receipt is not None:
                     counted.append((receipt, readers))
-            if len(counted) < len(by_group):
+            if len(counted) < len(writes):
                 # A group's node this worker hears no acknowledgement from: the window.
                 await asyncio.sleep(self._propagation)
                 return
@@ -287,6 +319,7 @@ class ClusterBlocklist(RedisBlocklist):
         client: RedisCluster,
         group: int,
         entries: list[Entry],
+        subjects: list[Subject],
         seq: int | None,
         receipt: Receipt | None,
     ) -> int:
@@ -296,7 +329,7 @@ class ClusterBlocklist(RedisBlocklist):
                 self._queue_group(pipe, group, entries)
                 if seq is not None:
                     pipe.eval(RAISE_SEQ_SCRIPT, 1, self.key(group, "seq"), seq)
-                announcement = message(map(_subject, entries), seq or 0, receipt)
+                announcement = message(subjects, seq or 0, receipt)
                 pipe.eval(ANNOUNCE_SCRIPT, 1, self.key(group, "revoked"), announcement)
                 replies = await pipe.execute()
         except FAILURES as exc:

@@ -44,7 +44,6 @@ from service.store.revocation_feed import (
     IDLE_AFTER,
     RECONNECT_DELAY,
     Receipt,
-    Revocable,
     RevocationFeed,
     clock,
 )
@@ -252,7 +251,7 @@ class ClusterFeed:
         with feed.receipt() as receipt:
             yield receipt
 
-    def lookup(self, group: int, ref: Revocable) -> tuple[NodeFeed | None, int | None]:
+    def lookup(self, group: int, ref: object) -> tuple[NodeFeed | None, Any]:
         """The feed of ref's group and a verdict kept there that is safe to reuse, if any."""
         feed = self.feed_of(group)
         if feed is None:

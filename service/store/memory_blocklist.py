@@ -6,7 +6,17 @@ import threading
 import time
 from collections.abc import AsyncIterable, Iterable
 
-from service.store.blocklist import Entry, Kind, State, TokenRef, Verdict, session_started_ms
+from service.store.blocklist import (
+    Entry,
+    Kind,
+    Recalled,
+    State,
+    TokenRef,
+    Verdict,
+    keep_nothing,
+    session_started_ms,
+)
+from service.store.revocation_feed import Subject
 
 
 class MemoryBlocklist:
@@ -53,6 +63,13 @@ class MemoryBlocklist:
                         self._ids.get(entry.subject, 0), entry.expires_at
                     )
             self._ids = {key: exp for key, exp in self._ids.items() if exp >= now}
+
+    def recall(self, subject: Subject) -> Recalled:
+        """Nothing is kept: no feed tells this process of another's changes."""
+        return None, keep_nothing
+
+    async def announce(self, subjects: Iterable[Subject]) -> None:
+        """Nobody to tell."""
 
     async def rebuild(self, entries: AsyncIterable[Entry], *, seq: int = 0) -> bool:
         """Load durable revocations (at start-up)."""

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aredis
@@ -43,8 +43,8 @@ class Revocable(Protocol):
     def sub(self) -> str: ...
 
 
-# The kinds of subject, one per TokenRef field a revocation can name.
-TOKEN, SESSION, USER = "t", "s", "u"
+# The kinds of subject, one per TokenRef field a revocation can name, and OAuth clients.
+TOKEN, SESSION, USER, CLIENT = "t", "s", "u", "c"
 
 
 def subjects_of(ref: Revocable) -> tuple[Subject, Subject, Subject]:
@@ -137,12 +137,15 @@ def parse_message(data: bytes) -> tuple[list[Subject] | None, int] | None:
 
 
 class VerdictCache:
-    """Verdicts by token, with the subjects that would change them; used on one loop only."""
+    """Verdicts by token, with the subjects that would change them; used on one loop only.
+
+    It also keeps other facts a message can change (an OAuth client, under its subject).
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._verdicts: dict[Revocable, int] = {}
-        self._holders: dict[Subject, list[Revocable]] = {}
+        self._verdicts: dict[object, Any] = {}
+        self._holders: dict[Subject, list[object]] = {}
         self._indexed = 0
         self.generation = 0
         self.fresh_since = -math.inf
@@ -151,7 +154,7 @@ class VerdictCache:
     def __len__(self) -> int:
         return len(self._verdicts)
 
-    def get(self, ref: Revocable, now: float, window: float) -> int | None:
+    def get(self, ref: object, now: float, window: float) -> Any:
         """The kept verdict of ref, if the subscription proved fresh within window of now."""
         self.last_lookup = now
         if now - self.fresh_since >= window:
@@ -160,15 +163,20 @@ class VerdictCache:
 
     def keep(self, ref: Revocable, verdict: int, generation: int, *, revocable: bool) -> None:
         """Keep a verdict read at generation, unless a message or a reset came since."""
+        self.keep_under(ref, verdict, generation, subjects_of(ref) if revocable else ())
+
+    def keep_under(
+        self, key: object, value: Any, generation: int, subjects: Sequence[Subject]
+    ) -> None:
+        """Keep value under key until a message names one of subjects (or a reset)."""
         if generation != self.generation or self._size == 0:
             return
         if len(self._verdicts) >= self._size or self._indexed >= 4 * self._size:
             self._clear()
-        self._verdicts[ref] = verdict
-        if revocable:
-            for subject in subjects_of(ref):
-                self._holders.setdefault(subject, []).append(ref)
-            self._indexed += 3
+        self._verdicts[key] = value
+        for subject in subjects:
+            self._holders.setdefault(subject, []).append(key)
+        self._indexed += len(subjects)
 
     def drop(self, subjects: Iterable[Subject]) -> None:
         """Forget every verdict a revocation of these subjects may change."""
@@ -224,7 +232,7 @@ class RevocationFeed:
         self.subscribed = False
         self._ready = asyncio.Event()
 
-    def lookup(self, ref: Revocable) -> int | None:
+    def lookup(self, ref: object) -> Any:
         """A verdict that is safe to reuse now, if one is kept; subscribes when idle."""
         self._start()
         return self.cache.get(ref, clock(), self.window)
