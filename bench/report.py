@@ -72,7 +72,7 @@ def render(report: Report, summary: str = "") -> str:
 def _header(report: Report) -> str:
     """Title and run metadata."""
     meta = ", ".join(f"{key}: {value}" for key, value in report.meta.items())
-    return f"# Benchmark, issue 4: our service vs reference stacks\n\n{meta}"
+    return f"# Benchmark: our service vs reference stacks\n\n{meta}"
 
 
 def _main_table(report: Report) -> str:

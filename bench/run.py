@@ -1,4 +1,4 @@
-"""Benchmark of issue 4: our service against two reference stacks, runs interleaved.
+"""Benchmark: our service against two reference stacks, runs interleaved.
 
     .venv/bin/python bench/run.py [--quick] [--profile]
 

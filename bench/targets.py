@@ -1,4 +1,4 @@
-"""The issue's targets, checked against one run.
+"""The service's targets, checked against one run.
 
 A throughput ratio is judged on the median of its pairs: the two runs compared went
 back to back (GET runs alternate stack order pass by pass), so a pair shares the
@@ -12,7 +12,18 @@ import statistics
 from collections.abc import Callable
 
 from drivers import Result
-from report import GET, H1, H2, NO_CHECK, OURS, Report, pooled
+from report import (
+    CLIENT_CREDENTIALS,
+    GET,
+    H1,
+    H2,
+    LOGOUT,
+    NO_CHECK,
+    OURS,
+    REFRESH,
+    Report,
+    pooled,
+)
 
 REF_A, REF_B = "flask", "fastapi"
 MEMORY_LIMIT_B = 100
@@ -41,9 +52,10 @@ def render(report: Report) -> str:
         _accepted(report),
         _memory(report),
         _storm(report),
+        *_write_paths(report),
     ]
     lines = [
-        "## Targets (issue 4), from this run",
+        "## Targets, from this run",
         "",
         "Throughput ratios: the median of pairs of back-to-back runs, judged; the pooled "
         "ratio and each pair beside it.",
@@ -55,6 +67,28 @@ def render(report: Report) -> str:
         verdict = "—" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {target} | {wanted} | {judged} | {shown} | {verdict} |")
     return "\n".join(lines)
+
+
+def _write_paths(report: Report) -> list[Row | None]:
+    """Refresh, logout and client_credentials against ref a: judged over HTTP/1.1.
+
+    Over HTTP/2 ref a's runs are shown beside ours, not judged: gunicorn's HTTP/2 is a
+    different server from the one the HTTP/1.1 target compares with.
+    """
+    rows: list[Row | None] = []
+    for op, name in (
+        (REFRESH, "refresh"),
+        (LOGOUT, "logout"),
+        (CLIENT_CREDENTIALS, "client_credentials"),
+    ):
+        rows.append(
+            _ratio(report, f"{name}, HTTP/1.1: ours ÷ ref a", (op, H1, OURS), (op, H1, REF_A), 1.0)
+        )
+        shown = _ratio(
+            report, f"{name}, HTTP/2: ours ÷ ref a", (op, H2, OURS), (op, H2, REF_A), 1.0
+        )
+        rows.append(None if shown is None else (shown[0], "(shown)", *shown[2:4], None))
+    return rows
 
 
 def _runs(report: Report, key: tuple[str, str, str]) -> list[Result]:
