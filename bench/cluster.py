@@ -210,7 +210,8 @@ def _served(args: argparse.Namespace, port: int, cluster: RedisClusterGroup, wor
     servers = {}
     try:
         for name, (url, _) in setups.items():
-            extra = {"REDIS_URL": url, "REDIS_PREFIX": "bench:"}
+            # One SECRET_KEY: it seals the OAuth signing keys both servers read from the database.
+            extra = {"REDIS_URL": url, "REDIS_PREFIX": "bench:", "SECRET_KEY": SECRET_KEY}
             servers[name] = stack = stacks.ours(run, args.service_src, extra)
             stack.name = name.replace(" ", "-")
         stacks.migrate(next(iter(servers.values())))

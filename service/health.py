@@ -28,11 +28,18 @@ def healthz() -> dict[str, object]:
 
 @bp.get("/readyz")
 async def readyz() -> tuple[dict[str, object], int]:
-    """The database answers and a real revocation check passes; 503 otherwise."""
+    """The database answers, a real revocation check passes and a key may sign; 503 otherwise."""
     store = get_store()
     database, blocklist = await asyncio.gather(_probe(store.db.ping()), _probe(store.probe()))
-    ready = database and blocklist
-    checks = {"database": "ok" if database else "down", "blocklist": "ok" if blocklist else "down"}
+    keyring = current_app.extensions.get("oauth_keyring")
+    # A worker started with the wrong SECRET_KEY stays unready: a rolling update stops there.
+    signing = keyring is None or not keyring.sealed_elsewhere()
+    ready = database and blocklist and signing
+    checks = {
+        "database": "ok" if database else "down",
+        "blocklist": "ok" if blocklist else "down",
+        "signing_keys": "ok" if signing else "unreadable",
+    }
     return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
 
 

@@ -160,6 +160,18 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def settings_beside(settings: Settings, tmp: Path, **overrides: Any) -> Settings:
+    """Production settings for another app on the same database, Redis and secrets as settings."""
+    shared: dict[str, Any] = {
+        "database_url": settings.database_url,
+        "redis_url": settings.redis_url,
+        "redis_prefix": settings.redis_prefix,
+        "secret_key": settings.secret_key,  # the stored OAuth signing keys are sealed with it
+        "jwt_secret": settings.jwt_secret,  # tokens of one app pass at the other
+    }
+    return make_settings(tmp, **(shared | overrides))
+
+
 @pytest.fixture(scope="session")
 def settings(
     database_url: str,
@@ -263,14 +275,11 @@ async def cut_redis(
     upstream = urlsplit(str(settings.redis_url))
     proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
     proxy.start()
-    proxied = make_settings(
+    proxied = settings_beside(
+        settings,
         tmp_path,
-        database_url=settings.database_url,
-        redis_prefix=settings.redis_prefix,
         redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
         redis_timeout=0.3,
-        secret_key=settings.secret_key,  # the stored OAuth signing keys are sealed with it
-        jwt_secret=settings.jwt_secret,
     )
     async with serve_in_process(proxied) as http:
         yield http, proxy

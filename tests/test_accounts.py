@@ -38,6 +38,7 @@ from tests.conftest import (
     make_settings,
     register,
     serve_in_process,
+    settings_beside,
 )
 from tests.oauth_helpers import (
     REDIRECT,
@@ -209,13 +210,7 @@ async def test_a_user_changes_and_removes_their_email(
 async def test_closed_registration_is_403_and_the_cli_still_creates(
     settings: Settings, tmp_path: Path
 ) -> None:
-    closed = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
-        registration_open=False,
-    )
+    closed = settings_beside(settings, tmp_path, registration_open=False)
     username = unique("closed")
     async with serve_in_process(closed) as http:
         for body in ({"username": username, "password": PASSWORD}, {"not": "valid"}):

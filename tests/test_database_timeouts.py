@@ -17,7 +17,7 @@ import pytest
 
 from service.config import Settings
 from service.store.db import Database, unavailable_reason
-from tests.conftest import Session, login, make_settings, register, serve_in_process
+from tests.conftest import Session, login, register, serve_in_process, settings_beside
 from tests.oauth_helpers import (
     REDIRECT,
     authorization_code,
@@ -55,14 +55,8 @@ def through(proxy: TcpProxy, url: str) -> str:
 
 def proxied_settings(settings: Settings, proxy: TcpProxy, tmp: Path, **extra: Any) -> Settings:
     """The shared test settings, with PostgreSQL behind the proxy and tight bounds."""
-    return make_settings(
-        tmp,
-        database_url=through(proxy, str(settings.database_url)),
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
-        secret_key=settings.secret_key,  # the stored OAuth signing keys are sealed with it
-        jwt_secret=settings.jwt_secret,
-        **(BOUNDS | extra),
+    return settings_beside(
+        settings, tmp, database_url=through(proxy, str(settings.database_url)), **(BOUNDS | extra)
     )
 
 

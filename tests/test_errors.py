@@ -146,10 +146,10 @@ async def test_head_request(client: httpx.AsyncClient) -> None:
     assert response.content == b""
 
 
-async def test_readyz_reports_both_backends(client: httpx.AsyncClient) -> None:
+async def test_readyz_reports_the_backends_and_the_signing_keys(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
-    assert response.json()["checks"] == {"database": "ok", "blocklist": "ok"}
+    assert response.json()["checks"] == {"database": "ok", "blocklist": "ok", "signing_keys": "ok"}
 
 
 async def test_deeply_nested_json_is_400(client: httpx.AsyncClient) -> None:

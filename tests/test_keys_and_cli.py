@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.config import Settings
-from tests.conftest import login, make_settings, serve_in_process
+from tests.conftest import login, serve_in_process, settings_beside
 from tests.servers import ROOT
 
 
@@ -39,11 +39,9 @@ def write_key(directory: Path, algorithm: str) -> Path:
 async def test_asymmetric_first_party_tokens(
     settings: Settings, tmp_path: Path, algorithm: str
 ) -> None:
-    own = make_settings(
+    own = settings_beside(
+        settings,
         tmp_path,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
         jwt_algorithm=algorithm,
         jwt_secret=None,
         jwt_private_key_file=write_key(tmp_path, algorithm),

@@ -32,7 +32,7 @@ from service.oauth.clients import (
 )
 from service.store import Store
 from service.store.db import Database
-from tests.conftest import make_settings, serve_in_process
+from tests.conftest import serve_in_process, settings_beside
 from tests.oauth_helpers import new_client
 
 TOKEN = "/oauth/token"
@@ -361,15 +361,7 @@ async def test_a_failed_client_authentication_is_counted_from_the_loop(
     prefix: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    limited = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        redis_prefix=prefix,
-        secret_key=settings.secret_key,  # the stored OAuth signing keys are sealed with it
-        jwt_secret=settings.jwt_secret,
-        client_failures_per_client=2,
-    )
+    limited = settings_beside(settings, tmp_path, redis_prefix=prefix, client_failures_per_client=2)
     registered = await machine(limited)
     auth = (registered.client.client_id, "not the secret")
     counted = record_sites(monkeypatch, client_throttle, "counted")

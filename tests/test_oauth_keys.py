@@ -7,6 +7,8 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import secrets
 import subprocess
 import sys
 import threading
@@ -29,12 +31,22 @@ from service.ids import new_id
 from service.oauth import clients, keys
 from service.store import oauth_keys as key_store
 from service.store.db import Database
+from service.store.migrate import upgrade
 from service.store.models import utcnow
 from service.store.oauth_models import SigningKey
-from tests.conftest import Session, serve_in_process, wait_for_status
-from tests.oauth_helpers import bearer, header_of, new_client
+from tests.conftest import (
+    Session,
+    fresh_database,
+    login,
+    register,
+    serve_in_process,
+    settings_beside,
+    wait_for_status,
+)
+from tests.oauth_helpers import REDIRECT, authorization_code, bearer, header_of, new_client
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIENT_CREDENTIALS = {"grant_type": "client_credentials"}
 
 
 async def machine_token(http: httpx.AsyncClient, settings: Settings) -> str:
@@ -360,6 +372,97 @@ async def test_signers_reread_the_keys_ahead_without_waiting(
         finally:
             release.set()
             await asyncio.sleep(0.1)  # let the reload end before the app shuts down
+
+
+async def test_keys_sealed_with_another_secret_key_refuse_oauth_tokens_with_503(
+    client: httpx.AsyncClient, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    issued_elsewhere = await machine_token(client, settings)
+    machine = await new_client(
+        settings, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+    )
+    app = await new_client(settings, scope="profile")
+    # The shared database's keys were sealed with settings.secret_key.
+    other = settings_beside(settings, tmp_path, secret_key=secrets.token_urlsafe(48))
+    caplog.set_level(logging.INFO)
+    async with serve_in_process(other) as http:
+        auth = (machine.client.client_id, machine.secret or "")
+        refused = await http.post("/oauth/token", data=CLIENT_CREDENTIALS, auth=auth)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["status"] == 503 and refused.json()["detail"]
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"] == {
+            "database": "ok",
+            "blocklist": "ok",
+            "signing_keys": "unreadable",
+        }
+        # First-party tokens do not need those keys; OAuth tokens signed elsewhere still verify.
+        password = "correct horse battery"
+        username = await register(http, password)
+        session = await login(http, username, password)
+        assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
+        assert (await http.get("/api/hello", headers=bearer(issued_elsewhere))).status_code == 200
+        assert header_of(issued_elsewhere)["kid"] in await jwks_of(http)
+        # A code is not spent by a refusal: a worker that can sign redeems it.
+        code, verifier = await authorization_code(http, app.client.client_id, username, password)
+        redeem = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT,
+            "code_verifier": verifier,
+        }
+        auth = (app.client.client_id, app.secret or "")
+        assert (await http.post("/oauth/token", data=redeem, auth=auth)).status_code == 503
+    assert (await client.post("/oauth/token", data=redeem, auth=auth)).status_code == 200
+    complaints = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(complaints) == 1, [r.getMessage() for r in complaints]
+    assert complaints[0].levelno == logging.ERROR
+    line = complaints[0].getMessage()
+    assert "SECRET_KEY differs from the one that sealed the stored signing keys" in line
+    for secret in (str(other.secret_key), str(settings.secret_key)):
+        assert secret not in caplog.text
+
+
+async def test_a_key_sealed_with_another_secret_key_signs_nothing_here_and_adds_none(
+    settings: Settings, postgres_server: str, prefix: str, tmp_path: Path
+) -> None:
+    elsewhere, a_minute_ago = secrets.token_urlsafe(48), utcnow() - timedelta(minutes=1)
+    with fresh_database(postgres_server) as url:
+        own = settings_beside(settings, tmp_path, database_url=url, redis_prefix=prefix)
+        await asyncio.to_thread(upgrade, own)
+        registered = await new_client(
+            own, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+        )
+
+        async def ask(http: httpx.AsyncClient) -> httpx.Response:
+            auth = (registered.client.client_id, registered.secret or "")
+            return await http.post("/oauth/token", data=CLIENT_CREDENTIALS, auth=auth)
+
+        database = Database(own)
+        try:
+            async with database.session() as session:
+                secret_key = str(own.secret_key)
+                readable = await keys.create_key(
+                    session, secret_key=secret_key, activates_at=a_minute_ago
+                )
+                await keys.create_key(session, secret_key=elsewhere)  # newer, and active
+            async with serve_in_process(own) as http:
+                # The newest key is skipped: the older one this process can unseal signs.
+                assert header_of((await ask(http)).json()["access_token"])["kid"] == readable
+                assert (await http.get("/readyz")).status_code == 200
+            async with database.session() as session:
+                await session.execute(update(SigningKey).values(retired_at=utcnow()))
+            async with serve_in_process(own) as http:
+                # No key signs on, yet none is added beside one its owner could not read.
+                assert (await ask(http)).status_code == 503
+                assert (await http.get("/readyz")).json()["checks"]["signing_keys"] == "unreadable"
+            async with database.session() as session:
+                assert len(await key_store.list_keys(session)) == 2
+        finally:
+            await database.dispose()
 
 
 def _b64(data: bytes) -> str:

@@ -26,7 +26,13 @@ from service.config import Settings
 from service.logs import JsonFormatter, TextFormatter
 from service.metrics import REQUEST_BUCKETS, Tally
 from service.store.migrate import upgrade
-from tests.conftest import delete_prefix, fresh_database, make_settings, serve_in_process
+from tests.conftest import (
+    delete_prefix,
+    fresh_database,
+    make_settings,
+    serve_in_process,
+    settings_beside,
+)
 from tests.oauth_helpers import REDIRECT, authorize_url, bearer, pkce, query_of, sign_in_and_consent
 from tests.observability_helpers import audit_lines, command, log_lines, scrape, value
 from tests.servers import (
@@ -498,16 +504,7 @@ def test_the_composed_access_line_is_the_formatted_one(method: str) -> None:
 
 async def test_public_metrics_need_the_metrics_token(settings: Settings, tmp_path: Path) -> None:
     token = secrets.token_urlsafe(48)
-    public = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
-        metrics_public=True,
-        metrics_token=token,
-    )
+    public = settings_beside(settings, tmp_path, metrics_public=True, metrics_token=token)
     async with serve_in_process(public) as http:
         assert (await http.get("/healthz")).status_code == 200
         for header in ({}, bearer("x" * 64), bearer(token[:-1]), {"Authorization": token}):

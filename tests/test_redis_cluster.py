@@ -36,9 +36,9 @@ from tests.conftest import (
     documented_acl,
     for_user,
     login,
-    make_settings,
     register,
     serve_in_process,
+    settings_beside,
 )
 from tests.servers import RedisClusterGroup
 
@@ -356,14 +356,7 @@ async def status(http: httpx.AsyncClient, token: str) -> int:
 
 def on_cluster(settings: Settings, cluster: RedisClusterGroup, tmp_path: Path) -> Settings:
     """The service's settings on this cluster, with the run's database and secrets."""
-    return make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=cluster.url,
-        redis_prefix=PREFIX,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
-    )
+    return settings_beside(settings, tmp_path, redis_url=cluster.url, redis_prefix=PREFIX)
 
 
 def primary_of(cluster: RedisClusterGroup, session: Session) -> int:

@@ -9,18 +9,15 @@ from pathlib import Path
 import redis
 
 from service.config import Settings
-from tests.conftest import make_settings, serve_in_process, two_sessions
+from tests.conftest import serve_in_process, settings_beside, two_sessions
 from tests.servers import SnapshottingRedis
 
 
 async def test_revocations_survive_a_crash_restored_from_an_old_snapshot(
     settings: Settings, snapshotting_redis: SnapshottingRedis, tmp_path: Path
 ) -> None:
-    own = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=snapshotting_redis.url,
-        redis_prefix="restart:",
+    own = settings_beside(
+        settings, tmp_path, redis_url=snapshotting_redis.url, redis_prefix="restart:"
     )
     async with serve_in_process(own) as http:
         revoked, kept = await two_sessions(http)

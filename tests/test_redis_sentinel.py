@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from service.config import Settings
-from tests.conftest import login, make_settings, register, serve_in_process
+from tests.conftest import login, register, serve_in_process, settings_beside
 from tests.servers import SentinelGroup
 
 pytestmark = pytest.mark.fault
@@ -81,14 +81,7 @@ async def test_a_failover_keeps_revoked_tokens_out_and_recovers_by_itself(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    own = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=sentinels.url,
-        redis_prefix=PREFIX,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
-    )
+    own = settings_beside(settings, tmp_path, redis_url=sentinels.url, redis_prefix=PREFIX)
     async with serve_in_process(own) as http:
         username = await register(http, PASSWORD)
         sessions = [await login(http, username, PASSWORD) for _ in range(3)]

@@ -27,6 +27,7 @@ from tests.conftest import (
     make_settings,
     register,
     serve_in_process,
+    settings_beside,
     wait_for_status,
 )
 from tests.proxy import TcpProxy
@@ -85,14 +86,12 @@ async def test_a_redis_that_resyncs_from_an_older_copy_gives_back_no_revocation(
 ) -> None:
     primary, standby = two_redis
     # Without kept verdicts every check asks Redis: what Redis holds decides.
-    own = make_settings(
+    own = settings_beside(
+        settings,
         tmp_path,
-        database_url=settings.database_url,
         redis_url=primary.url,
         redis_prefix="older-copy:",
         revocation_propagation_ms=0,
-        secret_key=settings.secret_key,
-        jwt_secret=settings.jwt_secret,
     )
     async with serve_in_process(own) as http:
         leaving = await sessions(http, 6)
@@ -124,14 +123,11 @@ async def test_a_logout_during_a_redis_outage_is_recorded_and_in_force_on_return
         proxy.start()
         apps.append(
             serve_in_process(
-                make_settings(
+                settings_beside(
+                    settings,
                     tmp_path / str(index),
-                    database_url=settings.database_url,
                     redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
-                    redis_prefix=settings.redis_prefix,
                     redis_timeout=0.3,
-                    secret_key=settings.secret_key,
-                    jwt_secret=settings.jwt_secret,
                 )
             )
         )
@@ -201,14 +197,7 @@ async def test_readyz_fails_when_the_redis_user_may_not_run_the_check(
 ) -> None:
     session = (await sessions(client, 1))[0]
     with acl_user(settings, prefix, without=("+evalsha",)) as url:
-        own = make_settings(
-            tmp_path,
-            database_url=settings.database_url,
-            redis_url=url,
-            redis_prefix=prefix,
-            secret_key=settings.secret_key,
-            jwt_secret=settings.jwt_secret,
-        )
+        own = settings_beside(settings, tmp_path, redis_url=url, redis_prefix=prefix)
         async with serve_in_process(own) as http:
             ready = await http.get("/readyz")
             assert ready.status_code == 503

@@ -20,7 +20,7 @@ from service.oauth.clients import Registered, register_client
 from service.store import throttle as throttle_store
 from service.store.db import Database
 from service.store.throttle import Attempt, Counter, MemoryThrottle
-from tests.conftest import make_settings, register, serve_in_process
+from tests.conftest import register, serve_in_process, settings_beside
 from tests.proxy import TcpProxy
 
 PASSWORD = "correct horse battery"
@@ -31,15 +31,7 @@ PROBLEM = "application/problem+json"
 
 def throttled(settings: Settings, tmp: Path, prefix: str, **overrides: Any) -> Settings:
     """Settings on the test backends with a Redis prefix of this test's own."""
-    values: dict[str, Any] = {
-        "database_url": settings.database_url,
-        "redis_url": settings.redis_url,
-        "redis_prefix": prefix,
-        "secret_key": settings.secret_key,  # the stored OAuth signing keys are sealed with it
-        "jwt_secret": settings.jwt_secret,
-        **overrides,
-    }
-    return make_settings(tmp, **values)
+    return settings_beside(settings, tmp, **({"redis_prefix": prefix} | overrides))
 
 
 def from_address(server: serve_in_process, address: str) -> httpx.AsyncClient:

@@ -322,7 +322,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "readyz",
             "health",
             "Readiness",
-            "PostgreSQL answers and a real revocation check passes.",
+            "PostgreSQL answers, a real revocation check passes and an OAuth signing key may sign.",
             PUBLIC,
             responses(
                 s200=json_response("Ready.", "Readiness"),

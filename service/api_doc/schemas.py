@@ -183,8 +183,13 @@ SCHEMAS: dict[str, Schema] = {
                 {
                     "database": {"enum": ["ok", "down"]},
                     "blocklist": {"enum": ["ok", "down"]},
+                    "signing_keys": {
+                        "enum": ["ok", "unreadable"],
+                        "description": "unreadable: no OAuth signing key may sign, for "
+                        "SECRET_KEY differs from the one that sealed the stored keys.",
+                    },
                 },
-                required=("database", "blocklist"),
+                required=("database", "blocklist", "signing_keys"),
             ),
         },
         required=("status", "checks"),
@@ -333,7 +338,8 @@ RESPONSES: dict[str, Schema] = {
         "Too many failed sign-ins for this account or address.", **{"Retry-After": RETRY_AFTER}
     ),
     "Unavailable": problem_response(
-        "PostgreSQL or Redis cannot answer, or password hashing is saturated; retry later.",
+        "PostgreSQL or Redis cannot answer, password hashing is saturated, or (OAuth tokens) "
+        "no signing key can be unsealed with this SECRET_KEY; retry later.",
         **{"Retry-After": RETRY_AFTER},
     ),
     "OAuthBadRequest": oauth_error_response(

@@ -11,18 +11,20 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import ECAlgorithm
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.errors import ServiceUnavailable
 from service.events import audit
 from service.store import Store
 from service.store import oauth_keys as key_store
@@ -42,25 +44,44 @@ SIGNER_REFRESH_AHEAD_SECONDS = 1.0
 RETIRE_DELAY_SECONDS = RELOAD_SECONDS + 10.0
 # How long a request without a usable key waits for a reload.
 RELOAD_WAIT_SECONDS = 10.0
+SEALED_ELSEWHERE = "SECRET_KEY differs from the one that sealed the stored signing keys"
+# A wrong SECRET_KEY is mended by a redeployment, not by retrying within the second.
+SEALED_RETRY_AFTER = 30
 
 log = logging.getLogger(__name__)
 
 
+class SigningKeysSealedElsewhere(ServiceUnavailable):
+    """No key may sign here: the stored ones were sealed with another SECRET_KEY."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Access tokens cannot be signed right now; retry later.", SEALED_RETRY_AFTER
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
-    """One decrypted signing key."""
+    """One stored signing key, decrypted (or its public half alone: see sealed)."""
 
     kid: str
     alg: str
     public_jwk: dict[str, Any]
     public_key: ec.EllipticCurvePublicKey
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: ec.EllipticCurvePrivateKey | None  # None: sealed with another SECRET_KEY
     activates_at: datetime
     retired_at: datetime | None
 
+    @property
+    def sealed(self) -> bool:
+        """Whether only the public half could be read (the private one needs another SECRET_KEY)."""
+        return self.private_key is None
+
     def signs_at(self, now: datetime) -> bool:
         """Whether this key may sign at now (a retirement may be scheduled ahead)."""
-        return self.activates_at <= now and (self.retired_at is None or now < self.retired_at)
+        if self.sealed or now < self.activates_at:
+            return False
+        return self.retired_at is None or now < self.retired_at
 
     def published_at(self, now: datetime, token_ttl: int) -> bool:
         """Whether tokens it signed may still be alive at now.
@@ -115,31 +136,39 @@ async def create_key(
     return kid
 
 
-async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> None:
+async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> bool:
     """Create a key when none will sign on (a fresh install, or every key retired or retiring).
 
     A replacement for keys retiring ahead of time starts signing when they stop: it is
-    published by every worker in the meantime.
+    published by every worker in the meantime. Returns whether a key was created.
     """
     if await key_store.has_active_key(session):
-        return
+        return False
     await key_store.lock_key_creation(session)
-    if not await key_store.has_active_key(session):
-        takes_over = await key_store.last_retirement_due(session)
-        await create_key(session, secret_key=secret_key, activates_at=takes_over)
+    if await key_store.has_active_key(session):
+        return False
+    takes_over = await key_store.last_retirement_due(session)
+    await create_key(session, secret_key=secret_key, activates_at=takes_over)
+    return True
 
 
 def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
-    """Load a stored key."""
-    private = serialization.load_pem_private_key(
-        fernet.decrypt(row.private_key.encode()), password=None
-    )
-    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    """Load a stored key; only its public half when fernet cannot unseal it (another SECRET_KEY)."""
+    try:
+        pem = fernet.decrypt(row.private_key.encode())
+    except InvalidToken:
+        public = ECAlgorithm.from_jwk(dict(row.public_jwk))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        private = None
+    else:
+        loaded = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        private, public = loaded, loaded.public_key()
     return Key(
         kid=row.kid,
         alg=row.alg,
         public_jwk=dict(row.public_jwk),
-        public_key=private.public_key(),
+        public_key=public,
         private_key=private,
         activates_at=row.activates_at,
         retired_at=row.retired_at,
@@ -158,6 +187,7 @@ class Keyring:
         self._cipher = key_cipher(store.settings.secret_key or "")
         self._token_ttl = store.settings.access_token_ttl
         self._keys: list[Key] = []
+        self._sealed = 0  # how many of the keys last read this process cannot unseal
         self._loaded_at = -math.inf
         self._attempted_at = -math.inf
         self._lock = threading.Lock()
@@ -165,11 +195,34 @@ class Keyring:
 
     async def load(self) -> None:
         """Read every key from the database, creating the first one if needed."""
+        secret_key = self._store.settings.secret_key or ""
         async with self._store.db.session() as session:
-            await ensure_active_key(session, secret_key=self._store.settings.secret_key or "")
-            rows = await key_store.list_keys(session)
-        self._keys = [decrypt_key(row, self._cipher) for row in rows]
+            loaded = self._decrypt(await key_store.list_keys(session))
+            # No new key beside ones sealed with another SECRET_KEY: their owners could not
+            # read it.
+            unsealed = not any(key.sealed for key in loaded)
+            if unsealed and await ensure_active_key(session, secret_key=secret_key):
+                loaded = self._decrypt(await key_store.list_keys(session))
+        self._note_sealed(sum(key.sealed for key in loaded), len(loaded))
+        self._keys = loaded
         self._loaded_at = time.monotonic()
+
+    def _decrypt(self, rows: Sequence[SigningKey]) -> list[Key]:
+        return [decrypt_key(row, self._cipher) for row in rows]
+
+    def _note_sealed(self, sealed: int, stored: int) -> None:
+        """Log when keys this process cannot unseal appear, and when none is left."""
+        if sealed > self._sealed:
+            log.error(
+                "cannot unseal %d of %d stored OAuth signing keys: %s; they verify tokens "
+                "but sign none here",
+                sealed,
+                stored,
+                SEALED_ELSEWHERE,
+            )
+        elif self._sealed and not sealed:
+            log.info("every stored OAuth signing key can be unsealed again")
+        self._sealed = sealed
 
     async def _load_logged(self) -> None:
         try:
@@ -221,8 +274,20 @@ class Keyring:
             self._schedule_reload()
         key = self._signer()
         if key is None:
+            if self._sealed:
+                raise SigningKeysSealedElsewhere()
             raise RuntimeError("no signing key is active")
         return key
+
+    def sealed_elsewhere(self) -> bool:
+        """Whether no key may sign here because the stored ones need another SECRET_KEY.
+
+        While so, each call rereads the keys in the background, so that a repair shows.
+        """
+        if not self._sealed:
+            return False
+        self._refresh(max_age=MISS_RELOAD_SECONDS)
+        return self._signer() is None
 
     def verification_key(self, kid: str) -> Key | None:
         """The published key with this kid, or None (and a reload scheduled) at once."""

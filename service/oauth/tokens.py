@@ -52,6 +52,7 @@ def sign_access_token(
         "type": "access",
         "name": name,
     }
+    assert key.private_key is not None, "Keyring.signing_key() gives unsealed keys only"
     token = jwt.encode(
         claims, key.private_key, algorithm=key.alg, headers={"typ": "at+jwt", "kid": key.kid}
     )

@@ -26,6 +26,7 @@ from service.auth.attempts import TooManyAttempts
 from service.auth.credentials import verify_credentials
 from service.auth.passwords import Passwords
 from service.oauth import bridge, pages
+from service.oauth.keys import SigningKeysSealedElsewhere
 from service.oauth.parameters import repeated_parameter
 from service.oauth.server import Server, metadata
 from service.store.throttle import get_throttle
@@ -147,6 +148,9 @@ def login() -> ResponseReturnValue:
 @bp.post("/oauth/token")
 def token() -> Response:
     """Token endpoint (authorization_code, refresh_token, client_credentials)."""
+    if bridge.keyring().sealed_elsewhere():
+        # Refused before Authlib spends the code: a worker that can sign may take it later.
+        raise SigningKeysSealedElsewhere()
     return cast(Response, _server().create_token_response())
 
 
