@@ -211,13 +211,7 @@ async def test_a_change_redis_could_not_announce_counts_within_the_kept_bound(
     with socket.socket() as closed:  # a port nothing listens on: Redis is unreachable
         closed.bind(("127.0.0.1", 0))
         unreachable = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
-    cut_off = make_settings(
-        tmp_path,
-        database_url=settings.database_url,
-        redis_url=unreachable,
-        redis_prefix=settings.redis_prefix,
-        redis_timeout=0.2,
-    )
+    cut_off = settings_beside(settings, tmp_path, redis_url=unreachable, redis_timeout=0.2)
     store = Store(cut_off, WorkerLoop())
     try:
         secret = await rotate_secret(store=store, client_id=registered.client.client_id)
