@@ -180,17 +180,23 @@ async def test_a_deleted_client_is_refused_from_the_next_request(
     assert lookups.ids[looked_up:] == [[registered.client.client_id]]
 
 
-async def test_a_rotated_secret_counts_from_the_next_request(
-    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
-) -> None:
-    registered = await machine(settings, auth_method="client_secret_post")
-    await until_kept(client, registered, lookups)
+async def rotated(settings: Settings, registered: Registered) -> str:
+    """Rotate the client's secret as the CLI does, with a store of settings; the new secret."""
     store = Store(settings, WorkerLoop())
     try:
         secret = await rotate_secret(store=store, client_id=registered.client.client_id)
     finally:
         await store.close()
     assert secret is not None
+    return secret
+
+
+async def test_a_rotated_secret_counts_from_the_next_request(
+    client: httpx.AsyncClient, settings: Settings, lookups: Lookups
+) -> None:
+    registered = await machine(settings, auth_method="client_secret_post")
+    await until_kept(client, registered, lookups)
+    secret = await rotated(settings, registered)
     refused = await ask_token(client, registered)
     assert refused.status_code == 401
     assert refused.json()["error"] == "invalid_client"
@@ -212,17 +218,12 @@ async def test_a_change_redis_could_not_announce_counts_within_the_kept_bound(
         closed.bind(("127.0.0.1", 0))
         unreachable = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
     cut_off = settings_beside(settings, tmp_path, redis_url=unreachable, redis_timeout=0.2)
-    store = Store(cut_off, WorkerLoop())
-    try:
-        secret = await rotate_secret(store=store, client_id=registered.client.client_id)
-    finally:
-        await store.close()
-    assert secret is not None
+    secret = await rotated(cut_off, registered)
     assert "Redis could not announce it" in caplog.text
     assert registered.client.client_id in caplog.text
-    rotated = time.monotonic()
+    since = time.monotonic()
     while (await ask_token(client, registered)).status_code == 200:
-        assert time.monotonic() - rotated < 1.0 + 0.5, "the old secret outlived the bound"
+        assert time.monotonic() - since < 1.0 + 0.5, "the old secret outlived the bound"
         await asyncio.sleep(0.05)
     assert (await ask_token(client, registered, secret)).status_code == 200
 

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -130,12 +131,19 @@ async def _show(args: argparse.Namespace, database: Database, _s: Settings) -> i
     return 0
 
 
-async def _rotate(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[Store]:
+    """A store for one command (its announcements reach the workers), closed afterwards."""
     store = Store(settings, WorkerLoop())
     try:
-        secret = await clients.rotate_secret(store=store, client_id=args.client_id)
+        yield store
     finally:
         await store.close()
+
+
+async def _rotate(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
+    async with _store(settings) as store:
+        secret = await clients.rotate_secret(store=store, client_id=args.client_id)
     if secret is None:
         print("no such confidential client", file=sys.stderr)
         return 1
@@ -144,11 +152,8 @@ async def _rotate(args: argparse.Namespace, _d: Database, settings: Settings) ->
 
 
 async def _delete(args: argparse.Namespace, _d: Database, settings: Settings) -> int:
-    store = Store(settings, WorkerLoop())
-    try:
+    async with _store(settings) as store:
         deleted = await clients.delete_client(store=store, client_id=args.client_id)
-    finally:
-        await store.close()
     if not deleted:
         print("no such client", file=sys.stderr)
         return 1
