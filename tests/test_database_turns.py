@@ -149,6 +149,11 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def settled(*requests: Awaitable[httpx.Response]) -> list[httpx.Response]:
+    """Every response, in order; fails the test past GIVE_UP instead of hanging."""
+    return await asyncio.wait_for(asyncio.gather(*requests), GIVE_UP)
+
+
 async def timed(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, float]:
     """The response and how long it took."""
     started = time.monotonic()
@@ -170,7 +175,7 @@ async def test_a_refresh_is_answered_while_every_login_waits_for_its_hash(
         )
         still_hashing = sum(not login.done() for login in logins)
         gate.open()
-        answers = await asyncio.gather(*logins)
+        answers = await settled(*logins)
     assert refreshed.status_code == 200, refreshed.text
     assert elapsed < PROMPTLY, f"the refresh waited {elapsed:.1f}s behind the logins"
     assert still_hashing == len(logins)
@@ -191,7 +196,7 @@ async def test_no_more_requests_than_turns_use_the_database_at_once(
             *(http.post("/auth/refresh", headers=s.bearer(s.refresh)) for s in sessions),
             *(http.get("/auth/me", headers=s.bearer()) for s in sessions),
         ]
-        answers = await asyncio.gather(*storm)
+        answers = await settled(*storm)
         assert server.app.free_database_turns == TURNS
     statuses = [answer.status_code for answer in answers]
     assert statuses == [200] * 8 + [401] * 2 + [200] * 8, statuses
@@ -227,16 +232,14 @@ async def test_every_turn_is_free_after_failed_cancelled_and_shed_logins(
         held = [asyncio.create_task(http.get("/auth/me", headers=user.bearer())) for _ in range(2)]
         await until(lambda: blocker.blocked == TURNS, "every turn is held")
         gate.open()
-        refused = await asyncio.gather(*logins)
+        refused = await settled(*logins)
         blocker.unblocked.set()
-        served = await asyncio.gather(*held)
+        served = await settled(*held)
         await until(lambda: gate.held == 0, "the abandoned login's hash ended")
         await until(lambda: server.app.free_database_turns == TURNS, "every turn is free")
 
         # Then logins right and wrong, as usual.
-        checked = await asyncio.gather(
-            *(sign_in(http, username, p) for p in (PASSWORD, WRONG, PASSWORD))
-        )
+        checked = await settled(*(sign_in(http, username, p) for p in (PASSWORD, WRONG, PASSWORD)))
         assert server.app.free_database_turns == TURNS
     assert shed.status_code == 503, shed.text
     assert "password hashing" in shed.json()["detail"]
