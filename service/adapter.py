@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from service.loop import run_suspendable
+from service.turns import BUSY as BUSY_DETAIL
+from service.turns import DATABASE_TURN, RETRY_AFTER, DatabaseTurn
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ TOO_SLOW = (
 )
 BUSY = (
     b'{"type":"about:blank","title":"Service Unavailable","status":503,'
-    b'"detail":"The database is busy or unavailable; retry shortly."}'
+    b'"detail":"' + BUSY_DETAIL.encode() + b'"}'
 )
+RETRY_AFTER_BYTES = str(RETRY_AFTER).encode()
 PROBLEM = [(b"content-type", b"application/problem+json")]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
@@ -54,7 +57,7 @@ class AsgiAdapter:
 
     Requests run on the event loop, suspended wherever the app waits (run_suspendable).
     A request `needs_database` selects first waits for one of `database_slots` turns (see
-    service/isolation.py).
+    service/isolation.py), which its view may give back for a while (service/turns.py).
     """
 
     def __init__(
@@ -130,35 +133,39 @@ class AsgiAdapter:
         ):
             answer = await self._call_in_turn(environ)
             if answer is None:
-                await _respond(send, 503, [*PROBLEM, (b"retry-after", b"2")], BUSY)
+                await _respond(send, 503, [*PROBLEM, (b"retry-after", RETRY_AFTER_BYTES)], BUSY)
                 return
             status, headers, chunks = answer
         else:
             status, headers, chunks = await self._call_on_loop(environ)
         await _respond(send, status, headers, chunks)
 
-    async def _take_turn(self) -> bool:
-        """Wait for a database turn, at most the pool wait; False if none came."""
-        try:
-            async with asyncio.timeout(self._database_wait):
-                await self._database_turns.acquire()
-        except TimeoutError:
-            log.warning("database busy: no turn within %.1fs", self._database_wait)
-            return False
-        return True
+    @property
+    def free_database_turns(self) -> int:
+        """How many database turns no request holds now."""
+        return self._database_turns._value
 
     async def _call_in_turn(self, environ: dict[str, Any]) -> Answer | None:
         """Run the app once a database turn is free; None if none came in time."""
-        if not await self._take_turn():
+        turn = DatabaseTurn(self._database_turns, self._database_wait)
+        if not await turn.take():
             return None
         try:
-            task = asyncio.ensure_future(run_suspendable(lambda: self._call(environ)))
+            task = asyncio.ensure_future(run_suspendable(lambda: self._call_holding(turn, environ)))
         except BaseException:
-            self._database_turns.release()
+            turn.end()
             raise
         # The turn ends with the view's work, even if this request is cancelled meanwhile.
-        task.add_done_callback(lambda _: self._database_turns.release())
+        task.add_done_callback(lambda _: turn.end())
         return await asyncio.shield(task)
+
+    def _call_holding(self, turn: DatabaseTurn, environ: dict[str, Any]) -> Answer:
+        """Run the app with turn as the request's database turn."""
+        token = DATABASE_TURN.set(turn)
+        try:
+            return self._call(environ)
+        finally:
+            DATABASE_TURN.reset(token)
 
     async def _call_on_loop(self, environ: dict[str, Any]) -> Answer:
         """Run the app on this loop, to the end even if the request is cancelled meanwhile."""

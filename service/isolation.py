@@ -3,7 +3,8 @@
 Requests run on the event loop, each suspended while it waits. When PostgreSQL hangs,
 each request bound for it waits until its timeouts end it; unchecked, they would pile up
 without bound. So a request that may reach the database first takes a turn, one of
-DATABASE_MAX_REQUESTS, waiting for it for at most DATABASE_POOL_TIMEOUT (then 503).
+DATABASE_MAX_REQUESTS, waiting for it for at most DATABASE_POOL_TIMEOUT (then 503), and
+gives it back while it waits for a password hash (service/turns.py).
 Views that never reach the store say so with @no_database and never wait for a turn;
 any other view is taken to need one.
 """

@@ -3,8 +3,9 @@
 Hashing is CPU-bound (~17 ms at OWASP parameters). It runs in a small dedicated thread
 pool (argon2's C code releases the GIL), so a login storm queues here instead of taking
 every core from token checks. Requests wait for their hash on the event loop, suspended
-like any other wait; at most PASSWORD_QUEUE_LIMIT hashes per worker run or wait, and a
-request past that gets 503 with Retry-After at once.
+like any other wait, and without their database turn (service/turns.py); at most
+PASSWORD_QUEUE_LIMIT hashes per worker run or wait, and a request past that gets 503 with
+Retry-After at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from service.config import Settings
 from service.errors import ServiceUnavailable
+from service.turns import turn_given_back
 
 T = TypeVar("T")
 
@@ -57,6 +59,17 @@ class Passwords:
         self._dummy_hash: str | None = None
 
     async def _run(self, func: Callable[..., T], *args: object) -> T:
+        """Run func in the hashing pool, the request's database turn given back meanwhile."""
+        pool = self._admit()
+        async with turn_given_back():
+            try:
+                return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _admit(self) -> ThreadPoolExecutor:
+        """Count one more hash running or waiting, and return the pool; 503 past the limit."""
         with self._lock:
             if self._pending >= self._limit:
                 raise ServiceUnavailable(BUSY, 2)
@@ -68,12 +81,7 @@ class Passwords:
                     initializer=_lower_priority,
                     initargs=(self._nice,),
                 )
-            pool = self._pool
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
-        finally:
-            with self._lock:
-                self._pending -= 1
+            return self._pool
 
     async def hash(self, password: str) -> str:
         """Return an Argon2id hash of password."""
