@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 
 from service.loop import run_suspendable
 from service.turns import BUSY as BUSY_DETAIL
-from service.turns import DATABASE_TURN, RETRY_AFTER, DatabaseTurn
+from service.turns import DATABASE_TURN, RETRY_AFTER, DatabaseTurn, Turns
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AsgiAdapter:
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._needs_database = needs_database
-        self._database_turns = asyncio.Semaphore(database_slots)
+        self._database_turns = Turns(database_slots)
         self._database_wait = database_wait
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,7 +143,7 @@ class AsgiAdapter:
     @property
     def free_database_turns(self) -> int:
         """How many database turns no request holds now."""
-        return self._database_turns._value
+        return self._database_turns.free
 
     async def _call_in_turn(self, environ: dict[str, Any]) -> Answer | None:
         """Run the app once a database turn is free; None if none came in time."""

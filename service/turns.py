@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
+from typing import Literal
 
 from service.errors import ServiceUnavailable
 
@@ -28,6 +29,31 @@ class TurnBusy(ServiceUnavailable):
 
     def __init__(self) -> None:
         super().__init__(BUSY, RETRY_AFTER)
+
+
+class Turns(asyncio.Semaphore):
+    """A worker's DATABASE_MAX_REQUESTS turns, counting those held."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.slots = slots
+        self.held = 0
+
+    async def acquire(self) -> Literal[True]:
+        """Wait for a turn and count it held."""
+        await super().acquire()
+        self.held += 1
+        return True
+
+    def release(self) -> None:
+        """Give a turn back."""
+        self.held -= 1
+        super().release()
+
+    @property
+    def free(self) -> int:
+        """How many turns no request holds now."""
+        return self.slots - self.held
 
 
 class DatabaseTurn:
