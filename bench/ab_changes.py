@@ -1,13 +1,11 @@
-"""Interleaved A/B of each change the service makes to library internals, on this build.
+"""Interleaved A/B of each change service/transport/ makes to library internals, on this build.
 
     .venv/bin/python bench/ab_changes.py [--pairs 5] [--seconds 3] [--only NAME ...]
-                                         [--tokens 300] [--service-src DIR]
+                                         [--service-src DIR]
 
 docs/performance.md keeps a change to a library's private internals only where it gains at
 least 5% on a benchmark target: protected GET throughput over HTTP/1.1 (wrk) and HTTP/2
-(h2load), and GET p99; for a change to how a new token is read (jwt_segments), refresh
-throughput over HTTP/1.1, one fresh refresh token per request (--tokens per run, from
-sign-ins made beforehand). For each speed-up LIBRARY_CHANGES names, the service (production
+(h2load), and GET p99. For each speed-up LIBRARY_CHANGES names, the service (production
 settings, TLS, 2 workers) runs with every change (A) beside itself with all but that one
 (B); and A beside none at all. Both servers of a comparison are up, one database and Redis
 prefix; only one is under load at a time. Each pair is two back-to-back runs of the same
@@ -38,7 +36,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,22 +53,14 @@ from targets import pair_ratios
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 THRESHOLD = 1.05
-FRESH_LIMIT_S = 60.0
-SIGN_INS_AT_ONCE = 4
 WARM_UP_S = 1.0
 ALL, NONE = "all", "none"
-# POST /auth/refresh over HTTP/1.1, one fresh refresh token per request: where a change to
-# how a new token is read shows (a GET reuses one token, which the memo verified once).
-FRESH = "refresh, HTTP/1.1"
 # The protocols whose code each change alters.
 ACTS_ON = {
     "hpack_memo": (H2,),
     "h2_headers": (H2,),
     "coalesce": (H1, H2),
-    "jwt_segments": (FRESH,),
 }
-# Every target a comparison can measure: GET over each protocol, and a fresh token each.
-TARGETS = (*PROTOCOLS, FRESH)
 
 
 @dataclass
@@ -140,12 +129,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=int, default=5, help="pairs per protocol (at least 3)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one run")
     parser.add_argument("--only", action="append", help="these changes only (and all vs none)")
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        default=300,
-        help="refresh tokens per run, where a change acts on them",
-    )
     parser.add_argument("--service-src", type=Path, default=BENCH_DIR.parent)
     return parser
 
@@ -229,15 +212,6 @@ def measure(
     for stack, token in sides.values():
         for run in RUNNERS.values():
             run(stack, token, WARM_UP_S)
-    fresh = FRESH in ACTS_ON.get(comparison.name, ())
-    supply = (
-        {
-            side: _refresh_tokens(stack, args.pairs * args.tokens)
-            for side, (stack, _) in sides.items()
-        }
-        if fresh
-        else {}
-    )
     groups = {stack.process.pid for stack, _ in sides.values() if stack.process}
     before = cpu.snapshot(groups)
     for number in range(args.pairs):
@@ -246,21 +220,7 @@ def measure(
             for side in order:
                 stack, token = sides[side]
                 comparison.add(side, protocol, RUNNERS[protocol](stack, token, args.seconds))
-        for side in order if fresh else ():
-            stack, _ = sides[side]
-            tokens = supply[side][number * args.tokens : (number + 1) * args.tokens]
-            result = drivers.wrk_tokens(f"{stack.url}/auth/refresh", tokens, FRESH_LIMIT_S)
-            comparison.add(side, FRESH, result)
     comparison.others = cpu.shares(before, cpu.snapshot(groups))["others"]
-
-
-def _refresh_tokens(stack: Stack, count: int) -> list[str]:
-    """count refresh tokens of new sessions on stack (logins, a few at a time)."""
-    log(f"{stack.label}: {count} sign-ins for refresh tokens")
-    context = client.tls_context(Path(stack.env["TLS_CERT_FILE"]))
-    with ThreadPoolExecutor(SIGN_INS_AT_ONCE) as pool:
-        pairs = list(pool.map(lambda _: client.login(stack.port, context), range(count)))
-    return [pair.refresh for pair in pairs]
 
 
 @dataclass(frozen=True)
@@ -319,7 +279,7 @@ def render(comparisons: list[Comparison], meta: dict[str, object]) -> str:
         "| --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |",
     ]
     for comparison in comparisons:
-        for protocol in TARGETS:
+        for protocol in PROTOCOLS:
             a = comparison.runs.get(("A", protocol))
             b = comparison.runs.get(("B", protocol))
             if not a or not b:

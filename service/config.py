@@ -32,9 +32,8 @@ TRANSPORT_CHANGES = (
     "h2_headers",
     "coalesce",
 )
-# And the token ones: each token's signature verified once (Flask-JWT-Extended,
-# auth/verified.py), PyJWT's segment check in C (auth/jwt_segments.py).
-PERFORMANCE_CHANGES = (*TRANSPORT_CHANGES, "verified_tokens", "jwt_segments")
+# And the one in Flask-JWT-Extended: each token's signature verified once (auth/verified.py).
+PERFORMANCE_CHANGES = (*TRANSPORT_CHANGES, "verified_tokens")
 
 
 class Environment(StrEnum):

@@ -29,8 +29,8 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
     applied = transport.install(settings.library_change_names)
     flask_app = create_app(settings)
     settings = flask_app.extensions["settings"]
-    token_changes = ("verified_tokens", "jwt_segments")
-    applied += [name for name in token_changes if name in flask_app.extensions]
+    if "verified_tokens" in flask_app.extensions:
+        applied.append("verified_tokens")
     log.info("library changes applied: %s", ", ".join(applied) or "none")
     return AsgiAdapter(
         flask_app.wsgi_app,

@@ -15,7 +15,6 @@ from flask_jwt_extended import JWTManager, view_decorators
 from flask_jwt_extended.config import config as jwt_settings
 from jwt import InvalidTokenError, get_unverified_header
 
-from service.auth import jwt_segments
 from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
 from service.errors import problem, unauthorized
@@ -139,8 +138,6 @@ def init_app(app: Flask, settings: Settings) -> None:
     wanted = "verified_tokens" in settings.library_change_names
     if wanted and settings.verified_token_memo and install_memo():
         app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
-    if "jwt_segments" in settings.library_change_names and jwt_segments.install():
-        app.extensions["jwt_segments"] = True
     jwt.init_app(app)
 
 
