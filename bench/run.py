@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import backends
@@ -217,6 +218,7 @@ class Bench:
         now = dt.datetime.now().isoformat(timespec="seconds")
         mode = "quick" if args.quick else "full"
         meta = {"mode": mode, "date": now, "cores": os.cpu_count(), "rounds": plan.rounds}
+        meta["versions"] = _versions()
         self.report = Report(meta=meta, labels={})
 
     def run(self) -> Report:
@@ -609,6 +611,17 @@ class Bench:
         result = drivers.wrk_finish(load, 2 * seconds + 30)
         what = f"HTTP/1.1 wrk, {result.rps:,.0f} req/s while sampled, {len(pids)} workers"
         self.report.profile = {"what": what, "wall": wall, "gil": gil}
+
+
+def _versions() -> str:
+    """The servers' and parsers' versions: a reference's speed moves with them."""
+    found = []
+    for name in ("hypercorn", "h11", "h2", "gunicorn", "uvicorn", "httptools", "uvloop", "fastapi"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} absent")
+    return " / ".join(found)
 
 
 def _service_has(setting: str) -> bool:
