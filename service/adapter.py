@@ -271,7 +271,7 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
         "SCRIPT_NAME": root,
-        "PATH_INFO": _unquote_path(path),
+        "PATH_INFO": unquote_path(path),
         "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
         "SERVER_NAME": str(server[0]),
         "SERVER_PORT": str(server[1]),
@@ -307,13 +307,14 @@ def build_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     return environ
 
 
-def _unquote_path(path: str) -> str:
+def unquote_path(path: str) -> str:
     """Percent-decode a raw path to the latin-1 string PEP 3333 expects."""
     if len(path) > PATH_CACHE_LONGEST:
         return unquote_to_bytes(path).decode("latin-1")
-    return _unquote_short_path(path)
+    return unquote_short_path(path)
 
 
 @lru_cache(maxsize=PATH_CACHE_SIZE)
-def _unquote_short_path(path: str) -> str:
+def unquote_short_path(path: str) -> str:
+    """unquote_path for a path short enough to remember (PATH_CACHE_LONGEST)."""
     return unquote_to_bytes(path).decode("latin-1")

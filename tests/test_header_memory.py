@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service import create_app
-from service.adapter import PATH_CACHE_LONGEST, _unquote_path, _unquote_short_path
+from service.adapter import PATH_CACHE_LONGEST, unquote_path, unquote_short_path
 from service.config import Settings
 from service.isolation import ROUTE_CACHE_LONGEST, marked_views
 from tests.h2_raw import RawH2
@@ -102,11 +102,11 @@ async def test_distinct_large_headers_leave_a_worker_within_its_bound(
 
 
 def test_only_short_paths_are_remembered_by_the_adapter() -> None:
-    before = _unquote_short_path.cache_info().currsize
-    assert _unquote_path("/a%20b/" + "x" * PATH_CACHE_LONGEST) == "/a b/" + "x" * PATH_CACHE_LONGEST
-    assert _unquote_short_path.cache_info().currsize == before
-    assert _unquote_path(f"/short/{before}%2F") == f"/short/{before}/"
-    assert _unquote_short_path.cache_info().currsize == before + 1
+    before = unquote_short_path.cache_info().currsize
+    assert unquote_path("/a%20b/" + "x" * PATH_CACHE_LONGEST) == "/a b/" + "x" * PATH_CACHE_LONGEST
+    assert unquote_short_path.cache_info().currsize == before
+    assert unquote_path(f"/short/{before}%2F") == f"/short/{before}/"
+    assert unquote_short_path.cache_info().currsize == before + 1
 
 
 def test_only_short_paths_are_remembered_by_the_route_policy(settings: Settings) -> None:
