@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import backends
@@ -59,6 +58,17 @@ from stacks import Stack
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
+# What serves and parses each stack's requests, named in the report.
+SERVER_PACKAGES = (
+    "hypercorn",
+    "h11",
+    "h2",
+    "gunicorn",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "fastapi",
+)
 NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
 TOKEN_RUN_LIMIT_S = 60.0
@@ -218,7 +228,7 @@ class Bench:
         now = dt.datetime.now().isoformat(timespec="seconds")
         mode = "quick" if args.quick else "full"
         meta = {"mode": mode, "date": now, "cores": os.cpu_count(), "rounds": plan.rounds}
-        meta["versions"] = _versions()
+        meta |= {"versions": _versions()}
         self.report = Report(meta=meta, labels={})
 
     def run(self) -> Report:
@@ -615,13 +625,9 @@ class Bench:
 
 def _versions() -> str:
     """The servers' and parsers' versions: a reference's speed moves with them."""
-    found = []
-    for name in ("hypercorn", "h11", "h2", "gunicorn", "uvicorn", "httptools", "uvloop", "fastapi"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} absent")
-    return " / ".join(found)
+    from service.transport.shapes import library_versions
+
+    return library_versions(SERVER_PACKAGES).replace(", ", " / ")
 
 
 def _service_has(setting: str) -> bool:

@@ -43,10 +43,10 @@ def differing(shapes: Iterable[Shape], checks: Mapping[str, bool] | None = None)
     return differ + [name for name, holds in (checks or {}).items() if not holds]
 
 
-def library_versions() -> str:
-    """The installed versions of the libraries changed, for a warning."""
+def library_versions(names: Iterable[str] = LIBRARIES) -> str:
+    """The installed versions of libraries (by default those changed), for a warning."""
     found = []
-    for name in LIBRARIES:
+    for name in names:
         try:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
