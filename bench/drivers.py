@@ -92,6 +92,14 @@ def wrk_tokens(url: str, tokens: list[str], limit: float, connections: int = CON
     return _parse_wrk(stdout, stderr)
 
 
+def wrk_chain(url: str, seeds: list[str], duration: float) -> Result:
+    """POST refresh chains for duration seconds: each answer's refresh token is sent next."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        token_file = Path(tmp) / "seeds.txt"
+        token_file.write_text("\n".join(seeds) + "\n")
+        return wrk(url, "chain.lua", [str(token_file), str(WRK_THREADS)], duration)
+
+
 def _wait_for_files(paths: list[str], process: subprocess.Popen[str], limit: float) -> None:
     """Wait until every path exists, wrk exits, or limit passes."""
     deadline = time.monotonic() + limit
@@ -128,7 +136,7 @@ def _parse_wrk(stdout: str, stderr: str) -> Result:
     if match is None:
         raise RuntimeError(f"wrk gave no result:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     data = json.loads(match.group(1))
-    filler = data["filler"]  # tokens.lua's stand-ins for skipped tokens: always 401
+    filler = data["filler"]  # stand-ins for skipped or lost tokens (tokens.lua, chain.lua): 401
     return Result(
         requests=data["requests"] - filler,
         duration_s=data["duration_us"] / 1e6,

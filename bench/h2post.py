@@ -1,12 +1,14 @@
 """HTTP/2 POSTs with a different Bearer token each (h2load sends one fixed header set).
 
-A few TLS connections, a few concurrent streams on each, one request per token; used for
-refresh and logout over HTTP/2. It runs in Python, so it costs more client CPU than h2load.
+A few TLS connections, a few concurrent streams on each: one request per token (logout), or
+refresh chains, each stream sending the refresh token its last answer returned. It runs in
+Python, so it costs more client CPU than h2load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 from collections import deque
@@ -17,7 +19,7 @@ import h2.config
 import h2.connection
 import h2.events
 import uvloop
-from drivers import H2_CLIENTS, H2_STREAMS, Result, percentiles
+from drivers import H2_CLIENTS, H2_STREAMS, SLACK, Result, percentiles
 
 
 @dataclass
@@ -25,6 +27,7 @@ class _Tally:
     """Shared between connections: tokens left, latencies and statuses seen."""
 
     tokens: deque[str]
+    until: float | None = None  # refresh chains: the perf_counter time they stop at
     latencies: list[float] = field(default_factory=list)
     non2xx: int = 0
     errors: int = 0
@@ -37,8 +40,9 @@ class H2Client:
         """Wrap an open TLS stream."""
         self.reader, self.writer = reader, writer
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.pending: dict[int, asyncio.Future[int]] = {}
+        self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.statuses: dict[int, int] = {}
+        self.bodies: dict[int, bytearray] = {}
 
     async def open(self) -> None:
         """Send the connection preface."""
@@ -52,6 +56,13 @@ class H2Client:
 
     async def request(self, method: str, authority: str, path: str, token: str) -> int:
         """Send one bodiless request with a Bearer token and wait for its status."""
+        status, _ = await self.exchange(method, authority, path, token)
+        return status
+
+    async def exchange(
+        self, method: str, authority: str, path: str, token: str
+    ) -> tuple[int, bytes]:
+        """Send one bodiless request with a Bearer token; its status and body."""
         stream = self.h2.get_next_available_stream_id()
         headers = [
             (":method", method),
@@ -62,7 +73,7 @@ class H2Client:
         ]
         if method == "POST":
             headers.append(("content-length", "0"))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self.pending[stream] = future
         self.h2.send_headers(stream, headers, end_stream=True)
         await self.flush()
@@ -84,26 +95,39 @@ class H2Client:
             status = dict(event.headers).get(b":status", b"0")
             self.statuses[event.stream_id] = int(status)
         elif isinstance(event, h2.events.DataReceived):
+            self.bodies.setdefault(event.stream_id, bytearray()).extend(event.data)
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
             future = self.pending.pop(event.stream_id, None)
             if future is not None and not future.done():
-                future.set_result(self.statuses.pop(event.stream_id, 0))
+                status = self.statuses.pop(event.stream_id, 0)
+                future.set_result((status, bytes(self.bodies.pop(event.stream_id, b""))))
 
 
 async def _stream_worker(conn: H2Client, tally: _Tally, authority: str, path: str) -> None:
-    """One stream at a time on conn until the tokens run out."""
-    while tally.tokens:
-        token = tally.tokens.popleft()
+    """One stream at a time on conn: a token per request, or refresh chains until the end."""
+    token: str | None = None
+    while tally.until is None or time.perf_counter() < tally.until:
+        if token is None:
+            if not tally.tokens:
+                return
+            token = tally.tokens.popleft()
         started = time.perf_counter()
         try:
-            status = await conn.request("POST", authority, path, token)
+            status, body = await conn.exchange("POST", authority, path, token)
         except (ConnectionError, OSError):
             tally.errors += 1
             return
         tally.latencies.append((time.perf_counter() - started) * 1e3)
         if not 200 <= status < 300:
             tally.non2xx += 1
+        token = _rotated(body) if tally.until is not None and status == 200 else None
+
+
+def _rotated(body: bytes) -> str | None:
+    """The refresh token a refresh answer returned."""
+    token = json.loads(body).get("refresh_token")
+    return token if isinstance(token, str) else None
 
 
 async def _client(port: int, path: str, tally: _Tally, context: ssl.SSLContext) -> None:
@@ -127,10 +151,12 @@ async def _client(port: int, path: str, tally: _Tally, context: ssl.SSLContext) 
         writer.close()
 
 
-async def _run(port: int, path: str, tokens: list[str], context: ssl.SSLContext) -> Result:
-    """Spend every token over H2_CLIENTS connections; time the whole."""
-    tally = _Tally(deque(tokens))
+async def _run(
+    port: int, path: str, tokens: list[str], context: ssl.SSLContext, chain_s: float | None
+) -> Result:
+    """Spend every token (or run refresh chains for chain_s) over H2_CLIENTS connections."""
     started = time.perf_counter()
+    tally = _Tally(deque(tokens), None if chain_s is None else started + chain_s)
     await asyncio.gather(*(_client(port, path, tally, context) for _ in range(H2_CLIENTS)))
     seconds = time.perf_counter() - started
     p50, p99 = percentiles(sorted(tally.latencies))
@@ -139,6 +165,17 @@ async def _run(port: int, path: str, tokens: list[str], context: ssl.SSLContext)
 
 def post_tokens(port: int, path: str, tokens: list[str], cert: Path, limit: float) -> Result:
     """POST path once per token over HTTP/2; bounded by limit seconds."""
+    return uvloop.run(asyncio.wait_for(_run(port, path, tokens, _context(cert), None), limit))
+
+
+def post_chains(port: int, path: str, seeds: list[str], cert: Path, seconds: float) -> Result:
+    """Refresh chains over HTTP/2 for seconds, each stream starting from a seed token."""
+    run = _run(port, path, seeds, _context(cert), seconds)
+    return uvloop.run(asyncio.wait_for(run, seconds + SLACK))
+
+
+def _context(cert: Path) -> ssl.SSLContext:
+    """TLS client context trusting cert, offering h2 only."""
     context = ssl.create_default_context(cafile=str(cert))
     context.set_alpn_protocols(["h2"])
-    return uvloop.run(asyncio.wait_for(_run(port, path, tokens, context), limit))
+    return context

@@ -72,6 +72,8 @@ SERVER_PACKAGES = (
 NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
 TOKEN_RUN_LIMIT_S = 60.0
+# Refresh chains: two per wrk connection; one per HTTP/2 stream and one spare per connection.
+CHAIN_SEEDS = {H1: 2 * drivers.CONNECTIONS, H2: drivers.H2_CLIENTS * (drivers.H2_STREAMS + 1)}
 MIN_LOGIN_RATE = 20.0
 STARTED = time.monotonic()
 NOTES = [
@@ -99,8 +101,9 @@ NOTES = [
     "use one in-memory client (secret as a SHA-256 digest, like ours) and a P-256 key "
     "generated at start-up (bench/ref_oauth.py). Ours' token carries a few more claims "
     "(nbf, sid, sxp, type, name).",
-    "Refresh and logout runs use each token once: tokens/run above. Logout reuses the "
-    "sessions of the refresh runs (their access tokens).",
+    "Refresh runs are chains: each connection (HTTP/2: each stream) sends a refresh token, "
+    "then the one its answer returned, for the whole run, from a few seed sessions. Logout "
+    "runs use each access token once, from sessions of their own: logout tokens/run above.",
     "Ours runs with ACCESS_LOG=false, like its no-check twin and the references (which log "
     "nothing per request); with the access log on, production's default, a GET costs about "
     "5-10% more (docs/performance.md).",
@@ -117,7 +120,8 @@ class Plan:
     login_s: float
     oauth_s: float
     storm_s: float
-    token_cap: int
+    token_cap: int  # logout tokens per run, at most
+    refresh_s: float
     check_n: int
     mem_n: int
     mint_limit_s: float
@@ -135,7 +139,8 @@ FULL = Plan(
     login_s=5,
     oauth_s=4,  # 3 rounds x 5 runs x 4 s: about a minute (login's 5 s would take 75 s)
     storm_s=6,
-    token_cap=400,
+    token_cap=600,
+    refresh_s=3,
     check_n=1000,
     mem_n=100_000,
     mint_limit_s=40,
@@ -154,6 +159,7 @@ QUICK = dataclasses.replace(
     oauth_s=3,
     storm_s=3,
     token_cap=100,
+    refresh_s=2,
     check_n=200,
     mem_n=10_000,
     mint_limit_s=5,
@@ -223,6 +229,7 @@ class Bench:
         self.h2_stalled: set[str] = set()
         self.pools: dict[str, list[Pair]] = {}
         self.slices: dict[tuple[int, str, str], list[Pair]] = {}
+        self.seeds: dict[tuple[int, str, str], list[Pair]] = {}
         self.check_pairs: list[Pair] = []
         self.check_calls = self.check_requests = 0
         now = dt.datetime.now().isoformat(timespec="seconds")
@@ -533,64 +540,89 @@ class Bench:
             return self._get_h1(stack, seconds)
         return self._get_h2(stack, seconds, streams=drivers.H2_STREAMS // 2)
 
-    # --- refresh and logout: one fresh token per request ---------------------------------
+    # --- refresh chains, and logout with one fresh token per request -------------------
 
     def _token_rounds(self) -> None:
-        """Refresh, then logout, one fresh token per request."""
-        self._top_up_ours()
+        """Refresh chains for a fixed time, then logout, one fresh token per request."""
+        self._top_up()
         self._slice_pools()
-        for op, path in ((REFRESH, "/auth/refresh"), (LOGOUT, "/auth/logout")):
-            log(f"{op}: one fresh token per request")
-            for round_no in range(self.plan.rounds):
-                for protocol in (H1, H2):
-                    for stack in self.main_stacks:
-                        self._token_run(op, path, round_no, protocol, stack)
+        log(f"{REFRESH}: refresh chains, {self.plan.refresh_s:g} s per run")
+        for round_no in range(self.plan.rounds):
+            for protocol in (H1, H2):
+                for stack in self.main_stacks:
+                    self._refresh_run(round_no, protocol, stack)
+        log(f"{LOGOUT}: one fresh token per request")
+        for round_no in range(self.plan.rounds):
+            for protocol in (H1, H2):
+                for stack in self.main_stacks:
+                    self._logout_run(round_no, protocol, stack)
 
-    def _token_run(self, op: str, path: str, round_no: int, protocol: str, stack: Stack) -> None:
-        """One refresh or logout run over one slice of sessions."""
+    def _refresh_run(self, round_no: int, protocol: str, stack: Stack) -> None:
+        """One run of refresh chains from one slice of seed sessions."""
+        pairs = self.seeds.get((round_no, protocol, stack.name))
+        if not pairs:
+            return
+        seeds, seconds = [p.refresh for p in pairs], self.plan.refresh_s
+        if protocol == H1:
+            result = drivers.wrk_chain(f"{stack.url}/auth/refresh", seeds, seconds)
+        else:
+            cert = self.backends.cert
+            result = h2post.post_chains(stack.port, "/auth/refresh", seeds, cert, seconds)
+        self.report.add(REFRESH, protocol, stack.name, result)
+
+    def _logout_run(self, round_no: int, protocol: str, stack: Stack) -> None:
+        """One logout run over one slice of sessions, each access token once."""
         pairs = self.slices.get((round_no, protocol, stack.name))
         if not pairs:
             return
-        tokens = [p.refresh if op == REFRESH else p.access for p in pairs]
+        tokens = [p.access for p in pairs]
         if protocol == H1:
-            result = drivers.wrk_tokens(f"{stack.url}{path}", tokens, TOKEN_RUN_LIMIT_S)
+            result = drivers.wrk_tokens(f"{stack.url}/auth/logout", tokens, TOKEN_RUN_LIMIT_S)
         else:
             cert = self.backends.cert
-            result = h2post.post_tokens(stack.port, path, tokens, cert, TOKEN_RUN_LIMIT_S)
-        self.report.add(op, protocol, stack.name, result)
+            result = h2post.post_tokens(stack.port, "/auth/logout", tokens, cert, TOKEN_RUN_LIMIT_S)
+        self.report.add(LOGOUT, protocol, stack.name, result)
 
-    def _runs_per_stack(self, stack: Stack) -> int:
-        """Refresh (or logout) runs a stack takes part in."""
-        return self.plan.rounds * (2 if stack.h2 else 1)
+    def _protocols(self, stack: Stack) -> tuple[str, ...]:
+        """The protocols a stack's refresh and logout runs use."""
+        return (H1, H2) if stack.h2 else (H1,)
 
-    def _top_up_ours(self) -> None:
-        """Mint more sessions on our service if the pool is short of the plan."""
-        ours = self.main_stacks[0]
-        wanted = self.plan.check_n + self._runs_per_stack(ours) * self.plan.token_cap
-        missing = wanted - len(self.pools[ours.name])
-        if missing <= 0:
-            return
-        rate = max(MIN_LOGIN_RATE, _login_rate(self.report, ours.name))
-        seconds = min(self.plan.mint_limit_s, missing / rate + 1)
-        log(f"minting up to {missing} more sessions on ours ({seconds:.0f} s)")
-        self._login_h1(ours, seconds)
+    def _wanted(self, stack: Stack) -> int:
+        """Sessions a stack's runs use: ours' logout check, refresh seeds, logout slices."""
+        check = self.plan.check_n if stack.name == OURS else 0
+        per_round = sum(CHAIN_SEEDS[p] + self.plan.token_cap for p in self._protocols(stack))
+        return check + self.plan.rounds * per_round
+
+    def _top_up(self) -> None:
+        """Mint more sessions on each stack whose pool is short of the plan."""
+        for stack in self.main_stacks:
+            missing = self._wanted(stack) - len(self.pools[stack.name])
+            if missing <= 0:
+                continue
+            rate = max(MIN_LOGIN_RATE, _login_rate(self.report, stack.name))
+            seconds = min(self.plan.mint_limit_s, missing / rate + 1)
+            log(f"minting up to {missing} more sessions on {stack.name} ({seconds:.0f} s)")
+            self._login_h1(stack, seconds)
 
     def _slice_pools(self) -> None:
-        """Share each pool: ours' logout check first, then equal slices for the runs.
-
-        Refresh runs spend the refresh tokens; logout runs reuse the same sessions.
-        """
+        """Share each pool: ours' logout check, then refresh seeds, then logout slices."""
         for stack in self.main_stacks:
             pool = self.pools[stack.name]
             offset = min(self.plan.check_n, len(pool)) if stack.name == OURS else 0
             if offset:
                 self.check_pairs = pool[:offset]
-            n = min(self.plan.token_cap, (len(pool) - offset) // self._runs_per_stack(stack))
             for round_no in range(self.plan.rounds):
-                for protocol in (H1, H2) if stack.h2 else (H1,):
+                for protocol in self._protocols(stack):
+                    n = CHAIN_SEEDS[protocol]
+                    self.seeds[(round_no, protocol, stack.name)] = pool[offset : offset + n]
+                    offset += n
+            runs = self.plan.rounds * len(self._protocols(stack))
+            n = min(self.plan.token_cap, max(0, len(pool) - offset) // runs)
+            for round_no in range(self.plan.rounds):
+                for protocol in self._protocols(stack):
                     self.slices[(round_no, protocol, stack.name)] = pool[offset : offset + n]
                     offset += n
-            self.report.meta[f"tokens/run {stack.name}"] = n
+            self.report.meta[f"logout tokens/run {stack.name}"] = n
 
     # --- correctness and profile -------------------------------------------------------
 
