@@ -36,7 +36,7 @@ def keeping(url: str, prefix: str, window: float = WINDOW) -> RedisBlocklist:
 
 def feed_of(blocklist: RedisBlocklist) -> RevocationFeed:
     """The feed the blocklist's checks made on this loop."""
-    feed = blocklist._feed
+    feed = blocklist.feed
     assert feed is not None
     return feed
 

@@ -415,6 +415,11 @@ class RedisBlocklist:
             TokenRef(jti=nobody, exp=now + 60, sid=nobody, sxp=now + 60, sub=nobody)
         )
 
+    @property
+    def feed(self) -> RevocationFeed | None:
+        """The feed this blocklist's checks made; None before the first or if none keep."""
+        return self._feed
+
     def _current_feed(self) -> RevocationFeed | None:
         """The feed of revocations, unless verdicts are never kept."""
         if not self._propagation:

@@ -219,7 +219,8 @@ class ClusterBlocklist(RedisBlocklist):
 
     # Checks.
 
-    def _check_keys(self, group: int, ref: TokenRef) -> list[str]:
+    def check_keys(self, group: int, ref: TokenRef) -> list[str]:
+        """The keys one check of ref reads, all in group's hash slot."""
         return [
             self.key(group, "ready"),
             self.group_bucket_key(group, Kind.TOKEN, ref.jti, ref.exp),
@@ -234,7 +235,7 @@ class ClusterBlocklist(RedisBlocklist):
         client = await self._client()
         assert self._script is not None
         group = group_of(ref.sub)
-        keys = self._check_keys(group, ref)
+        keys = self.check_keys(group, ref)
         args: list[str | int] = [ref.jti, ref.sid, session_started_ms(ref)]
         try:
             node = self._node_of(client, keys[0])
