@@ -181,6 +181,25 @@ async def test_key_rotation_keeps_old_tokens_valid(
         assert (await fresh.get("/api/hello", headers=bearer(old_token))).status_code == 200
 
 
+async def test_rotating_with_another_secret_key_is_refused_and_adds_nothing(
+    client: httpx.AsyncClient, settings: Settings, tmp_path: Path
+) -> None:
+    await machine_token(client, settings)  # the shared database holds a key in use
+    database = Database(settings)
+    try:
+        async with database.session() as session:
+            before = {row.kid for row in await key_store.list_keys(session)}
+        other = settings_beside(settings, tmp_path, secret_key=secrets.token_urlsafe(48))
+        refused = run_cli(other, "keys", "rotate")
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.startswith("refused: SECRET_KEY differs"), refused.stderr
+        assert str(other.secret_key) not in refused.stderr + refused.stdout
+        async with database.session() as session:
+            assert {row.kid for row in await key_store.list_keys(session)} == before
+    finally:
+        await database.dispose()
+
+
 async def test_keys_retired_longer_than_a_token_lifetime_are_unpublished(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:

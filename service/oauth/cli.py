@@ -186,10 +186,19 @@ async def _keys_list(_a: argparse.Namespace, database: Database, _s: Settings) -
 
 async def _keys_rotate(args: argparse.Namespace, database: Database, settings: Settings) -> int:
     activates_at = utcnow() + timedelta(seconds=args.activate_in)
+    secret_key = settings.secret_key or ""
     async with database.session() as session:
-        kid = await keys.create_key(
-            session, secret_key=settings.secret_key or "", activates_at=activates_at
-        )
+        # A key sealed with another SECRET_KEY than its neighbours' is one the service
+        # cannot use (or they are): refuse rather than add it.
+        sealed = await keys.sealed_elsewhere_in_use(session, secret_key=secret_key)
+        if sealed:
+            print(
+                f"refused: {keys.SEALED_ELSEWHERE} ({len(sealed)} key(s) in use: "
+                f"{', '.join(sealed)}); run this with the service's SECRET_KEY",
+                file=sys.stderr,
+            )
+            return 1
+        kid = await keys.create_key(session, secret_key=secret_key, activates_at=activates_at)
     print(f"new signing key {kid}, signing from {activates_at.isoformat()}")
     return 0
 

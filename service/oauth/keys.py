@@ -152,6 +152,20 @@ async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> bool:
     return True
 
 
+async def sealed_elsewhere_in_use(session: AsyncSession, *, secret_key: str) -> list[str]:
+    """The kids of keys not retired whose private half this SECRET_KEY cannot unseal."""
+    fernet = key_cipher(secret_key)
+    sealed = []
+    for row in await key_store.list_keys(session):
+        if row.retired_at is not None:
+            continue
+        try:
+            fernet.decrypt(row.private_key.encode())
+        except InvalidToken:
+            sealed.append(row.kid)
+    return sealed
+
+
 def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
     """Load a stored key; only its public half when fernet cannot unseal it (another SECRET_KEY)."""
     try:
