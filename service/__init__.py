@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> ServiceFlask:
     )
     app.config.update(
         SECRET_KEY=settings.secret_key,
+        SECRET_KEY_FALLBACKS=settings.secret_keys[1:],
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         JSON_SORT_KEYS=False,
         SESSION_COOKIE_SECURE=True,

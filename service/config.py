@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(default=0.5, gt=0, le=30)
 
     secret_key: str | None = None
+    # Earlier SECRET_KEYs, comma-separated, still accepted while SECRET_KEY changes: for
+    # browser sign-in cookies, and to unseal signing keys until `keys reseal` has run.
+    secret_key_fallbacks: str = ""
     jwt_secret: str | None = None
     jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_private_key_file: Path | None = None
@@ -166,6 +169,12 @@ class Settings(BaseSettings):
     def is_development(self) -> bool:
         """Whether embedded defaults and generated secrets are allowed."""
         return self.service_env is Environment.DEVELOPMENT
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """SECRET_KEY, then each of SECRET_KEY_FALLBACKS: what seals first, what still opens."""
+        fallbacks = [key.strip() for key in self.secret_key_fallbacks.split(",") if key.strip()]
+        return [self.secret_key or "", *fallbacks]
 
     @property
     def json_logs(self) -> bool:
@@ -337,6 +346,7 @@ class Settings(BaseSettings):
             ("SECRET_KEY", self.secret_key),
             ("JWT_SECRET", self.jwt_secret),
             ("METRICS_TOKEN", self.metrics_token),
+            *(("SECRET_KEY_FALLBACKS", fallback) for fallback in self.secret_keys[1:]),
         ):
             if value is not None:
                 _check_secret_strength(name, value)

@@ -42,6 +42,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"jwt_secret": "changeme"}, "JWT_SECRET must be"),
         ({"jwt_secret": "short-secret"}, "JWT_SECRET must be"),
         ({"jwt_secret": STRONG, "secret_key": "secret"}, "SECRET_KEY must be"),
+        ({"jwt_secret": STRONG, "secret_key_fallbacks": f"{STRONG},old"}, "FALLBACKS must be"),
         ({"jwt_secret": STRONG, "jwt_algorithm": "ES256"}, "JWT_PRIVATE_KEY_FILE"),
     ],
 )
@@ -53,6 +54,13 @@ def test_production_refuses_unsafe_settings(overrides: dict[str, object], messag
 def test_production_accepts_complete_settings() -> None:
     settings = load_settings(**BASE, jwt_secret=STRONG)
     assert not settings.is_development
+    assert settings.secret_keys == [STRONG]
+
+
+def test_secret_key_fallbacks_follow_the_secret_key() -> None:
+    older, oldest = "y8" * 24, "z7" * 24
+    settings = load_settings(**BASE, jwt_secret=STRONG, secret_key_fallbacks=f"{older}, {oldest}")
+    assert settings.secret_keys == [STRONG, older, oldest]
 
 
 def test_development_generates_stable_secrets(tmp_path: Path) -> None:

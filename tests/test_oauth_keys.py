@@ -24,8 +24,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask
+from itsdangerous import BadSignature
 from sqlalchemy import update
 
+from service import create_app
 from service.config import Settings
 from service.ids import new_id
 from service.oauth import clients, keys
@@ -128,6 +130,7 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "REDIS_URL": str(settings.redis_url),
         "REDIS_PREFIX": settings.redis_prefix,
         "SECRET_KEY": str(settings.secret_key),
+        "SECRET_KEY_FALLBACKS": settings.secret_key_fallbacks,
         "JWT_ISSUER": settings.jwt_issuer,
         "JWT_SECRET": str(settings.jwt_secret),
         "INSTANCE_DIR": str(settings.instance_dir),
@@ -482,6 +485,66 @@ async def test_a_key_sealed_with_another_secret_key_signs_nothing_here_and_adds_
                 assert len(await key_store.list_keys(session)) == 2
         finally:
             await database.dispose()
+
+
+async def test_secret_key_changes_through_fallbacks_and_reseal_without_a_refusal(
+    settings: Settings, postgres_server: str, prefix: str, tmp_path: Path
+) -> None:
+    old, new = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+    with fresh_database(postgres_server) as url:
+        before = settings_beside(
+            settings, tmp_path, database_url=url, redis_prefix=prefix, secret_key=old
+        )
+        await asyncio.to_thread(upgrade, before)
+        registered = await new_client(
+            before, grant_types=["client_credentials"], redirect_uris=[], scope="profile"
+        )
+
+        async def signing_kid(http: httpx.AsyncClient) -> str:
+            auth = (registered.client.client_id, registered.secret or "")
+            answer = await http.post("/oauth/token", data=CLIENT_CREDENTIALS, auth=auth)
+            assert answer.status_code == 200, answer.text
+            return str(header_of(answer.json()["access_token"])["kid"])
+
+        async with serve_in_process(before) as http:
+            kid = await signing_kid(http)  # the first key, sealed with the old secret
+        during = settings_beside(before, tmp_path, secret_key=new, secret_key_fallbacks=old)
+        after = settings_beside(before, tmp_path, secret_key=new)
+        async with serve_in_process(during) as http:
+            assert await signing_kid(http) == kid
+            assert (await http.get("/readyz")).status_code == 200
+        stranger = settings_beside(before, tmp_path, secret_key=secrets.token_urlsafe(48))
+        refused = run_cli(stranger, "keys", "reseal")
+        assert refused.returncode == 1, refused.stdout
+        assert kid in refused.stderr and "nothing changed" in refused.stderr
+        resealed = run_cli(during, "keys", "reseal")
+        assert resealed.returncode == 0, resealed.stderr
+        assert resealed.stdout.startswith("resealed 1 key(s)"), resealed.stdout
+        assert run_cli(during, "keys", "reseal").stdout.startswith("resealed 0 key(s)")
+        async with serve_in_process(after) as http:
+            assert await signing_kid(http) == kid  # the same key, now under the new secret
+        async with serve_in_process(before) as http:
+            auth = (registered.client.client_id, registered.secret or "")
+            answer = await http.post("/oauth/token", data=CLIENT_CREDENTIALS, auth=auth)
+            assert answer.status_code == 503  # the old secret alone opens nothing now
+
+
+def test_a_browser_sign_in_under_the_previous_secret_key_stays_valid(
+    settings: Settings, tmp_path: Path
+) -> None:
+    old, new = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+    signed_before = create_app(settings_beside(settings, tmp_path, secret_key=old))
+    cookie = signed_before.session_interface.get_signing_serializer(signed_before).dumps(
+        {"user": "someone"}
+    )
+    during = create_app(
+        settings_beside(settings, tmp_path, secret_key=new, secret_key_fallbacks=old)
+    )
+    after = create_app(settings_beside(settings, tmp_path, secret_key=new))
+    opened = during.session_interface.get_signing_serializer(during).loads(cookie)
+    assert opened == {"user": "someone"}
+    with pytest.raises(BadSignature):
+        after.session_interface.get_signing_serializer(after).loads(cookie)
 
 
 def _b64(data: bytes) -> str:

@@ -62,6 +62,7 @@ def add_commands(commands: Any) -> None:
         "know the key before any token it signs reaches them",
     )
     _action(sub, "retire", "stop signing with a key", _keys_retire).add_argument("kid")
+    _action(sub, "reseal", "seal every key with SECRET_KEY (after changing it)", _keys_reseal)
 
 
 def _action(sub: Any, name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
@@ -190,11 +191,12 @@ async def _keys_rotate(args: argparse.Namespace, database: Database, settings: S
     async with database.session() as session:
         # A key sealed with another SECRET_KEY than its neighbours' is one the service
         # cannot use (or they are): refuse rather than add it.
-        sealed = await keys.sealed_elsewhere_in_use(session, secret_key=secret_key)
+        sealed = await keys.sealed_elsewhere_in_use(session, secret_keys=settings.secret_keys)
         if sealed:
             print(
                 f"refused: {keys.SEALED_ELSEWHERE} ({len(sealed)} key(s) in use: "
-                f"{', '.join(sealed)}); run this with the service's SECRET_KEY",
+                f"{', '.join(sealed)}); run this with the service's SECRET_KEY and "
+                "SECRET_KEY_FALLBACKS",
                 file=sys.stderr,
             )
             return 1
@@ -215,5 +217,22 @@ async def _keys_retire(args: argparse.Namespace, database: Database, _s: Setting
     print(
         f"retired {args.kid}: it signs nothing from {at.isoformat()} on, "
         "and stays published until its tokens have expired"
+    )
+    return 0
+
+
+async def _keys_reseal(_a: argparse.Namespace, database: Database, settings: Settings) -> int:
+    async with database.session() as session:
+        resealed, unreadable = await keys.reseal_keys(session, secret_keys=settings.secret_keys)
+    if unreadable:
+        print(
+            f"refused: neither SECRET_KEY nor SECRET_KEY_FALLBACKS unseals {len(unreadable)} "
+            f"key(s): {', '.join(unreadable)}; nothing changed",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"resealed {resealed} key(s) with SECRET_KEY; once every worker runs with it, "
+        "SECRET_KEY_FALLBACKS can be emptied"
     )
     return 0

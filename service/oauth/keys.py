@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -93,11 +93,17 @@ class Key:
         return self.retired_at + timedelta(seconds=RELOAD_SECONDS + token_ttl) > now
 
 
-def key_cipher(secret_key: str) -> Fernet:
+def key_cipher(*secret_keys: str) -> MultiFernet:
     """The cipher of private keys at rest: Fernet keyed by HKDF(SECRET_KEY).
 
-    Changing SECRET_KEY therefore makes stored keys unreadable: rotate signing keys first.
+    It seals with the first secret and unseals with any of them (SECRET_KEY_FALLBACKS):
+    changing SECRET_KEY without keeping the old one there makes stored keys unreadable.
     """
+    return MultiFernet([_fernet(secret_key) for secret_key in secret_keys])
+
+
+def _fernet(secret_key: str) -> Fernet:
+    """One secret's cipher."""
     derived = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"authsvc oauth signing keys"
     ).derive(secret_key.encode())
@@ -152,21 +158,53 @@ async def ensure_active_key(session: AsyncSession, *, secret_key: str) -> bool:
     return True
 
 
-async def sealed_elsewhere_in_use(session: AsyncSession, *, secret_key: str) -> list[str]:
-    """The kids of keys not retired whose private half this SECRET_KEY cannot unseal."""
-    fernet = key_cipher(secret_key)
+async def sealed_elsewhere_in_use(
+    session: AsyncSession, *, secret_keys: Sequence[str]
+) -> list[str]:
+    """The kids of keys not retired whose private half none of secret_keys can unseal."""
+    cipher = key_cipher(*secret_keys)
     sealed = []
     for row in await key_store.list_keys(session):
         if row.retired_at is not None:
             continue
         try:
-            fernet.decrypt(row.private_key.encode())
+            cipher.decrypt(row.private_key.encode())
         except InvalidToken:
             sealed.append(row.kid)
     return sealed
 
 
-def decrypt_key(row: SigningKey, fernet: Fernet) -> Key:
+async def reseal_keys(
+    session: AsyncSession, *, secret_keys: Sequence[str]
+) -> tuple[int, list[str]]:
+    """Seal every stored key with the first of secret_keys, unsealing with any of them.
+
+    Returns how many keys changed, and the kids none of them unseals; if there are any,
+    nothing changes.
+    """
+    current, cipher = key_cipher(secret_keys[0]), key_cipher(*secret_keys)
+    resealed: list[tuple[SigningKey, bytes]] = []
+    unreadable = []
+    for row in await key_store.list_keys(session):
+        sealed = row.private_key.encode()
+        try:
+            current.decrypt(sealed)
+            continue
+        except InvalidToken:
+            pass
+        try:
+            resealed.append((row, cipher.rotate(sealed)))
+        except InvalidToken:
+            unreadable.append(row.kid)
+    if unreadable:
+        return 0, unreadable
+    for row, token in resealed:
+        row.private_key = token.decode()
+    audit("keys_resealed", kids=[row.kid for row, _ in resealed])
+    return len(resealed), []
+
+
+def decrypt_key(row: SigningKey, fernet: MultiFernet) -> Key:
     """Load a stored key; only its public half when fernet cannot unseal it (another SECRET_KEY)."""
     try:
         pem = fernet.decrypt(row.private_key.encode())
@@ -198,7 +236,7 @@ class Keyring:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._cipher = key_cipher(store.settings.secret_key or "")
+        self._cipher = key_cipher(*store.settings.secret_keys)
         self._token_ttl = store.settings.access_token_ttl
         self._keys: list[Key] = []
         self._sealed = 0  # how many of the keys last read this process cannot unseal
