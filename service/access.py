@@ -10,8 +10,8 @@ coding see a new header each time; measured in docs/performance.md).
 
 The access-log line names the method, the url rule (never the raw path, so never a query
 string), the status, the duration, the request id and the client's address; never a
-header. Answers the server gives before the app runs (413, 408, and 503 when no database
-turn or hashing slot is free) carry none of these.
+header. Answers the adapter gives before the app runs (413, 408, and 503 when no database
+turn is free) get the same, under the route `unmatched` (server_answers).
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ def request_id(given: str | None) -> str:
 def echoed(given: str | None, rid: str, status: int) -> bool:
     """Whether the response names the request id: the client's own, or on an error."""
     return rid == given or status >= 400
+
+
+def server_answers(*, access_log: bool) -> Callable[[dict[str, Any], int, float], str]:
+    """What the adapter tells of an answer it gives without the app; returns its request id."""
+
+    def observe(scope: dict[str, Any], status: int, seconds: float) -> str:
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        rid = request_id(None if given is None else given.decode("latin-1"))
+        method = scope["method"]
+        metrics.request_answered(metrics.UNMATCHED, method, status, seconds)
+        if access_log:
+            client = scope.get("client") or ("", 0)
+            logs.access(method, metrics.UNMATCHED, status, seconds, rid, str(client[0]))
+        return rid
+
+    return observe
 
 
 def init_app(app: Flask, *, access_log: bool) -> None:

@@ -15,6 +15,7 @@ import gc
 import io
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import lru_cache
 from typing import Any
@@ -31,6 +32,9 @@ Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# Told of each answer given without the app (408, 413, 503): scope, status, seconds; it
+# returns the request id the answer names.
+Observe = Callable[[Scope, int, float], str]
 
 DRAIN_SECONDS = 10.0
 PATH_CACHE_SIZE = 1024  # distinct raw paths whose decoding is remembered
@@ -71,6 +75,7 @@ class AsgiAdapter:
         needs_database: Callable[[str, str], bool] | None = None,
         database_slots: int = 1,
         database_wait: float = 2.0,
+        observe: Observe | None = None,
     ) -> None:
         self._wsgi_app = wsgi_app
         self._max_body = max_body_bytes
@@ -80,6 +85,7 @@ class AsgiAdapter:
         self._needs_database = needs_database
         self._database_turns = Turns(database_slots)
         self._database_wait = database_wait
+        self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -119,13 +125,15 @@ class AsgiAdapter:
                 log.exception("error during shutdown")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         try:
             body = await self._read_body(receive)
         except TimeoutError:
-            await _respond(send, 408, [*PROBLEM, (b"connection", b"close")], TOO_SLOW)
+            headers = [*PROBLEM, (b"connection", b"close")]
+            await self._refuse(send, scope, started, 408, headers, TOO_SLOW)
             return
         if body is None:
-            await _respond(send, 413, PROBLEM, TOO_LARGE)
+            await self._refuse(send, scope, started, 413, PROBLEM, TOO_LARGE)
             return
         environ = build_environ(scope, body)
         if self._needs_database is not None and self._needs_database(
@@ -133,12 +141,28 @@ class AsgiAdapter:
         ):
             answer = await self._call_in_turn(environ)
             if answer is None:
-                await _respond(send, 503, [*PROBLEM, (b"retry-after", RETRY_AFTER_BYTES)], BUSY)
+                headers = [*PROBLEM, (b"retry-after", RETRY_AFTER_BYTES)]
+                await self._refuse(send, scope, started, 503, headers, BUSY)
                 return
             status, headers, chunks = answer
         else:
             status, headers, chunks = await self._call_on_loop(environ)
         await _respond(send, status, headers, chunks)
+
+    async def _refuse(
+        self,
+        send: Send,
+        scope: Scope,
+        started: float,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        """Answer without the app, observed as its answers are (request id, metrics, log)."""
+        if self._observe is not None:
+            rid = self._observe(scope, status, time.perf_counter() - started)
+            headers = [*headers, (b"x-request-id", rid.encode("latin-1"))]
+        await _respond(send, status, headers, body)
 
     @property
     def free_database_turns(self) -> int:

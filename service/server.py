@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from service import create_app, start_app, stop_app, transport
+from service import access, create_app, start_app, stop_app, transport
 from service.adapter import AsgiAdapter
 from service.binds import BindError, check_binds, host_port
 from service.config import ConfigError, Settings, load_settings, read_file
@@ -41,6 +41,7 @@ def build_asgi_app(settings: Settings | None = None) -> AsgiAdapter:
         needs_database=database_policy(flask_app),
         database_slots=settings.database_request_slots,
         database_wait=settings.database_pool_timeout,
+        observe=access.server_answers(access_log=settings.logs_requests),
     )
 
 

@@ -170,6 +170,26 @@ def test_a_request_id_goes_round_trip_and_onto_every_line_of_its_request(
     assert "semi;colon" not in server.log() and "has space" not in server.log()
 
 
+def test_an_answer_without_the_app_is_counted_logged_and_named(observed: Observed) -> None:
+    server, given = observed.server, f"big-{uuid.uuid4().hex}"
+    before = scrape(observed.metrics_url)
+    with httpx.Client(base_url=server.url, verify=False, http2=True) as http:
+        too_big = http.post("/auth/login", content=b"x" * (2 * 1024 * 1024))
+        named = http.post(
+            "/auth/login", content=b"x" * (2 * 1024 * 1024), headers={"X-Request-ID": given}
+        )
+    assert (too_big.status_code, named.status_code) == (413, 413)
+    assert GENERATED_ID.fullmatch(too_big.headers["x-request-id"])
+    assert named.headers["x-request-id"] == given
+    refused = {"route": "unmatched", "method": "POST", "status": "413"}
+    counted = value(scrape(observed.metrics_url), "authsvc_http_requests_total", **refused)
+    assert counted - value(before, "authsvc_http_requests_total", **refused) == 2
+    (line,) = [line for line in log_lines(server.log()) if line.get("request_id") == given]
+    assert line["logger"] == "service.access"
+    assert (line["method"], line["route"], line["status"]) == ("POST", "unmatched", 413)
+    assert line["address"] == "127.0.0.1" and line["duration_ms"] >= 0
+
+
 def test_request_ids_are_checked() -> None:
     assert request_id("0af7651916cd43dd8448eb211c80319c") == "0af7651916cd43dd8448eb211c80319c"
     assert request_id("a" * 128) == "a" * 128
