@@ -275,15 +275,17 @@ async def cut_redis(
     upstream = urlsplit(str(settings.redis_url))
     proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
     proxy.start()
-    proxied = settings_beside(
-        settings,
-        tmp_path,
-        redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
-        redis_timeout=0.3,
-    )
-    async with serve_in_process(proxied) as http:
-        yield http, proxy
-    proxy.close()
+    try:
+        proxied = settings_beside(
+            settings,
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}{upstream.path or '/0'}",
+            redis_timeout=0.3,
+        )
+        async with serve_in_process(proxied) as http:
+            yield http, proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

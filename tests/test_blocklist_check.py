@@ -147,6 +147,8 @@ class StallsFirstConnection:
     async def __aexit__(self, *exc: object) -> None:
         for writer in self._writers:
             writer.close()
+        # Each connection's transport is gone before the test ends (no ResourceWarning later).
+        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
