@@ -560,28 +560,36 @@ class Bench:
     def _refresh_run(self, round_no: int, protocol: str, stack: Stack) -> None:
         """One run of refresh chains from one slice of seed sessions."""
         pairs = self.seeds.get((round_no, protocol, stack.name))
-        if not pairs:
-            return
-        seeds, seconds = [p.refresh for p in pairs], self.plan.refresh_s
-        if protocol == H1:
-            result = drivers.wrk_chain(f"{stack.url}/auth/refresh", seeds, seconds)
-        else:
-            cert = self.backends.cert
-            result = h2post.post_chains(stack.port, "/auth/refresh", seeds, cert, seconds)
-        self.report.add(REFRESH, protocol, stack.name, result)
+        if pairs:
+            seeds = [p.refresh for p in pairs]
+            self._post(REFRESH, "/auth/refresh", protocol, stack, seeds, self.plan.refresh_s)
 
     def _logout_run(self, round_no: int, protocol: str, stack: Stack) -> None:
         """One logout run over one slice of sessions, each access token once."""
         pairs = self.slices.get((round_no, protocol, stack.name))
-        if not pairs:
-            return
-        tokens = [p.access for p in pairs]
-        if protocol == H1:
-            result = drivers.wrk_tokens(f"{stack.url}/auth/logout", tokens, TOKEN_RUN_LIMIT_S)
+        if pairs:
+            self._post(LOGOUT, "/auth/logout", protocol, stack, [p.access for p in pairs], None)
+
+    def _post(
+        self,
+        op: str,
+        path: str,
+        protocol: str,
+        stack: Stack,
+        tokens: list[str],
+        chain_s: float | None,
+    ) -> None:
+        """POST path with Bearer tokens: refresh chains for chain_s, or each token once."""
+        cert, url = self.backends.cert, f"{stack.url}{path}"
+        if protocol == H1 and chain_s is not None:
+            result = drivers.wrk_chain(url, tokens, chain_s)
+        elif protocol == H1:
+            result = drivers.wrk_tokens(url, tokens, TOKEN_RUN_LIMIT_S)
+        elif chain_s is not None:
+            result = h2post.post_chains(stack.port, path, tokens, cert, chain_s)
         else:
-            cert = self.backends.cert
-            result = h2post.post_tokens(stack.port, "/auth/logout", tokens, cert, TOKEN_RUN_LIMIT_S)
-        self.report.add(LOGOUT, protocol, stack.name, result)
+            result = h2post.post_tokens(stack.port, path, tokens, cert, TOKEN_RUN_LIMIT_S)
+        self.report.add(op, protocol, stack.name, result)
 
     def _protocols(self, stack: Stack) -> tuple[str, ...]:
         """The protocols a stack's refresh and logout runs use."""

@@ -6,14 +6,6 @@
 -- token instead, a cheap 401 everywhere that is subtracted from the result.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/summary.lua")
 
-local counter = 0
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-  register_thread(thread)
-end
-
 function init(args)
   queue = {}
   first, last = 1, 0

@@ -2,13 +2,6 @@
 -- wrk -s login.lua URL -- BODY OUT_PREFIX   (writes OUT_PREFIX<thread>.txt: access TAB refresh)
 dofile(os.getenv("BENCH_LUA_DIR") .. "/summary.lua")
 
-local counter = 0
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-end
-
 function init(args)
   wrk.method = "POST"
   wrk.body = args[1]

@@ -1,9 +1,13 @@
--- Shared by every bench script: print one machine-readable result line at the end.
--- Scripts that send filler requests count them in a thread variable "filler".
+-- Shared by every bench script: number the threads (thread variable "id"), and print one
+-- machine-readable result line at the end. Scripts that send filler requests count them in
+-- a thread variable "filler".
 
 local threads = {}
+local counter = 0
 
-function register_thread(thread)
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
   table.insert(threads, thread)
 end
 

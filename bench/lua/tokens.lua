@@ -4,14 +4,7 @@
 -- caller can end the run (SIGINT) once every thread is done; spare connections park.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/summary.lua")
 
-local counter = 0
 local PARK_MS = 3600000
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-  register_thread(thread)
-end
 
 local function finish()
   io.open(done_prefix .. id, "w"):close()
