@@ -132,3 +132,15 @@ def client_credentials(port: int, context: ssl.SSLContext, oauth: OAuthClient) -
     )
     if not ok:
         raise RuntimeError(f"client_credentials: unexpected answer {data} ({claims})")
+
+
+def read_pairs(out: Path) -> list[Pair]:
+    """The token pairs a login.lua run wrote (one file per wrk thread), removing the files."""
+    pairs = []
+    for path in sorted(out.parent.glob(out.name + "*.txt")):
+        for line in path.read_text().splitlines():
+            access, _, refresh = line.partition("\t")
+            if refresh:
+                pairs.append(Pair(access, refresh))
+        path.unlink()
+    return pairs

@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -308,7 +307,7 @@ class Bench:
             nocheck.name, nocheck.label, nocheck.check = NO_CHECK, "ours, no check", False
             self.stacks.append(nocheck)
         stacks.migrate(self.stacks[0])
-        ours_client = _create_client(self.stacks[0])
+        ours_client = stacks.create_oauth_client(self.stacks[0])
         for stack in self.stacks:  # the references' fixed client, or the one just created
             env = stack.env
             fixed = "BENCH_CLIENT_ID" in env
@@ -473,12 +472,7 @@ class Bench:
 
     def _collect(self, name: str, out: Path) -> None:
         """Read the token pairs a login run wrote (one file per wrk thread)."""
-        for path in sorted(out.parent.glob(out.name + "*.txt")):
-            for line in path.read_text().splitlines():
-                access, _, refresh = line.partition("\t")
-                if refresh:
-                    self.pools[name].append(Pair(access, refresh))
-            path.unlink()
+        self.pools[name].extend(client.read_pairs(out))
 
     def _storm(self) -> None:
         """Protected GET p99 alone, then while logins hammer the same server; every round.
@@ -675,19 +669,6 @@ def _service_has(setting: str) -> bool:
     from service.config import Settings
 
     return setting in Settings.model_fields
-
-
-def _create_client(stack: Stack) -> client.OAuthClient:
-    """Register a confidential client_credentials client through the service's CLI."""
-    command = [sys.executable, "-m", "service", "clients", "create", "--name", "bench"]
-    command += ["--grant-type", "client_credentials", "--scope", "profile email"]
-    done = subprocess.run(
-        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"clients create failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    created = json.loads(done.stdout)
-    return client.OAuthClient(created["client_id"], created["client_secret"])
 
 
 def _login_rate(report: Report, name: str) -> float:

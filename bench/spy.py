@@ -104,3 +104,23 @@ def summarize(paths: list[Path], top: int = 12) -> dict[str, object]:
         | {"other": categories["other"] * share},
         "own": [(name, n * share) for name, n in own.most_common(top)],
     }
+
+
+def by_function(
+    paths: list[Path], top: int
+) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
+    """Samples, and the top functions by share of samples: on the stack, and at its top."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    samples = 0
+    for frames, count in _stacks(paths):
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    share = 1 / samples if samples else 0.0
+    return (
+        samples,
+        [(name, n * share) for name, n in inclusive.most_common(top)],
+        [(name, n * share) for name, n in own.most_common(top)],
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import secrets
 import signal
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends import REDIS_URL, Backends
-from client import PASSWORD, USERNAME
+from client import PASSWORD, USERNAME, OAuthClient
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKERS = "2"
@@ -222,3 +223,16 @@ def log_tail(stack: Stack, lines: int = 30) -> str:
     if stack.log_path is None or not stack.log_path.exists():
         return ""
     return "\n".join(stack.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def create_oauth_client(stack: Stack) -> OAuthClient:
+    """Register a confidential client_credentials client through the service's CLI."""
+    command = [sys.executable, "-m", "service", "clients", "create", "--name", "bench"]
+    command += ["--grant-type", "client_credentials", "--scope", "profile email"]
+    done = subprocess.run(
+        command, cwd=stack.cwd, env=stack.env, capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"clients create failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    created = json.loads(done.stdout)
+    return OAuthClient(created["client_id"], created["client_secret"])
