@@ -36,6 +36,11 @@ class TrustedProxies:
         self.networks = tuple(networks)
         self._verdicts: dict[str, tuple[IPAddress | None, bool]] = {}
 
+    @property
+    def remembered(self) -> int:
+        """How many verdicts are remembered now."""
+        return len(self._verdicts)
+
     def __bool__(self) -> bool:
         return bool(self.networks)
 

@@ -120,10 +120,10 @@ def test_remembered_verdicts_are_bounded_in_entries_and_bytes() -> None:
             ipaddress.ip_address(0x0A000000 + n),
             True,
         )
-        assert len(trusted._verdicts) <= MEMO_ENTRIES
-    long = "10.0.0.5:" + "9" * MEMO_TEXT_CHARS
+        assert trusted.remembered <= MEMO_ENTRIES
+    long, remembered = "10.0.0.5:" + "9" * MEMO_TEXT_CHARS, trusted.remembered
     assert trusted.judge(long) == (_address("10.0.0.5"), True)  # the port is dropped
-    assert long not in trusted._verdicts
+    assert trusted.remembered == remembered  # too long to remember
     assert (
         trusted.judge("192.0.2.1") == trusted.judge("192.0.2.1") == (_address("192.0.2.1"), False)
     )

@@ -341,7 +341,7 @@ async def test_a_revocation_returns_once_every_subscriber_acknowledged_on_a_clus
         silent.close()
 
     # A writer that never checks (a command) hears no acknowledgement: it waits the window.
-    command = keeping(shared_cluster.url, worker._prefix, ACK_WINDOW)
+    command = keeping(shared_cluster.url, worker.prefix, ACK_WINDOW)
     try:
         assert await timed_add(command, revocations_of(new_ref())[:1]) >= ACK_WINDOW
     finally:

@@ -119,7 +119,7 @@ def test_the_oldest_entry_goes_beyond_the_size() -> None:
 def test_the_oldest_entries_go_beyond_the_byte_budget() -> None:
     memo = VerifiedTokens(1_000_000)
     token_bytes = verified.TOKEN_BYTES
-    fit = verified.MEMO_BYTES // verified._cost("t" * token_bytes)
+    fit = verified.MEMO_BYTES // verified.entry_cost("t" * token_bytes)
     for index in range(fit + 10):
         memo.remember(f"{index:08d}".ljust(token_bytes, "t"), entry(n=index))
     assert len(memo) == fit

@@ -21,7 +21,7 @@ MEMO_BYTES = 32 * 1024 * 1024  # per worker, whatever the entry count setting al
 TOKEN_BYTES = 8 * 1024  # longer tokens are verified every time
 
 
-def _cost(token: str) -> int:
+def entry_cost(token: str) -> int:
     """Bytes an entry is charged."""
     # The token, its decoded header and claims (shorter than their base64 in the token),
     # and an allowance for the dicts that hold them.
@@ -59,7 +59,7 @@ class VerifiedTokens:
         if entry.expires_at <= time.time() or not _still_signed_by(entry, key_loader):
             with self._lock:
                 if self._entries.pop(token, None) is not None:
-                    self._bytes -= _cost(token)
+                    self._bytes -= entry_cost(token)
             return None
         return dict(entry.claims)
 
@@ -79,15 +79,15 @@ class VerifiedTokens:
             return
         with self._lock:
             if self._entries.pop(token, None) is not None:
-                self._bytes -= _cost(token)
+                self._bytes -= entry_cost(token)
             while self._entries and (
-                len(self._entries) >= self._size or self._bytes + _cost(token) > MEMO_BYTES
+                len(self._entries) >= self._size or self._bytes + entry_cost(token) > MEMO_BYTES
             ):
                 oldest = next(iter(self._entries))
                 del self._entries[oldest]
-                self._bytes -= _cost(oldest)
+                self._bytes -= entry_cost(oldest)
             self._entries[token] = entry
-            self._bytes += _cost(token)
+            self._bytes += entry_cost(token)
 
 
 def _still_signed_by(entry: Verified, key_loader: KeyLoader) -> bool:

@@ -416,6 +416,11 @@ class RedisBlocklist:
         )
 
     @property
+    def prefix(self) -> str:
+        """The prefix of every key and channel this blocklist uses."""
+        return self._prefix
+
+    @property
     def feed(self) -> RevocationFeed | None:
         """The feed this blocklist's checks made; None before the first or if none keep."""
         return self._feed

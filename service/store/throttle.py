@@ -233,6 +233,11 @@ class MemoryThrottle:
         self._max_entries = max_entries
         self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
+    @property
+    def kept(self) -> int:
+        """How many counters are kept now (at most max_entries)."""
+        return len(self._entries)
+
     def _get(self, key: str) -> tuple[int, float] | None:
         entry = self._entries.get(key)
         if entry is not None and entry[1] <= now():
