@@ -3,8 +3,10 @@
 Every requirement of pyproject.toml (with its extras, followed through the installed
 packages' metadata) must be pinned in its lockfile at a version it allows, and every pinned
 package must still be needed. A lockfile that only lacks a tightened bound it already meets
-passes: it is still right. Run it with the interpreter of an environment installed from
-requirements/dev.txt.
+passes: it is still right. bench.txt, whose packages are not installed here, is checked
+without their metadata: dev.txt's pins at the same versions, and the bench extra's own
+requirements pinned at versions they allow. Run it with the interpreter of an environment
+installed from requirements/dev.txt.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 import sys
 import tomllib
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -82,6 +85,30 @@ def _requires(name: str, extra: str, found: list[str]) -> list[Requirement]:
     return [dep for dep in deps if applies(dep, extra) and not applies(dep)]
 
 
+def bench_problems(
+    bench: list[Requirement], locked: dict[str, Version], dev: dict[str, Version]
+) -> list[str]:
+    """What bench.txt gets wrong without walking the bench packages (not installed here).
+
+    It is compiled with dev.txt as a constraint: every dev pin at the same version, and
+    every bench requirement pinned at a version it allows.
+    """
+    found = [
+        f"{name}=={locked.get(name)} differs from dev.txt's {name}=={version}"
+        for name, version in sorted(dev.items())
+        if locked.get(name) != version
+    ]
+    for req in bench:
+        name = canonicalize_name(req.name)
+        if not applies(req):
+            continue
+        if name not in locked:
+            found.append(f"{req} (the bench extra) is not pinned")
+        elif not req.specifier.contains(locked[name], prereleases=True):
+            found.append(f"{name}=={locked[name]} does not satisfy {req} (the bench extra)")
+    return found
+
+
 def main() -> int:
     """Check each lockfile against its part of pyproject.toml; print what to do on failure."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -89,9 +116,17 @@ def main() -> int:
     dev = runtime + [Requirement(r) for r in project["project"]["optional-dependencies"]["dev"]]
     build = [Requirement(r) for r in project["build-system"]["requires"]]
     failed = False
-    for lockfile, roots in (("dev.txt", dev), ("runtime.txt", runtime), ("build.txt", build)):
-        path = ROOT / "requirements" / lockfile
-        found = problems(roots, pins(path)) if path.exists() else ["the file is missing"]
+    bench = [Requirement(r) for r in project["project"]["optional-dependencies"]["bench"]]
+    requirements = ROOT / "requirements"
+    checks: list[tuple[str, Callable[[dict[str, Version]], list[str]]]] = [
+        ("dev.txt", lambda locked: problems(dev, locked)),
+        ("runtime.txt", lambda locked: problems(runtime, locked)),
+        ("build.txt", lambda locked: problems(build, locked)),
+        ("bench.txt", lambda locked: bench_problems(bench, locked, pins(requirements / "dev.txt"))),
+    ]
+    for lockfile, check in checks:
+        path = requirements / lockfile
+        found = check(pins(path)) if path.exists() else ["the file is missing"]
         for problem in found:
             print(f"requirements/{lockfile}: {problem}", file=sys.stderr)
         failed = failed or bool(found)
