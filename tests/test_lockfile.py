@@ -53,8 +53,13 @@ def test_the_committed_lockfiles_match_pyproject() -> None:
             "requirements/dev.txt: pytest-timeout is pinned but nothing needs it",
         ),
         ('"pytest>=8.3",', '"pytest[dev]>=8.3",', "(needed by pytest) is not pinned"),
+        (
+            '"gunicorn[http2]>=27",',
+            '"gunicorn[http2]>=27",\n    "tomli-w>=1.0",',
+            "requirements/bench.txt: tomli-w>=1.0 (the bench extra) is not pinned",
+        ),
     ],
-    ids=["new-dependency", "bound-excludes-pin", "removed-dependency", "new-extra"],
+    ids=["new-dependency", "bound-excludes-pin", "removed-dependency", "new-extra", "new-bench"],
 )
 def test_drift_fails_naming_the_package_and_the_fix(
     tmp_path: Path, old: str, new: str, expected: str
