@@ -200,7 +200,8 @@ async def reseal_keys(
         return 0, unreadable
     for row, token in resealed:
         row.private_key = token.decode()
-    audit("keys_resealed", kids=[row.kid for row, _ in resealed])
+    if resealed:
+        audit("keys_resealed", kids=" ".join(row.kid for row, _ in resealed))
     return len(resealed), []
 
 
