@@ -519,26 +519,48 @@ def test_an_unreachable_database_is_one_line_and_status_1(settings: Settings) ->
     assert line.startswith("database unavailable:") and "Traceback" not in result.stderr
 
 
-def test_redis_unreachable_is_recorded_and_one_line(postgres_server: str, tmp_path: Path) -> None:
+async def test_redis_unreachable_is_recorded_and_one_line(
+    settings: Settings, prefix: str, postgres_server: str, tmp_path: Path
+) -> None:
     """On a database of its own: a revocation Redis lacks would fail the shared app closed."""
     with fresh_database(postgres_server) as url:
         own = make_settings(tmp_path, database_url=url, redis_url="redis://127.0.0.1:1/0")
-        upgrade(own)
-        created = run_cli(own, "users", "create", "bob", "--password-stdin", stdin=f"{PASSWORD}\n")
+        await asyncio.to_thread(upgrade, own)
+        created = await run_cli_async(
+            own, "users", "create", "bob", "--password-stdin", stdin=f"{PASSWORD}\n"
+        )
         assert created.returncode == 0, created.stderr
-        result = run_cli(own, "users", "disable", "bob")
+        result = await run_cli_async(own, "users", "disable", "bob")
         assert result.returncode == 1
         line = one_line(result, "stderr")
         assert line.startswith("disabled bob (") and "Redis could not be reached" in line
         assert result.stdout == ""
-        with psycopg.connect(url, autocommit=True) as conn:
-            recorded = conn.execute(
-                "SELECT count(*) FROM revocations WHERE kind = 'user' AND subject = "
-                "(SELECT id::text FROM users WHERE username = 'bob')"
-            ).fetchone()
-        assert recorded == (1,)
-        shown = json.loads(run_cli(own, "users", "show", "bob").stdout)
+        recorded = (
+            "SELECT count(*) FROM revocations WHERE kind = 'user' AND subject = "
+            "(SELECT id::text FROM users WHERE username = 'bob')"
+        )
+        assert await asyncio.to_thread(count, url, recorded) == 1
+        shown = json.loads((await run_cli_async(own, "users", "show", "bob")).stdout)
         assert shown["disabled"] is True
+
+        # The command left a mark of what Redis lacks; a worker that reaches Redis writes it
+        # back and drops the mark.
+        marks = "SELECT count(*) FROM unwritten_revocations"
+        assert await asyncio.to_thread(count, url, marks) == 1
+        reachable = settings_beside(settings, tmp_path, database_url=url, redis_prefix=prefix)
+        async with serve_in_process(reachable):
+            deadline = time.monotonic() + 10
+            while await asyncio.to_thread(count, url, marks):
+                assert time.monotonic() < deadline, "the mark was never written back"
+                await asyncio.sleep(0.1)
+
+
+def count(url: str, query: str) -> int:
+    """The one number a counting query answers."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # The migration

@@ -192,6 +192,30 @@ async def test_a_recorded_logout_is_written_back_though_a_later_one_passed_its_n
         await asyncio.sleep(0.1)
 
 
+async def test_a_logout_recorded_by_a_worker_cut_off_from_redis_is_put_in_force_by_the_others(
+    cut_redis: tuple[httpx.AsyncClient, TcpProxy], client: httpx.AsyncClient
+) -> None:
+    """The others write it back, though a later revocation raised Redis's seq past it."""
+    cut_off, proxy = cut_redis
+    recorded, later = [(await sessions(client, 1))[0] for _ in range(2)]
+    for http in (cut_off, client):
+        assert (await http.get("/api/hello", headers=recorded.bearer())).status_code == 200
+    proxy.stop()
+    assert (await cut_off.post("/auth/logout", headers=recorded.bearer())).status_code == 202
+    # Another worker's logout reaches Redis: Redis's seq now passes the recorded one's.
+    assert (await client.post("/auth/logout", headers=later.bearer())).status_code == 204
+    started = time.monotonic()
+    while (await client.get("/api/hello", headers=recorded.bearer())).status_code != 401:
+        assert time.monotonic() - started < 10, "the recorded logout never reached Redis"
+        await asyncio.sleep(0.05)
+    print(f"\nin force on the other worker {time.monotonic() - started:.2f} s after")
+    # ...while the worker that recorded it still cannot reach Redis, and for good.
+    assert (await cut_off.get("/api/hello", headers=recorded.bearer())).status_code == 503
+    for _ in range(10):
+        assert await refused(client, recorded)
+        await asyncio.sleep(0.1)
+
+
 async def test_readyz_fails_when_the_redis_user_may_not_run_the_check(
     settings: Settings, prefix: str, tmp_path: Path, client: httpx.AsyncClient
 ) -> None:

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import Flask, current_app
@@ -32,16 +31,19 @@ from service.store.blocklist import (
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
 from service.store.group_commit import GroupCommit
-from service.store.groups import GROUPS, group_of
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
 from service.store.redis_target import Topology, parse_target
 from service.store.revocations import (
+    Unwritten,
+    drop_unwritten_marks,
     latest_group_seqs,
     latest_seq,
+    mark_unwritten,
     purge_expired,
     record,
     stream_active,
+    unwritten_marks,
 )
 
 RECOVERY_INTERVAL = 0.5
@@ -123,9 +125,24 @@ class Store:
         if entries:
             try:
                 await self.blocklist.add(entries, seq=seq)
-            except BaseException:  # whatever stopped it, Redis may lack what was recorded
-                self._doubt(Unwritten.of(entries, seq))
+            except BaseException as exc:  # whatever stopped it, Redis may lack what was recorded
+                unwritten = Unwritten.of(entries, seq)
+                self._doubt(unwritten)
+                if isinstance(exc, Exception):  # not when cancelled: nothing may wait then
+                    await self._mark_unwritten(unwritten)
                 raise
+
+    async def _mark_unwritten(self, unwritten: Unwritten) -> None:
+        """Leave a durable mark of what Redis may lack, for any worker to write back.
+
+        Without it only this process would know: a worker cut off from Redis while the
+        others reach it, or a command that exits, and a later write's seq hides the gap.
+        """
+        try:
+            async with self.db.session() as session:
+                await mark_unwritten(session, unwritten)
+        except Exception as exc:  # this process still remembers it (self._unwritten)
+            log.warning("could not mark revocations Redis may lack: %s", type(exc).__name__)
 
     async def check(self, ref: TokenRef) -> Verdict:
         """The per-request revocation check; fails closed while Redis may lack a revocation."""
@@ -210,7 +227,6 @@ class Store:
         if isinstance(self.blocklist, ClusterBlocklist):
             return await self._recover_groups(self.blocklist)
         doubts = self._doubts
-        unwritten = self._unwritten_up_to(doubts)
         # The floor as it was before Redis is read: a write answered while it is read
         # raises the floor past the seq read, and Redis would seem to have gone back.
         floor = self.blocklist.floor
@@ -218,6 +234,8 @@ class Store:
         async with self.db.session() as session:
             latest = await latest_seq(session)
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
+            marks = await unwritten_marks(session)
+        unwritten = self._with_marks(self._unwritten_up_to(doubts), marks)
         went_back = state.seq < max(floor, settled)
         if state.loaded and not went_back and state.seq >= latest and unwritten is None:
             self._cleared(doubts)
@@ -236,7 +254,7 @@ class Store:
         async with self.db.session() as session:
             done = await self.blocklist.rebuild(stream_active(session, after_seq=after), seq=latest)
         if done:
-            self._cleared(doubts)
+            await self._written_back(doubts, marks)
             # Loading a new or restarted Redis is routine; catching up on writes it missed
             # while loaded means some part of the service could not reach it.
             log.log(
@@ -254,12 +272,13 @@ class Store:
         per group; a failover of one shard leaves the groups of the others loaded.
         """
         doubts = self._doubts
-        unwritten = self._unwritten_up_to(doubts)
         floors = blocklist.floors()  # before Redis is read (see recover)
         states = await blocklist.group_states()
         async with self.db.session() as session:
             latest = await latest_group_seqs(session)
             settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
+            marks = await unwritten_marks(session)
+        unwritten = self._with_marks(self._unwritten_up_to(doubts), marks)
         stale: dict[int, int] = {}
         went_back: list[int] = []
         for group, state in enumerate(states):
@@ -272,7 +291,7 @@ class Store:
             if back and state.loaded:
                 went_back.append(group)
         if not stale:
-            self._cleared(doubts)
+            await self._written_back(doubts, marks)
             return True
         if went_back:
             log.error(
@@ -287,7 +306,7 @@ class Store:
             done = await blocklist.rebuild_groups(entries, {g: latest[g] for g in stale})
         if done != set(stale):
             return False
-        self._cleared(doubts)
+        await self._written_back(doubts, marks)
         log.log(
             logging.WARNING if went_back else logging.INFO,
             "blocklist loaded from the durable record into %d groups in %.2f s",
@@ -295,6 +314,22 @@ class Store:
             time.monotonic() - started,
         )
         return True
+
+    @staticmethod
+    def _with_marks(
+        unwritten: Unwritten | None, marks: tuple[int, Unwritten] | None
+    ) -> Unwritten | None:
+        """What this process and the durable marks say Redis may lack, together."""
+        if marks is None:
+            return unwritten
+        return marks[1] | unwritten
+
+    async def _written_back(self, doubts: int, marks: tuple[int, Unwritten] | None) -> None:
+        """Redis holds all that was doubted up to doubts, and all that marks named."""
+        self._cleared(doubts)
+        if marks is not None:
+            async with self.db.session() as session:
+                await drop_unwritten_marks(session, up_to=marks[0])
 
     def _cleared(self, doubts: int) -> None:
         with self._recovery_lock:
@@ -311,7 +346,8 @@ class Store:
         state = await self.blocklist.state()
         async with self.db.session() as session:
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
-        behind = self._doubts != self._doubts_cleared
+            marked = await unwritten_marks(session) is not None
+        behind = self._doubts != self._doubts_cleared or marked
         if not state.loaded or behind or state.seq < max(floor, settled):
             await self.recover()
         else:
@@ -323,7 +359,8 @@ class Store:
         states = await blocklist.group_states()
         async with self.db.session() as session:
             settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
-        behind = self._doubts != self._doubts_cleared
+            marked = await unwritten_marks(session) is not None
+        behind = self._doubts != self._doubts_cleared or marked
         if behind or any(
             not state.loaded or state.seq < max(floors[group], settled[group])
             for group, state in enumerate(states)
@@ -366,28 +403,6 @@ class Store:
         self._maintenance = []
         await self.blocklist.close()
         await self.db.dispose()
-
-
-@dataclass(frozen=True)
-class Unwritten:
-    """Revocations Redis may lack: every one numbered above after, of these groups."""
-
-    after: int
-    groups: frozenset[int]
-
-    @classmethod
-    def of(cls, entries: list[Entry], seq: int | None) -> Unwritten:
-        """What a failed write of entries, recorded with highest number seq, may have left out.
-
-        Its other entries took lower numbers in the same commit: stream_active's
-        COMMIT_SKEW brings them along. Nothing numbered (SQLite): everything.
-        """
-        owners = [entry.owner for entry in entries]
-        if any(owner is None for owner in owners):
-            groups = frozenset(range(GROUPS))
-        else:
-            groups = frozenset(group_of(owner) for owner in owners if owner is not None)
-        return cls(after=max((seq or 0) - 1, 0), groups=groups)
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:

@@ -11,9 +11,11 @@ from sqlalchemy import (
     FetchedValue,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     SmallInteger,
     String,
+    Text,
     TypeDecorator,
 )
 from sqlalchemy.engine import Dialect
@@ -119,3 +121,23 @@ class Revocation(Base):
     # kept, some OAuth grants): such a row is loaded into every group.
     user_id: Mapped[str | None] = mapped_column(String(64))
     user_group: Mapped[int | None] = mapped_column(SmallInteger())
+
+
+class UnwrittenRevocations(Base):
+    """Recorded revocations Redis may lack: a blocklist write failed after their commit.
+
+    Every worker's verification reads these marks, writes back every active revocation
+    numbered above after_seq in those groups of users, then drops the marks it wrote back
+    (Store.recover): a worker cut off from Redis, or a command that exited, leaves nothing
+    only it would remember.
+    """
+
+    __tablename__ = "unwritten_revocations"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    after_seq: Mapped[int] = mapped_column(BigInteger())
+    # The groups' numbers, space-separated (groups.py); every group where a user was unknown.
+    user_groups: Mapped[str] = mapped_column(Text())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

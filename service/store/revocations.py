@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.blocklist import Entry, Kind
 from service.store.groups import GROUPS, group_of
-from service.store.models import Revocation, utcnow
+from service.store.models import Revocation, UnwrittenRevocations, utcnow
 
 SEQUENCE = "revocation_seq"
 STREAM_BATCH = 5000
@@ -183,3 +184,59 @@ async def purge_expired(session: AsyncSession) -> int:
     """Delete revocations whose tokens have all expired; returns how many."""
     result = await session.execute(delete(Revocation).where(Revocation.expires_at <= utcnow()))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """Revocations Redis may lack: every one numbered above after, of these groups."""
+
+    after: int
+    groups: frozenset[int]
+
+    @classmethod
+    def of(cls, entries: list[Entry], seq: int | None) -> Unwritten:
+        """What a failed write of entries, recorded with highest number seq, may have left out.
+
+        Its other entries took lower numbers in the same commit: stream_active's
+        COMMIT_SKEW brings them along. Nothing numbered (SQLite): everything.
+        """
+        owners = [entry.owner for entry in entries]
+        if any(owner is None for owner in owners):
+            groups = frozenset(range(GROUPS))
+        else:
+            groups = frozenset(group_of(owner) for owner in owners if owner is not None)
+        return cls(after=max((seq or 0) - 1, 0), groups=groups)
+
+    def __or__(self, other: Unwritten | None) -> Unwritten:
+        """What either may have left out."""
+        if other is None:
+            return self
+        return Unwritten(after=min(self.after, other.after), groups=self.groups | other.groups)
+
+
+async def mark_unwritten(session: AsyncSession, unwritten: Unwritten) -> None:
+    """Record that Redis may lack what unwritten names, for any worker to write back."""
+    groups = " ".join(str(group) for group in sorted(unwritten.groups))
+    session.add(UnwrittenRevocations(after_seq=unwritten.after, user_groups=groups))
+
+
+async def unwritten_marks(session: AsyncSession) -> tuple[int, Unwritten] | None:
+    """The newest mark's id and what all the marks name together; None if there are none."""
+    rows = (
+        await session.execute(
+            select(
+                UnwrittenRevocations.id,
+                UnwrittenRevocations.after_seq,
+                UnwrittenRevocations.user_groups,
+            ).order_by(UnwrittenRevocations.id)
+        )
+    ).all()
+    if not rows:
+        return None
+    groups = frozenset(int(group) for _, _, text in rows for group in text.split())
+    return rows[-1][0], Unwritten(after=min(after for _, after, _ in rows), groups=groups)
+
+
+async def drop_unwritten_marks(session: AsyncSession, *, up_to: int) -> None:
+    """Drop the marks written back: those up to that id (later ones stay)."""
+    await session.execute(delete(UnwrittenRevocations).where(UnwrittenRevocations.id <= up_to))
