@@ -21,7 +21,9 @@ from service.store.blocklist import BlocklistUnavailable, Entry, Kind, RedisBloc
 from tests.conftest import (
     Session,
     delete_prefix,
+    fresh_database,
     serve_in_process,
+    settings_beside,
     two_sessions,
     wait_for_status,
 )
@@ -291,3 +293,36 @@ async def test_expired_durable_revocations_are_purged(settings: Settings) -> Non
         left = {e.subject async for e in stream_active(session)}
     assert "f" * 32 in left and "e" * 32 not in left
     await store.close()
+
+
+async def test_marks_of_unwritten_revocations_add_up_and_only_those_read_are_dropped(
+    settings: Settings, postgres_server: str, tmp_path: Path
+) -> None:
+    from service.store.db import Database
+    from service.store.migrate import upgrade
+    from service.store.revocations import (
+        Unwritten,
+        drop_unwritten_marks,
+        mark_unwritten,
+        unwritten_marks,
+    )
+
+    with fresh_database(postgres_server) as url:
+        own = settings_beside(settings, tmp_path, database_url=url)
+        await asyncio.to_thread(upgrade, own)
+        database = Database(own)
+        try:
+            async with database.session() as session:
+                assert await unwritten_marks(session) is None
+                for after, groups in ((10, {1}), (5, {2, 3}), (20, {1})):
+                    await mark_unwritten(session, Unwritten(after, frozenset(groups)))
+            async with database.session() as session:
+                read = await unwritten_marks(session)
+                assert read is not None and read[1] == Unwritten(5, frozenset({1, 2, 3}))
+                await mark_unwritten(session, Unwritten(30, frozenset({7})))  # after the read
+                await drop_unwritten_marks(session, up_to=read[0])
+            async with database.session() as session:
+                left = await unwritten_marks(session)
+            assert left is not None and left[1] == Unwritten(30, frozenset({7}))
+        finally:
+            await database.dispose()

@@ -28,7 +28,7 @@ def test_0006_gives_way_to_a_live_table_and_keeps_older_rows(
             )
         holder = psycopg.connect(url)
         holder.execute("SELECT count(*) FROM revocations")  # a long transaction on the table
-        migrating = threading.Thread(target=upgrade, args=(own,))
+        migrating = threading.Thread(target=upgrade, args=(own, "0006"))
         migrating.start()
         try:
             time.sleep(0.5)

@@ -221,20 +221,20 @@ async def mark_unwritten(session: AsyncSession, unwritten: Unwritten) -> None:
 
 
 async def unwritten_marks(session: AsyncSession) -> tuple[int, Unwritten] | None:
-    """The newest mark's id and what all the marks name together; None if there are none."""
-    rows = (
-        await session.execute(
-            select(
-                UnwrittenRevocations.id,
-                UnwrittenRevocations.after_seq,
-                UnwrittenRevocations.user_groups,
-            ).order_by(UnwrittenRevocations.id)
-        )
-    ).all()
-    if not rows:
+    """The newest mark's id and what all the marks name together; None if there are none.
+
+    Read every second by every worker: aggregated here, as an outage can leave one mark
+    per revocation it saw.
+    """
+    marks = UnwrittenRevocations
+    row = (await session.execute(select(func.max(marks.id), func.min(marks.after_seq)))).one()
+    newest: int | None = row[0]
+    after: int | None = row[1]
+    if newest is None or after is None:
         return None
-    groups = frozenset(int(group) for _, _, text in rows for group in text.split())
-    return rows[-1][0], Unwritten(after=min(after for _, after, _ in rows), groups=groups)
+    listed = await session.scalars(select(marks.user_groups).where(marks.id <= newest).distinct())
+    groups = frozenset(int(group) for text in listed for group in text.split())
+    return int(newest), Unwritten(after=int(after), groups=groups)
 
 
 async def drop_unwritten_marks(session: AsyncSession, *, up_to: int) -> None:
