@@ -90,13 +90,7 @@ def _category(frames: list[str]) -> str:
 
 def summarize(paths: list[Path], top: int = 12) -> dict[str, object]:
     """Samples by category of work, and the top functions by own samples."""
-    own: Counter[str] = Counter()
-    categories: Counter[str] = Counter()
-    samples = 0
-    for frames, count in _stacks(paths):
-        samples += count
-        own[frames[-1]] += count
-        categories[_category(frames)] += count
+    samples, own, _, categories = _tally(paths)
     share = 1 / samples if samples else 0.0
     return {
         "samples": samples,
@@ -110,17 +104,25 @@ def by_function(
     paths: list[Path], top: int
 ) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
     """Samples, and the top functions by share of samples: on the stack, and at its top."""
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    samples = 0
-    for frames, count in _stacks(paths):
-        samples += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
+    samples, own, inclusive, _ = _tally(paths)
     share = 1 / samples if samples else 0.0
     return (
         samples,
         [(name, n * share) for name, n in inclusive.most_common(top)],
         [(name, n * share) for name, n in own.most_common(top)],
     )
+
+
+def _tally(paths: list[Path]) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+    """Samples, and their counts by function at the top, by function anywhere, by category."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
+    samples = 0
+    for frames, count in _stacks(paths):
+        samples += count
+        own[frames[-1]] += count
+        categories[_category(frames)] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    return samples, own, inclusive, categories
