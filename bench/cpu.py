@@ -82,3 +82,13 @@ def probe_seconds() -> float:
             total += i
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def worker_ticks(pids: list[int] | dict[int, int]) -> dict[int, int]:
+    """CPU ticks each of these processes has used so far (those still there)."""
+    ticks = {}
+    for pid in pids:
+        stat = _proc_stat(Path(f"/proc/{pid}"))
+        if stat is not None:
+            ticks[pid] = stat[2]
+    return ticks

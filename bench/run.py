@@ -71,6 +71,7 @@ SERVER_PACKAGES = (
 NO_CHECK_SETTING = "revocation_check"  # Settings field: run "ours, no check" if present
 
 TOKEN_RUN_LIMIT_S = 60.0
+LOPSIDED = 0.9  # a run where one worker spent this share of the workers' CPU is noted
 # Refresh chains: two per wrk connection; one per HTTP/2 stream and one spare per connection.
 CHAIN_SEEDS = {H1: 2 * drivers.CONNECTIONS, H2: drivers.H2_CLIENTS * (drivers.H2_STREAMS + 1)}
 MIN_LOGIN_RATE = 20.0
@@ -103,6 +104,10 @@ NOTES = [
     "Refresh runs are chains: each connection (HTTP/2: each stream) sends a refresh token, "
     "then the one its answer returned, for the whole run, from a few seed sessions. Logout "
     "runs use each access token once, from sessions of their own: logout tokens/run above.",
+    "HTTP/1.1 runs of client_credentials, refresh and logout where one worker did 90% or more "
+    "of its server's work are named at the top: gunicorn's workers share one listening "
+    "socket, and in some runs one of them takes every connection while the other core idles "
+    "(ref a's slow mode, docs/performance.md).",
     "Ours runs with ACCESS_LOG=false, like its no-check twin and the references (which log "
     "nothing per request); with the access log on, production's default, a GET costs about "
     "5-10% more (docs/performance.md).",
@@ -229,6 +234,7 @@ class Bench:
         self.pools: dict[str, list[Pair]] = {}
         self.slices: dict[tuple[int, str, str], list[Pair]] = {}
         self.seeds: dict[tuple[int, str, str], list[Pair]] = {}
+        self.lopsided: list[str] = []
         self.check_pairs: list[Pair] = []
         self.check_calls = self.check_requests = 0
         now = dt.datetime.now().isoformat(timespec="seconds")
@@ -387,7 +393,8 @@ class Bench:
             # next run would share the CPU with them for a second or two.
             time.sleep(LOGIN_DRAIN_S)
             for stack in self.main_stacks:
-                self.report.add(CLIENT_CREDENTIALS, H1, stack.name, self._oauth_h1(stack))
+                result = self._watching_workers(CLIENT_CREDENTIALS, stack, self._oauth_h1)
+                self.report.add(CLIENT_CREDENTIALS, H1, stack.name, result)
             for stack in self.main_stacks:
                 self._h2(CLIENT_CREDENTIALS, stack, self._oauth_h2)
 
@@ -576,14 +583,35 @@ class Bench:
         """POST path with Bearer tokens: refresh chains for chain_s, or each token once."""
         cert, url = self.backends.cert, f"{stack.url}{path}"
         if protocol == H1 and chain_s is not None:
-            result = drivers.wrk_chain(url, tokens, chain_s)
+            result = self._watching_workers(
+                op, stack, lambda _: drivers.wrk_chain(url, tokens, chain_s)
+            )
         elif protocol == H1:
-            result = drivers.wrk_tokens(url, tokens, TOKEN_RUN_LIMIT_S)
+            result = self._watching_workers(
+                op, stack, lambda _: drivers.wrk_tokens(url, tokens, TOKEN_RUN_LIMIT_S)
+            )
         elif chain_s is not None:
             result = h2post.post_chains(stack.port, path, tokens, cert, chain_s)
         else:
             result = h2post.post_tokens(stack.port, path, tokens, cert, TOKEN_RUN_LIMIT_S)
         self.report.add(op, protocol, stack.name, result)
+
+    def _watching_workers(self, op: str, stack: Stack, run: Callable[[Stack], Result]) -> Result:
+        """One HTTP/1.1 run, noting it in the report when one worker did nearly all the work.
+
+        A server whose workers share one listening socket (gunicorn) may hand every
+        connection of a run to one worker: the other core idles and the run is slow.
+        """
+        before = cpu.worker_ticks(stacks.worker_pids(stack))
+        result = run(stack)
+        spent = [max(0, t - before.get(pid, 0)) for pid, t in cpu.worker_ticks(before).items()]
+        runs = len(self.report.results.get((op, H1, stack.name), [])) + 1
+        if len(spent) > 1 and sum(spent) and max(spent) >= LOPSIDED * sum(spent):
+            self.lopsided.append(f"{stack.name} {op} run {runs}")
+            self.report.meta[f"runs where one worker did {LOPSIDED:.0%}+ of the work"] = "; ".join(
+                self.lopsided
+            )
+        return result
 
     def _protocols(self, stack: Stack) -> tuple[str, ...]:
         """The protocols a stack's refresh and logout runs use."""
