@@ -37,6 +37,7 @@ from service.store.redis_target import Topology, parse_target
 from service.store.revocations import (
     Unwritten,
     drop_unwritten_marks,
+    has_unwritten_marks,
     latest_group_seqs,
     latest_seq,
     mark_unwritten,
@@ -346,12 +347,15 @@ class Store:
         state = await self.blocklist.state()
         async with self.db.session() as session:
             settled = await latest_seq(session, recorded_before=utcnow() - VERIFY_GRACE)
-            marked = await unwritten_marks(session) is not None
-        behind = self._doubts != self._doubts_cleared or marked
+            behind = await self._behind(session)
         if not state.loaded or behind or state.seq < max(floor, settled):
             await self.recover()
         else:
             self.blocklist.raise_floor(state.seq)
+
+    async def _behind(self, session: AsyncSession) -> bool:
+        """Whether a write failed here since the last recovery, or anywhere (a mark waits)."""
+        return self._doubts != self._doubts_cleared or await has_unwritten_marks(session)
 
     async def _verify_groups(self, blocklist: ClusterBlocklist) -> None:
         """verify, group by group (see _recover_groups)."""
@@ -359,8 +363,7 @@ class Store:
         states = await blocklist.group_states()
         async with self.db.session() as session:
             settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
-            marked = await unwritten_marks(session) is not None
-        behind = self._doubts != self._doubts_cleared or marked
+            behind = await self._behind(session)
         if behind or any(
             not state.loaded or state.seq < max(floors[group], settled[group])
             for group, state in enumerate(states)

@@ -220,11 +220,15 @@ async def mark_unwritten(session: AsyncSession, unwritten: Unwritten) -> None:
     session.add(UnwrittenRevocations(after_seq=unwritten.after, user_groups=groups))
 
 
+async def has_unwritten_marks(session: AsyncSession) -> bool:
+    """Whether any mark waits to be written back (every worker asks every second)."""
+    return await session.scalar(select(UnwrittenRevocations.id).limit(1)) is not None
+
+
 async def unwritten_marks(session: AsyncSession) -> tuple[int, Unwritten] | None:
     """The newest mark's id and what all the marks name together; None if there are none.
 
-    Read every second by every worker: aggregated here, as an outage can leave one mark
-    per revocation it saw.
+    Aggregated here, as an outage can leave one mark per revocation it saw.
     """
     marks = UnwrittenRevocations
     row = (await session.execute(select(func.max(marks.id), func.min(marks.after_seq)))).one()
