@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def probe_seconds() -> float:
     return best
 
 
-def worker_ticks(pids: list[int] | dict[int, int]) -> dict[int, int]:
+def worker_ticks(pids: Iterable[int]) -> dict[int, int]:
     """CPU ticks each of these processes has used so far (those still there)."""
     ticks = {}
     for pid in pids:
