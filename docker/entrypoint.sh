@@ -6,8 +6,8 @@
 #     processes. BIND set empty: PROXY_BIND alone, behind a TLS-terminating ingress.
 #   migrate: wait for the backends, apply migrations, exit.
 #   anything else: python -m service ARGS (users, clients, keys, ...).
-# DATABASE_URL, REDIS_URL, SECRET_KEY, SECRET_KEY_FALLBACKS and JWT_SECRET may instead be
-# given as files:
+# DATABASE_URL, REDIS_URL, SECRET_KEY, SECRET_KEY_FALLBACKS, JWT_SECRET and
+# JWT_SECRET_FALLBACKS may instead be given as files:
 # DATABASE_URL_FILE=/run/secrets/database_url and so on.
 set -eu
 
@@ -25,7 +25,7 @@ unreadable() {
 }
 
 load_secret_files() {
-    for name in DATABASE_URL REDIS_URL SECRET_KEY SECRET_KEY_FALLBACKS JWT_SECRET; do
+    for name in DATABASE_URL REDIS_URL SECRET_KEY SECRET_KEY_FALLBACKS JWT_SECRET JWT_SECRET_FALLBACKS; do
         eval "file=\${${name}_FILE:-} given=\${${name}+set}"
         [ -n "$file" ] || continue
         [ -z "$given" ] || fail "set $name or ${name}_FILE, not both"

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # browser sign-in cookies, and to unseal signing keys until `keys reseal` has run.
     secret_key_fallbacks: str = ""
     jwt_secret: str | None = None
+    # Earlier JWT_SECRETs, comma-separated: first-party tokens they signed stay valid while
+    # JWT_SECRET changes (HS256 only).
+    jwt_secret_fallbacks: str = ""
     jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_private_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
@@ -173,8 +176,12 @@ class Settings(BaseSettings):
     @property
     def secret_keys(self) -> list[str]:
         """SECRET_KEY, then each of SECRET_KEY_FALLBACKS: what seals first, what still opens."""
-        fallbacks = [key.strip() for key in self.secret_key_fallbacks.split(",") if key.strip()]
-        return [self.secret_key or "", *fallbacks]
+        return [self.secret_key or "", *_split(self.secret_key_fallbacks)]
+
+    @property
+    def jwt_secrets(self) -> list[str]:
+        """JWT_SECRET, then each of JWT_SECRET_FALLBACKS: what signs first, what still verifies."""
+        return [self.jwt_secret or "", *_split(self.jwt_secret_fallbacks)]
 
     @property
     def json_logs(self) -> bool:
@@ -288,6 +295,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _jwt_fallbacks_are_secrets(self) -> Settings:
+        if self.jwt_algorithm != "HS256" and self.jwt_secrets[1:]:
+            raise ValueError("JWT_SECRET_FALLBACKS applies to JWT_ALGORITHM=HS256 only")
+        return self
+
+    @model_validator(mode="after")
     def _key_files_are_readable(self) -> Settings:
         if self.jwt_algorithm != "HS256":
             if self.jwt_private_key_file is not None:
@@ -347,6 +360,7 @@ class Settings(BaseSettings):
             ("JWT_SECRET", self.jwt_secret),
             ("METRICS_TOKEN", self.metrics_token),
             *(("SECRET_KEY_FALLBACKS", fallback) for fallback in self.secret_keys[1:]),
+            *(("JWT_SECRET_FALLBACKS", fallback) for fallback in self.jwt_secrets[1:]),
         ):
             if value is not None:
                 _check_secret_strength(name, value)

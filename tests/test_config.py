@@ -44,6 +44,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"jwt_secret": STRONG, "secret_key": "secret"}, "SECRET_KEY must be"),
         ({"jwt_secret": STRONG, "secret_key_fallbacks": f"{STRONG},old"}, "FALLBACKS must be"),
         ({"jwt_secret": STRONG, "jwt_algorithm": "ES256"}, "JWT_PRIVATE_KEY_FILE"),
+        ({"jwt_secret": STRONG, "jwt_secret_fallbacks": f"{STRONG},old"}, "FALLBACKS must be"),
+        ({"jwt_algorithm": "ES256", "jwt_secret_fallbacks": STRONG}, "HS256 only"),
     ],
 )
 def test_production_refuses_unsafe_settings(overrides: dict[str, object], message: str) -> None:
@@ -61,6 +63,12 @@ def test_secret_key_fallbacks_follow_the_secret_key() -> None:
     older, oldest = "y8" * 24, "z7" * 24
     settings = load_settings(**BASE, jwt_secret=STRONG, secret_key_fallbacks=f"{older}, {oldest}")
     assert settings.secret_keys == [STRONG, older, oldest]
+
+
+def test_jwt_secret_fallbacks_follow_the_jwt_secret() -> None:
+    older = "y8" * 24
+    settings = load_settings(**BASE, jwt_secret=STRONG, jwt_secret_fallbacks=f" {older} ,")
+    assert settings.jwt_secrets == [STRONG, older]
 
 
 def test_development_generates_stable_secrets(tmp_path: Path) -> None:

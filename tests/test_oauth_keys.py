@@ -588,6 +588,7 @@ async def test_algorithm_confusion_is_refused(
     )
     claims = plausible_claims(settings)
     stranger = ec.generate_private_key(ec.SECP256R1())
+    first_party_kid = header_of(user.access)["kid"]
     attempts = {
         "HS256 keyed with the public key, with kid": forge(
             {"alg": "HS256", "typ": "JWT", "kid": kid}, claims, public_pem
@@ -604,6 +605,15 @@ async def test_algorithm_confusion_is_refused(
         "ES256 without kid": jwt.encode(claims, stranger, algorithm="ES256"),
         "HS384 with the first-party secret": jwt.encode(
             claims, str(settings.jwt_secret), algorithm="HS384"
+        ),
+        "ES256 under the first-party kid": jwt.encode(
+            claims, stranger, algorithm="ES256", headers={"kid": first_party_kid}
+        ),
+        "HS256 under the first-party kid, keyed with the public key": forge(
+            {"alg": "HS256", "typ": "JWT", "kid": first_party_kid}, claims, public_pem
+        ),
+        "HS256 under an unknown first-party kid": jwt.encode(
+            claims, str(settings.jwt_secret), algorithm="HS256", headers={"kid": "fp-0"}
         ),
     }
     for name, forged in attempts.items():

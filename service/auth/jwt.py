@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, request
 from flask_jwt_extended import JWTManager, view_decorators
-from flask_jwt_extended.config import config as jwt_settings
 from jwt import InvalidTokenError, get_unverified_header
 
+from service.auth.signing import KID_PREFIX, FirstPartyKeys
 from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
 from service.errors import problem, unauthorized
@@ -132,9 +132,18 @@ def _public_pem(private_pem: str) -> str:
     )
 
 
+def first_party_keys(settings: Settings, config: dict[str, Any]) -> FirstPartyKeys:
+    """The keys of first-party tokens, from the settings and their mapped configuration."""
+    if settings.jwt_algorithm == "HS256":
+        return FirstPartyKeys.hs256(settings.jwt_secrets)
+    return FirstPartyKeys.asymmetric(settings.jwt_algorithm, config["JWT_PUBLIC_KEY"])
+
+
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure and bind the JWT manager."""
-    app.config.update(jwt_config(settings), REVOCATION_CHECK=settings.revocation_check)
+    config = jwt_config(settings)
+    app.config.update(config, REVOCATION_CHECK=settings.revocation_check)
+    app.extensions["first_party_keys"] = first_party_keys(settings, config)
     wanted = "verified_tokens" in settings.library_change_names
     if wanted and settings.verified_token_memo and install_memo():
         app.extensions["verified_tokens"] = VerifiedTokens(settings.verified_token_memo)
@@ -174,18 +183,29 @@ def _revokes_presented_token() -> bool:
     return bool(getattr(view, "revokes_presented_token", False))
 
 
+@jwt.additional_headers_loader
+def signing_kid(_identity: Any) -> dict[str, str]:
+    """Name the key that signs a first-party token, so that it can change (JWT_SECRET_FALLBACKS)."""
+    return {"kid": current_app.extensions["first_party_keys"].kid}
+
+
 @jwt.decode_key_loader
 def decode_key(header: dict[str, Any], _claims: dict[str, Any]) -> Any:
     """Pick the key from the header, and pin the algorithm to that key's.
 
-    A kid names an OAuth signing key; no kid means a first-party token. Any other mix (an
-    HS256 token "signed" with a public key, alg none, an unknown kid) is refused here.
+    A first-party kid (or none, from before tokens carried one) names a first-party key;
+    any other kid an OAuth signing key. Any other mix (an HS256 token "signed" with a
+    public key, alg none, an unknown kid) is refused here.
     """
     alg, kid = header.get("alg"), header.get("kid")
-    if kid is None:
-        if alg != current_app.config["JWT_ALGORITHM"]:
+    if kid is None or str(kid).startswith(KID_PREFIX):
+        first_party: FirstPartyKeys = current_app.extensions["first_party_keys"]
+        key = first_party.verifying_key(None if kid is None else str(kid))
+        if key is None:
+            raise InvalidTokenError("unknown signing key")
+        if alg != first_party.algorithm:
             raise InvalidTokenError("unexpected algorithm")
-        return jwt_settings.decode_key
+        return key
     keyring = current_app.extensions.get("oauth_keyring")
     key = keyring.verification_key(str(kid)) if keyring is not None else None
     if key is None or alg != key.alg:

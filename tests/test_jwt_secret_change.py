@@ -1,0 +1,68 @@
+"""Changing JWT_SECRET: first-party tokens name their key, and earlier secrets still verify."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import httpx
+import jwt
+
+from service.auth.signing import secret_kid
+from service.config import Settings
+from tests.conftest import Session, login, register, serve_in_process, settings_beside
+from tests.oauth_helpers import bearer, claims_of, header_of
+
+
+async def _hello(http: httpx.AsyncClient, token: str) -> httpx.Response:
+    return await http.get("/api/hello", headers=bearer(token))
+
+
+async def _signed_in(http: httpx.AsyncClient) -> Session:
+    password = "correct horse battery"
+    return await login(http, await register(http, password), password)
+
+
+def _without_kid(token: str, secret: str) -> str:
+    """The same token as a release without kids issued it: no kid, signed with secret."""
+    return jwt.encode(claims_of(token), secret, algorithm="HS256")
+
+
+async def test_sessions_outlive_a_jwt_secret_change_through_its_fallback(
+    settings: Settings, tmp_path: Path
+) -> None:
+    old, new = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+    before = settings_beside(settings, tmp_path, jwt_secret=old)
+    during = settings_beside(settings, tmp_path, jwt_secret=new, jwt_secret_fallbacks=old)
+    after = settings_beside(settings, tmp_path, jwt_secret=new)
+    async with serve_in_process(before) as http:
+        kept, dropped = await _signed_in(http), await _signed_in(http)
+        legacy = _without_kid(kept.access, old)
+        assert (await _hello(http, legacy)).status_code == 200  # upgrading keeps them
+    assert header_of(kept.access)["kid"] == secret_kid(old)
+
+    async with serve_in_process(during) as http:
+        for token in (kept.access, legacy):
+            assert (await _hello(http, token)).status_code == 200
+        refreshed = await http.post("/auth/refresh", headers=bearer(kept.refresh))
+        assert refreshed.status_code == 200, refreshed.text
+        renewed = refreshed.json()
+        assert header_of(renewed["access_token"])["kid"] == secret_kid(new)
+        assert header_of(renewed["refresh_token"])["kid"] == secret_kid(new)
+
+    async with serve_in_process(after) as http:
+        assert (await _hello(http, renewed["access_token"])).status_code == 200
+        for token, why in ((dropped.access, "unknown signing key"), (legacy, "Signature")):
+            refused = await _hello(http, token)
+            assert refused.status_code == 401
+            assert why in refused.json()["detail"]
+            assert 'error="invalid_token"' in refused.headers["www-authenticate"]
+        expired_key = await http.post("/auth/refresh", headers=bearer(dropped.refresh))
+        assert expired_key.status_code == 401
+
+
+def test_each_secret_has_one_kid_of_its_own() -> None:
+    secret = secrets.token_urlsafe(48)
+    kid = secret_kid(secret)
+    assert kid == secret_kid(secret) != secret_kid(secrets.token_urlsafe(48))
+    assert kid.startswith("fp-") and len(kid) == 19  # never a 43-character JWK thumbprint
