@@ -77,17 +77,18 @@ class VerifiedTokens:
         """Record a token that has just passed full verification."""
         if self._size <= 0 or len(token) > TOKEN_BYTES:
             return
+        cost = entry_cost(token)
         with self._lock:
             if self._entries.pop(token, None) is not None:
-                self._bytes -= entry_cost(token)
+                self._bytes -= cost
             while self._entries and (
-                len(self._entries) >= self._size or self._bytes + entry_cost(token) > MEMO_BYTES
+                len(self._entries) >= self._size or self._bytes + cost > MEMO_BYTES
             ):
                 oldest = next(iter(self._entries))
                 del self._entries[oldest]
                 self._bytes -= entry_cost(oldest)
             self._entries[token] = entry
-            self._bytes += entry_cost(token)
+            self._bytes += cost
 
 
 def _still_signed_by(entry: Verified, key_loader: KeyLoader) -> bool:
