@@ -30,6 +30,8 @@ class Report:
     logout_check: dict[str, int] = field(default_factory=dict)
     profile: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
+    # Runs (op, protocol, stack, index) in which one worker did nearly all the work.
+    lopsided: set[tuple[str, str, str, int]] = field(default_factory=set)
 
     def add(self, op: str, protocol: str, stack: str, result: Result) -> None:
         """Record one run."""
