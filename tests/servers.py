@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from redis.crc import key_slot
 
 from service.config import Settings, parse_library_changes
 from service.tls import ensure_dev_certificate
@@ -473,17 +474,44 @@ class RedisClusterGroup(RedisProcesses):
             assert time.monotonic() < deadline, "the cluster never became healthy"
             time.sleep(0.1)
 
-    def port_of_key(self, key: str) -> int:
-        """The port of the primary that holds key's slot now."""
+    def move_slot(self, slot: int, to_port: int, *, batch: int = 10, pause: float = 0.0) -> None:
+        """Move one slot and its keys to another primary, as `redis-cli --cluster reshard` does.
+
+        The slot is MIGRATING on its primary and IMPORTING on the new one while its keys
+        move, batch at a time (pause seconds after each); then every primary learns its
+        new owner.
+        """
+        source = self.port_of_slot(slot)
+        clients = {port: redis.Redis(host="127.0.0.1", port=port) for port in self.primaries()}
+        try:
+            ids = {port: c.execute_command("CLUSTER", "MYID") for port, c in clients.items()}
+            clients[to_port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+            clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to_port])
+            while keys := clients[source].execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                clients[source].execute_command(
+                    "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys
+                )
+                time.sleep(pause)
+            for port in sorted(clients, key=lambda port: (port != to_port, port != source)):
+                clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to_port])
+        finally:
+            for client in clients.values():
+                client.close()
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the primary that holds slot now."""
         client = redis.Redis(host="127.0.0.1", port=next(iter(self.processes)), socket_timeout=1)
         try:
-            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if int(start) <= slot <= int(end):
                     return int(primary[1])
         finally:
             client.close()
-        raise AssertionError(f"slot of {key!r} is not served")
+        raise AssertionError(f"slot {slot} is not served")
+
+    def port_of_key(self, key: str) -> int:
+        """The port of the primary that holds key's slot now."""
+        return self.port_of_slot(key_slot(key.encode()))
 
 
 @contextmanager

@@ -467,6 +467,76 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         assert (await login(http, username, PASSWORD)).access
 
 
+@pytest.mark.fault
+async def test_no_revoked_token_gets_in_while_a_group_moves_to_another_primary(
+    settings: Settings,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Resharding: a group's slot and its keys move to another primary, under checks.
+
+    A logout sent while its keys are half moved is in force from its answer on, and the
+    group answers again from the new primary once it has been reloaded there.
+    """
+    async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
+        username = await register(http, PASSWORD)
+        revoked, during, kept = [await login(http, username, PASSWORD) for _ in range(3)]
+        assert (await http.post("/auth/logout", headers=revoked.bearer())).status_code == 204
+        slot = key_slot(group_tags()[group_of(sub_of(kept))].encode())
+        home = cluster.port_of_slot(slot)
+        target = next(port for port in cluster.primaries() if port != home)
+        elsewhere = (await users_on_every_primary(http, cluster, 1))[target][0]
+        assert await status(http, kept.access) == 200
+
+        caplog.set_level(logging.INFO, logger="service.store")
+        caplog.clear()
+        move = asyncio.create_task(
+            asyncio.to_thread(cluster.move_slot, slot, target, batch=1, pause=0.3)
+        )
+        started = time.monotonic()
+        answers: Counter[tuple[str, int]] = Counter()
+        revoked_during: float | None = None
+        recovered: float | None = None
+        unavailable: list[float] = []
+        while recovered is None or time.monotonic() - recovered < STABLE:
+            now = time.monotonic() - started
+            assert now < 40, f"the service never recovered: {dict(answers)}"
+            if revoked_during is None and now > 0.5:
+                logout = await http.post("/auth/logout", headers=during.bearer())
+                assert logout.status_code in {202, 204}, logout.text
+                answers[("logout", logout.status_code)] += 1
+                revoked_during = now
+            for name, session in (("revoked", revoked), ("during", during)):
+                if name == "revoked" or revoked_during is not None:
+                    answer = await status(http, session.access)
+                    assert answer in {401, 503}, f"{name}'s revoked token accepted at {now:.2f} s"
+                    answers[(name, answer)] += 1
+            other = await status(http, elsewhere.access)
+            assert other in {200, 503}
+            answers[("elsewhere", other)] += 1
+            answer = await status(http, kept.access)
+            assert answer in {200, 503}
+            answers[("kept", answer)] += 1
+            if answer == 503:
+                unavailable.append(now)
+            if answer == 503 or not move.done():
+                recovered = None
+            elif recovered is None:
+                recovered = time.monotonic()
+            await asyncio.sleep(0.02)
+        await move
+        assert cluster.port_of_slot(slot) == target
+        print(f"\nanswers while the group moved and after: {dict(answers)}")
+        if unavailable:
+            print(f"the group's checks: 503 from {unavailable[0]:.2f} s to {unavailable[-1]:.2f} s")
+        print(f"reloads (groups, seconds): {reloads(caplog)}")
+        for session in (revoked, during):
+            assert await status(http, session.access) == 401
+        assert (await http.post("/auth/logout", headers=kept.bearer())).status_code == 204
+        assert await status(http, kept.access) == 401
+
+
 def reloads(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     """The loads from the durable record logged so far: (groups, seconds)."""
     return re.findall(r"durable record into (\d+) groups in ([0-9.]+) s", caplog.text)
