@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_private_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
+    # Public keys of earlier JWT_PRIVATE_KEY_FILEs, comma-separated paths: first-party
+    # tokens they signed stay valid while the key changes (RS256/ES256 only).
+    jwt_public_key_fallback_files: str = ""
     # The service's own https URL (RFC 8414 issuer): the metadata's base and every token's
     # iss. Required in production; development defaults to DEV_ISSUER, or to the first
     # address `serve --dev --bind` names.
@@ -177,6 +180,11 @@ class Settings(BaseSettings):
     def secret_keys(self) -> list[str]:
         """SECRET_KEY, then each of SECRET_KEY_FALLBACKS: what seals first, what still opens."""
         return [self.secret_key or "", *_split(self.secret_key_fallbacks)]
+
+    @property
+    def jwt_public_key_fallbacks(self) -> list[Path]:
+        """JWT_PUBLIC_KEY_FALLBACK_FILES: public keys of earlier first-party signing keys."""
+        return [Path(path) for path in _split(self.jwt_public_key_fallback_files)]
 
     @property
     def jwt_secrets(self) -> list[str]:
@@ -295,9 +303,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _jwt_fallbacks_are_secrets(self) -> Settings:
+    def _jwt_fallbacks_suit_the_algorithm(self) -> Settings:
         if self.jwt_algorithm != "HS256" and self.jwt_secrets[1:]:
             raise ValueError("JWT_SECRET_FALLBACKS applies to JWT_ALGORITHM=HS256 only")
+        if self.jwt_algorithm == "HS256" and self.jwt_public_key_fallbacks:
+            raise ValueError("JWT_PUBLIC_KEY_FALLBACK_FILES applies to RS256 and ES256 only")
         return self
 
     @model_validator(mode="after")
@@ -307,6 +317,8 @@ class Settings(BaseSettings):
                 _check_pem_key("JWT_PRIVATE_KEY_FILE", self.jwt_private_key_file, private=True)
             if self.jwt_public_key_file is not None:
                 _check_pem_key("JWT_PUBLIC_KEY_FILE", self.jwt_public_key_file, private=False)
+            for path in self.jwt_public_key_fallbacks:
+                _check_pem_key("JWT_PUBLIC_KEY_FALLBACK_FILES", path, private=False)
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,8 @@ import httpx
 import psycopg
 import pytest
 import redis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask
 
 from service import create_app, server
@@ -365,3 +367,21 @@ def acl_user(settings: Settings, prefix: str, *, without: tuple[str, ...] = ()) 
     finally:
         admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+
+
+def write_key(directory: Path, algorithm: str) -> Path:
+    """A PEM private key for algorithm, written to directory."""
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    path = directory / f"{algorithm}.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path

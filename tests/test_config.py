@@ -46,6 +46,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"jwt_secret": STRONG, "jwt_algorithm": "ES256"}, "JWT_PRIVATE_KEY_FILE"),
         ({"jwt_secret": STRONG, "jwt_secret_fallbacks": f"{STRONG},old"}, "FALLBACKS must be"),
         ({"jwt_algorithm": "ES256", "jwt_secret_fallbacks": STRONG}, "HS256 only"),
+        ({"jwt_secret": STRONG, "jwt_public_key_fallback_files": "/x.pem"}, "RS256 and ES256"),
     ],
 )
 def test_production_refuses_unsafe_settings(overrides: dict[str, object], message: str) -> None:

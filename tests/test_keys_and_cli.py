@@ -9,30 +9,10 @@ from pathlib import Path
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.config import Settings
-from tests.conftest import login, serve_in_process, settings_beside
+from tests.conftest import login, serve_in_process, settings_beside, write_key
 from tests.servers import ROOT
-
-
-def write_key(directory: Path, algorithm: str) -> Path:
-    """A PEM private key for algorithm, written to directory."""
-    key = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if algorithm == "RS256"
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    path = directory / f"{algorithm}.pem"
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])

@@ -136,7 +136,8 @@ def first_party_keys(settings: Settings, config: dict[str, Any]) -> FirstPartyKe
     """The keys of first-party tokens, from the settings and their mapped configuration."""
     if settings.jwt_algorithm == "HS256":
         return FirstPartyKeys.hs256(settings.jwt_secrets)
-    return FirstPartyKeys.asymmetric(settings.jwt_algorithm, config["JWT_PUBLIC_KEY"])
+    earlier = [path.read_text() for path in settings.jwt_public_key_fallbacks]
+    return FirstPartyKeys.asymmetric(settings.jwt_algorithm, [config["JWT_PUBLIC_KEY"], *earlier])
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -185,7 +186,7 @@ def _revokes_presented_token() -> bool:
 
 @jwt.additional_headers_loader
 def signing_kid(_identity: Any) -> dict[str, str]:
-    """Name the key that signs a first-party token, so that it can change (JWT_SECRET_FALLBACKS)."""
+    """Name the key that signs a first-party token, so that the key can change."""
     return {"kid": current_app.extensions["first_party_keys"].kid}
 
 

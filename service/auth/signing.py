@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
@@ -28,14 +29,19 @@ class FirstPartyKeys:
     @classmethod
     def hs256(cls, secrets: list[str]) -> FirstPartyKeys:
         """The current secret first, then the earlier ones still accepted."""
-        kids = [secret_kid(secret) for secret in secrets]
-        return cls("HS256", kids[0], dict(zip(kids, secrets, strict=True)), secrets[-1])
+        return cls._named("HS256", secrets, secret_kid)
 
     @classmethod
-    def asymmetric(cls, algorithm: str, public_pem: str) -> FirstPartyKeys:
-        """One RS256 or ES256 key pair, named by its public half."""
-        kid = public_kid(public_pem)
-        return cls(algorithm, kid, {kid: public_pem}, public_pem)
+    def asymmetric(cls, algorithm: str, public_pems: list[str]) -> FirstPartyKeys:
+        """RS256 or ES256: the signing key's public half first, then earlier ones, by kid."""
+        return cls._named(algorithm, public_pems, public_kid)
+
+    @classmethod
+    def _named(
+        cls, algorithm: str, keys: list[str], kid_of: Callable[[str], str]
+    ) -> FirstPartyKeys:
+        kids = [kid_of(key) for key in keys]
+        return cls(algorithm, kids[0], dict(zip(kids, keys, strict=True)), keys[-1])
 
     def verifying_key(self, kid: str | None) -> str | None:
         """The key a first-party token with this kid (None: none) verifies under, if any."""

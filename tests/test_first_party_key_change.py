@@ -1,4 +1,4 @@
-"""Changing JWT_SECRET: first-party tokens name their key, and earlier secrets still verify."""
+"""Changing the first-party signing key: tokens name their key, and earlier ones still verify."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import httpx
 import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
 
-from service.auth.signing import secret_kid
+from service.auth.signing import public_kid, secret_kid
 from service.config import Settings
-from tests.conftest import Session, login, register, serve_in_process, settings_beside
+from tests.conftest import Session, login, register, serve_in_process, settings_beside, write_key
 from tests.oauth_helpers import bearer, claims_of, header_of
 
 
@@ -66,3 +68,50 @@ def test_each_secret_has_one_kid_of_its_own() -> None:
     kid = secret_kid(secret)
     assert kid == secret_kid(secret) != secret_kid(secrets.token_urlsafe(48))
     assert kid.startswith("fp-") and len(kid) == 19  # never a 43-character JWK thumbprint
+
+
+def _public_half(private_pem: Path) -> Path:
+    """The public key of a PEM private key file, written beside it."""
+    key = serialization.load_pem_private_key(private_pem.read_bytes(), password=None)
+    path = private_pem.with_suffix(".pub.pem")
+    path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_sessions_outlive_a_signing_key_change_through_its_public_half(
+    settings: Settings, tmp_path: Path, algorithm: str
+) -> None:
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir(), new_dir.mkdir()
+    old, new = write_key(old_dir, algorithm), write_key(new_dir, algorithm)
+    asymmetric = {"jwt_algorithm": algorithm, "jwt_secret": None}
+    before = settings_beside(settings, tmp_path, **asymmetric, jwt_private_key_file=old)
+    during = settings_beside(
+        settings,
+        tmp_path,
+        **asymmetric,
+        jwt_private_key_file=new,
+        jwt_public_key_fallback_files=str(_public_half(old)),
+    )
+    after = settings_beside(settings, tmp_path, **asymmetric, jwt_private_key_file=new)
+    async with serve_in_process(before) as http:
+        kept, dropped = await _signed_in(http), await _signed_in(http)
+    assert header_of(kept.access)["kid"] == public_kid(_public_half(old).read_text())
+
+    async with serve_in_process(during) as http:
+        assert (await _hello(http, kept.access)).status_code == 200
+        refreshed = await http.post("/auth/refresh", headers=bearer(kept.refresh))
+        assert refreshed.status_code == 200, refreshed.text
+        renewed = refreshed.json()["access_token"]
+        assert header_of(renewed)["kid"] == public_kid(_public_half(new).read_text())
+
+    async with serve_in_process(after) as http:
+        assert (await _hello(http, renewed)).status_code == 200
+        refused = await _hello(http, dropped.access)
+        assert refused.status_code == 401
+        assert "unknown signing key" in refused.json()["detail"]
