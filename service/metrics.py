@@ -79,6 +79,11 @@ REVOCATIONS = Counter(
     "Revocations recorded (a session, a user's sessions, a grant or one token), by reason.",
     ["reason"],
 )
+EARLIER_KEY_TOKENS = Counter(
+    "authsvc_tokens_under_earlier_key",
+    "Requests whose first-party token verified only under a fallback key "
+    "(JWT_SECRET_FALLBACKS, JWT_PUBLIC_KEY_FALLBACK_FILES).",
+)
 REPLAYS = Counter(
     "authsvc_replays_detected",
     "Spent refresh tokens or authorization codes presented again (each revokes its session).",
@@ -231,6 +236,11 @@ def tokens_issued(*kinds: str) -> None:
     """Count tokens issued, one per kind named (TOKEN_KINDS)."""
     for kind in kinds:
         _ISSUED[kind].inc()
+
+
+def token_under_earlier_key() -> None:
+    """Count a request whose token only a fallback first-party key verifies."""
+    TALLY.count(EARLIER_KEY_TOKENS)
 
 
 def revoked(reason: str) -> None:

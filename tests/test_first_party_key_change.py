@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from service import metrics
 from service.auth.signing import public_kid, secret_kid
 from service.config import Settings
 from tests.conftest import Session, login, register, serve_in_process, settings_beside, write_key
@@ -25,6 +27,15 @@ async def _signed_in(http: httpx.AsyncClient) -> Session:
     return await login(http, await register(http, password), password)
 
 
+async def _under_earlier_keys(http: httpx.AsyncClient, metrics_token: str) -> float:
+    """authsvc_tokens_under_earlier_key_total as the app's /metrics shows it now."""
+    metrics.TALLY.flush()
+    page = await http.get("/metrics", headers=bearer(metrics_token))
+    assert page.status_code == 200, page.text
+    found = re.search(r"^authsvc_tokens_under_earlier_key_total (\S+)$", page.text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def _without_kid(token: str, secret: str) -> str:
     """The same token as a release without kids issued it: no kid, signed with secret."""
     return jwt.encode(claims_of(token), secret, algorithm="HS256")
@@ -35,7 +46,15 @@ async def test_sessions_outlive_a_jwt_secret_change_through_its_fallback(
 ) -> None:
     old, new = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
     before = settings_beside(settings, tmp_path, jwt_secret=old)
-    during = settings_beside(settings, tmp_path, jwt_secret=new, jwt_secret_fallbacks=old)
+    watch = secrets.token_urlsafe(48)
+    during = settings_beside(
+        settings,
+        tmp_path,
+        jwt_secret=new,
+        jwt_secret_fallbacks=old,
+        metrics_public=True,
+        metrics_token=watch,
+    )
     after = settings_beside(settings, tmp_path, jwt_secret=new)
     async with serve_in_process(before) as http:
         kept, dropped = await _signed_in(http), await _signed_in(http)
@@ -44,6 +63,7 @@ async def test_sessions_outlive_a_jwt_secret_change_through_its_fallback(
     assert header_of(kept.access)["kid"] == secret_kid(old)
 
     async with serve_in_process(during) as http:
+        counted = await _under_earlier_keys(http, watch)
         for token in (kept.access, legacy):
             assert (await _hello(http, token)).status_code == 200
         refreshed = await http.post("/auth/refresh", headers=bearer(kept.refresh))
@@ -51,6 +71,9 @@ async def test_sessions_outlive_a_jwt_secret_change_through_its_fallback(
         renewed = refreshed.json()
         assert header_of(renewed["access_token"])["kid"] == secret_kid(new)
         assert header_of(renewed["refresh_token"])["kid"] == secret_kid(new)
+        assert (await _hello(http, renewed["access_token"])).status_code == 200
+        # The two GETs and the refresh came with old-secret tokens; the last GET did not.
+        assert await _under_earlier_keys(http, watch) == counted + 3
 
     async with serve_in_process(after) as http:
         assert (await _hello(http, renewed["access_token"])).status_code == 200

@@ -14,6 +14,7 @@ from flask import Flask, Response, current_app, request
 from flask_jwt_extended import JWTManager, view_decorators
 from jwt import InvalidTokenError, get_unverified_header
 
+from service import metrics
 from service.auth.signing import KID_PREFIX, FirstPartyKeys
 from service.auth.verified import Verified, VerifiedTokens
 from service.config import Settings
@@ -190,6 +191,23 @@ def signing_kid(_identity: Any) -> dict[str, str]:
     return {"kid": current_app.extensions["first_party_keys"].kid}
 
 
+@jwt.token_verification_loader
+def note_earlier_key(header: dict[str, Any], _claims: dict[str, Any]) -> bool:
+    """Count tokens still signed by a fallback key: once none come, the fallback can go."""
+    named = _first_party(header)
+    if named is not None and named[0].is_earlier(named[1]):
+        metrics.token_under_earlier_key()
+    return True
+
+
+def _first_party(header: dict[str, Any]) -> tuple[FirstPartyKeys, str | None] | None:
+    """The first-party keys and the kid, when the header names one of them (or no key)."""
+    kid = header.get("kid")
+    if kid is not None and not str(kid).startswith(KID_PREFIX):
+        return None
+    return current_app.extensions["first_party_keys"], None if kid is None else str(kid)
+
+
 @jwt.decode_key_loader
 def decode_key(header: dict[str, Any], _claims: dict[str, Any]) -> Any:
     """Pick the key from the header, and pin the algorithm to that key's.
@@ -199,9 +217,10 @@ def decode_key(header: dict[str, Any], _claims: dict[str, Any]) -> Any:
     public key, alg none, an unknown kid) is refused here.
     """
     alg, kid = header.get("alg"), header.get("kid")
-    if kid is None or str(kid).startswith(KID_PREFIX):
-        first_party: FirstPartyKeys = current_app.extensions["first_party_keys"]
-        key = first_party.verifying_key(None if kid is None else str(kid))
+    named = _first_party(header)
+    if named is not None:
+        first_party, first_party_kid = named
+        key = first_party.verifying_key(first_party_kid)
         if key is None:
             raise InvalidTokenError("unknown signing key")
         if alg != first_party.algorithm:

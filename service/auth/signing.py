@@ -47,6 +47,11 @@ class FirstPartyKeys:
         """The key a first-party token with this kid (None: none) verifies under, if any."""
         return self.unnamed if kid is None else self.verifying.get(kid)
 
+    def is_earlier(self, kid: str | None) -> bool:
+        """Whether a first-party token with this kid verifies under a fallback key only."""
+        key = self.verifying_key(kid)
+        return key is not None and key is not self.verifying[self.kid]
+
 
 def secret_kid(secret: str) -> str:
     """The kid of an HS256 secret."""
