@@ -32,11 +32,22 @@ def enabled_changes() -> frozenset[str]:
     return parse_library_changes(os.environ.get("LIBRARY_CHANGES", "all"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never the same one twice.
+
+    A group of servers takes several before any of them binds: the kernel may offer one
+    again meanwhile (a cluster node's bus port equal to another node's port).
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

@@ -50,7 +50,7 @@ class FirstPartyKeys:
     def is_earlier(self, kid: str | None) -> bool:
         """Whether a first-party token with this kid verifies under a fallback key only."""
         key = self.verifying_key(kid)
-        return key is not None and key is not self.verifying[self.kid]
+        return key is not None and key != self.verifying[self.kid]
 
 
 def secret_kid(secret: str) -> str:
