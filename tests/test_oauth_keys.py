@@ -687,6 +687,12 @@ async def test_clients_command(client: httpx.AsyncClient, settings: Settings) ->
     assert await token_status(rotated["client_secret"]) == 401
 
 
+def test_kids_never_read_as_command_line_options() -> None:
+    kids = [keys.thumbprint(keys.new_signing_key()[1]) for _ in range(2000)]  # 1 in 64 would
+    assert not [kid for kid in kids if kid.startswith("-")]
+    assert {len(kid) for kid in kids} == {43} and len(set(kids)) == len(kids)
+
+
 def test_client_ids_never_read_as_command_line_options(monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = iter(["-dashFirst", "-again", "kept_id"])
     monkeypatch.setattr(clients.secrets, "token_urlsafe", lambda _n: next(drawn))

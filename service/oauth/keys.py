@@ -110,20 +110,28 @@ def _fernet(secret_key: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(derived))
 
 
-def _thumbprint(jwk: dict[str, Any]) -> str:
+def thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638 JWK thumbprint: a kid that is stable and derived from the key itself."""
     members = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"))
     digest = hashlib.sha256(members.encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def new_signing_key() -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any]]:
+    """A P-256 key and its public JWK, whose thumbprint no command line takes for an option."""
+    while True:
+        private = ec.generate_private_key(ec.SECP256R1())
+        jwk: dict[str, Any] = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+        if not thumbprint(jwk).startswith("-"):  # 1 in 64 would: `keys retire -x...` fails
+            return private, jwk
+
+
 async def create_key(
     session: AsyncSession, *, secret_key: str, activates_at: datetime | None = None
 ) -> str:
     """Generate, encrypt and store a new key; returns its kid."""
-    private = ec.generate_private_key(ec.SECP256R1())
-    jwk: dict[str, Any] = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
-    kid = _thumbprint(jwk)
+    private, jwk = new_signing_key()
+    kid = thumbprint(jwk)
     jwk.update(kid=kid, alg=ALG, use="sig")
     pem = private.private_bytes(
         serialization.Encoding.PEM,
