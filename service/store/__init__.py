@@ -31,6 +31,7 @@ from service.store.blocklist import (
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
 from service.store.group_commit import GroupCommit
+from service.store.groups import group_of
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
 from service.store.redis_target import Topology, parse_target
@@ -72,6 +73,11 @@ class Store:
         # a check failed); while it moves, checks here fail closed.
         self._doubts = 0
         self._doubts_cleared = 0
+        # The groups of users each doubt not yet cleared covers, by its number (None: all).
+        # On one server every doubt covers all; on a Cluster a failed write covers the
+        # groups it wrote and a failed check its token's group, so that users whose shard
+        # answers are not refused for another shard's failure.
+        self._doubted: dict[int, frozenset[int] | None] = {}
         # Revocations recorded here that Redis may not have taken, by the doubt they
         # raised: a later write (anyone's) can raise Redis's seq past them, so recovery
         # writes them back by these, not by comparing numbers.
@@ -128,7 +134,7 @@ class Store:
                 await self.blocklist.add(entries, seq=seq)
             except BaseException as exc:  # whatever stopped it, Redis may lack what was recorded
                 unwritten = Unwritten.of(entries, seq)
-                self._doubt(unwritten)
+                self._doubt(unwritten.groups, unwritten)
                 if isinstance(exc, Exception):  # not when cancelled: nothing may wait then
                     await self._mark_unwritten(unwritten)
                 raise
@@ -148,9 +154,9 @@ class Store:
     async def check(self, ref: TokenRef) -> Verdict:
         """The per-request revocation check; fails closed while Redis may lack a revocation."""
         try:
-            return self._settle(await self.blocklist.check(ref))
+            return self._settle(await self.blocklist.check(ref), ref)
         except BlocklistUnavailable:
-            self._doubt()
+            self._doubt(frozenset({group_of(ref.sub)}))
             raise
 
     def verdict(self, ref: TokenRef) -> Verdict:
@@ -165,7 +171,7 @@ class Store:
         known = self.blocklist.known(ref)
         if known is None:
             return self.loop.run(self.check(ref))
-        return self._settle(known)
+        return self._settle(known, ref)
 
     async def probe(self) -> bool:
         """Whether a check would pass now: the check script itself, under Redis's ACL."""
@@ -175,17 +181,31 @@ class Store:
             self._doubt()
             raise
 
-    def _settle(self, verdict: Verdict) -> Verdict:
-        if verdict is Verdict.NOT_LOADED or self._doubts != self._doubts_cleared:
+    def _settle(self, verdict: Verdict, ref: TokenRef | None = None) -> Verdict:
+        if verdict is Verdict.NOT_LOADED or (self._doubted and self._doubts_cover(ref)):
             # Not loaded, or older than a revocation this process saw, or Redis failed
             # here since the last recovery: it may lack one; answer 503 until recovered.
             self.request_recovery()
             return Verdict.NOT_LOADED
         return verdict
 
-    def _doubt(self, unwritten: Unwritten | None = None) -> None:
+    def _doubts_cover(self, ref: TokenRef | None) -> bool:
+        """Whether a doubt not yet cleared covers ref's group (None: any group)."""
+        group = None if ref is None else group_of(ref.sub)
+        with self._recovery_lock:
+            return any(
+                groups is None or group is None or group in groups
+                for groups in self._doubted.values()
+            )
+
+    def _doubt(
+        self, groups: frozenset[int] | None = None, unwritten: Unwritten | None = None
+    ) -> None:
+        """Note that Redis may lack a revocation, of these groups on a Cluster."""
         with self._recovery_lock:
             self._doubts += 1
+            cluster = isinstance(self.blocklist, ClusterBlocklist)
+            self._doubted[self._doubts] = groups if cluster else None
             if unwritten is not None:
                 self._unwritten[self._doubts] = unwritten
 
@@ -337,6 +357,8 @@ class Store:
             self._doubts_cleared = max(self._doubts_cleared, doubts)
             for number in [number for number in self._unwritten if number <= doubts]:
                 del self._unwritten[number]
+            for number in [number for number in self._doubted if number <= doubts]:
+                del self._doubted[number]
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""

@@ -32,6 +32,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
+from service import metrics
 from service.store.blocklist import (
     BREAKER_SECONDS,
     CHECK_SCRIPT,
@@ -88,6 +89,10 @@ class ClusterBlocklist(RedisBlocklist):
         self._tags = group_tags()
         self._floors = [0] * GROUPS
         self._run_ids: dict[str, str] = {}
+        # A breaker per node: checks of groups whose node just failed answer 503 at once,
+        # and those of the other nodes' groups go on (the inherited breaker is for a
+        # client that cannot reach the cluster at all).
+        self._nodes_down: dict[str, float] = {}
         self._cluster: RedisCluster | None = None
         self._script: AsyncScript | None = None
         self._feeds: ClusterFeed | None = None
@@ -129,15 +134,28 @@ class ClusterBlocklist(RedisBlocklist):
         await connection.send_command("INFO", "server")
         self._run_ids[node_name(connection)] = _run_id(await connection.read_response())
 
-    def _unreachable(self, exc: Exception) -> BlocklistUnavailable:
-        if not self._down_until and self._cluster is not None:
-            # As on one server: start afresh on every node rather than fail once per
-            # stale connection.
+    def _unreachable(self, exc: Exception, node: str | None = None) -> BlocklistUnavailable:
+        """Open the breaker of the node that failed (None: of every node), and start afresh.
+
+        As on one server, its connections are closed rather than left to fail once each.
+        """
+        metrics.redis_error("check")
+        if self._cluster is not None:
             loop = asyncio.get_running_loop()
-            for node in self._cluster.get_nodes():
-                self._closing.add(loop.create_task(_disconnect(node)))
-        self._down_until = time.monotonic() + BREAKER_SECONDS
+            for each in self._cluster.get_nodes():
+                if node in (None, each.name) and not self._down(each.name):
+                    self._closing.add(loop.create_task(_disconnect(each)))
+        until = time.monotonic() + BREAKER_SECONDS
+        if node is None:
+            self._down_until = until
+        else:
+            self._nodes_down[node] = until
         return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+
+    def _down(self, node: str) -> bool:
+        """Whether the node's breaker, or the whole client's, is open."""
+        now = time.monotonic()
+        return now < self._down_until or now < self._nodes_down.get(node, 0.0)
 
     def _current_feed(self) -> RevocationFeed | None:
         """Not the single-server feed: see _cluster_feed."""
@@ -239,6 +257,13 @@ class ClusterBlocklist(RedisBlocklist):
         args: list[str | int] = [ref.jti, ref.sid, session_started_ms(ref)]
         try:
             node = self._node_of(client, keys[0])
+        except FAILURES as exc:  # no node holds the slot now: a lookup, nothing to wait out
+            metrics.redis_error("check")
+            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        if self._down(node):
+            # Recently unreachable: answer 503 at once instead of waiting out a timeout.
+            raise BlocklistUnavailable("blocklist node unreachable moments ago")
+        try:
             run_id = self._run_ids.get(node, "")
             result = await self._script(keys, [*args, run_id, self._floors[group]], client)
             answered = self._node_of(client, keys[0])
@@ -248,8 +273,9 @@ class ClusterBlocklist(RedisBlocklist):
                 run_id = self._run_ids.get(answered, "")
                 result = await self._script(keys, [*args, run_id, self._floors[group]], client)
         except FAILURES as exc:
-            raise self._unreachable(exc) from exc
+            raise self._unreachable(exc, node) from exc
         self._down_until = 0.0
+        self._nodes_down.pop(node, None)
         return Verdict(int(result))
 
     @staticmethod
