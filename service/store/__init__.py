@@ -70,9 +70,8 @@ class Store:
         self._recovery_started = 0.0
         self._recovery_lock = threading.Lock()
         # Counts the moments this process may know of revocations Redis lacks (a write or
-        # a check failed); while it moves, checks here fail closed.
+        # a check failed); while one is not cleared, checks it covers fail closed.
         self._doubts = 0
-        self._doubts_cleared = 0
         # The groups of users each doubt not yet cleared covers, by its number (None: all).
         # On one server every doubt covers all; on a Cluster a failed write covers the
         # groups it wrote and a failed check its token's group, so that users whose shard
@@ -354,7 +353,6 @@ class Store:
 
     def _cleared(self, doubts: int) -> None:
         with self._recovery_lock:
-            self._doubts_cleared = max(self._doubts_cleared, doubts)
             for number in [number for number in self._unwritten if number <= doubts]:
                 del self._unwritten[number]
             for number in [number for number in self._doubted if number <= doubts]:
@@ -377,7 +375,7 @@ class Store:
 
     async def _behind(self, session: AsyncSession) -> bool:
         """Whether a write failed here since the last recovery, or anywhere (a mark waits)."""
-        return self._doubts != self._doubts_cleared or await has_unwritten_marks(session)
+        return bool(self._doubted) or await has_unwritten_marks(session)
 
     async def _verify_groups(self, blocklist: ClusterBlocklist) -> None:
         """verify, group by group (see _recover_groups)."""
