@@ -118,11 +118,13 @@ def thumbprint(jwk: dict[str, Any]) -> str:
 
 
 def new_signing_key() -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any]]:
-    """A P-256 key and its public JWK, whose thumbprint no command line takes for an option."""
+    """A P-256 key and its public JWK, kid included, that no command line takes for an option."""
     while True:
         private = ec.generate_private_key(ec.SECP256R1())
         jwk: dict[str, Any] = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
-        if not thumbprint(jwk).startswith("-"):  # 1 in 64 would: `keys retire -x...` fails
+        kid = thumbprint(jwk)
+        if not kid.startswith("-"):  # 1 in 64 would: `keys retire -x...` fails
+            jwk.update(kid=kid, alg=ALG, use="sig")
             return private, jwk
 
 
@@ -131,8 +133,7 @@ async def create_key(
 ) -> str:
     """Generate, encrypt and store a new key; returns its kid."""
     private, jwk = new_signing_key()
-    kid = thumbprint(jwk)
-    jwk.update(kid=kid, alg=ALG, use="sig")
+    kid = str(jwk["kid"])
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
