@@ -31,7 +31,7 @@ from service.store.blocklist import (
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
 from service.store.group_commit import GroupCommit
-from service.store.groups import group_of
+from service.store.groups import GROUPS, group_of
 from service.store.memory_blocklist import MemoryBlocklist
 from service.store.models import utcnow
 from service.store.redis_target import Topology, parse_target
@@ -289,7 +289,9 @@ class Store:
         """recover, group by group, on a Redis Cluster: only groups that may lack one reload.
 
         Each group has its own ready, seq and floor, and PostgreSQL its own highest number
-        per group; a failover of one shard leaves the groups of the others loaded.
+        per group; a failover of one shard leaves the groups of the others loaded. The
+        groups of a node that does not answer are left for a later round, and doubts of
+        the other groups are cleared meanwhile; True once every group is verified.
         """
         doubts = self._doubts
         floors = blocklist.floors()  # before Redis is read (see recover)
@@ -299,9 +301,12 @@ class Store:
             settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
             marks = await unwritten_marks(session)
         unwritten = self._with_marks(self._unwritten_up_to(doubts), marks)
+        answered = frozenset(group for group, state in enumerate(states) if state is not None)
         stale: dict[int, int] = {}
         went_back: list[int] = []
         for group, state in enumerate(states):
+            if state is None:
+                continue
             back = state.seq < max(floors[group], settled[group])
             missed = unwritten is not None and group in unwritten.groups
             if state.loaded and not back and state.seq >= latest[group] and not missed:
@@ -311,8 +316,8 @@ class Store:
             if back and state.loaded:
                 went_back.append(group)
         if not stale:
-            await self._written_back(doubts, marks)
-            return True
+            await self._written_back(doubts, marks, answered)
+            return len(answered) == GROUPS
         if went_back:
             log.error(
                 "Redis lost revocations in %d groups of users: reloading them, their checks "
@@ -324,16 +329,14 @@ class Store:
         async with self.db.session() as session:
             entries = stream_active(session, after_seq=min(stale.values()), groups=stale)
             done = await blocklist.rebuild_groups(entries, {g: latest[g] for g in stale})
-        if done != set(stale):
-            return False
-        await self._written_back(doubts, marks)
+        await self._written_back(doubts, marks, answered - (set(stale) - done))
         log.log(
             logging.WARNING if went_back else logging.INFO,
             "blocklist loaded from the durable record into %d groups in %.2f s",
             len(done),
             time.monotonic() - started,
         )
-        return True
+        return done == set(stale) and len(answered) == GROUPS
 
     @staticmethod
     def _with_marks(
@@ -344,19 +347,29 @@ class Store:
             return unwritten
         return marks[1] | unwritten
 
-    async def _written_back(self, doubts: int, marks: tuple[int, Unwritten] | None) -> None:
-        """Redis holds all that was doubted up to doubts, and all that marks named."""
-        self._cleared(doubts)
-        if marks is not None:
+    async def _written_back(
+        self,
+        doubts: int,
+        marks: tuple[int, Unwritten] | None,
+        verified: frozenset[int] | None = None,
+    ) -> None:
+        """Redis holds all that was doubted up to doubts, and all that marks named.
+
+        On a Cluster, only in the groups verified: doubts and marks of others stay.
+        """
+        self._cleared(doubts, verified)
+        if marks is not None and _covers(verified, marks[1].groups):
             async with self.db.session() as session:
                 await drop_unwritten_marks(session, up_to=marks[0])
 
-    def _cleared(self, doubts: int) -> None:
+    def _cleared(self, doubts: int, verified: frozenset[int] | None = None) -> None:
         with self._recovery_lock:
-            for number in [number for number in self._unwritten if number <= doubts]:
-                del self._unwritten[number]
-            for number in [number for number in self._doubted if number <= doubts]:
-                del self._doubted[number]
+            for number, unwritten in list(self._unwritten.items()):
+                if number <= doubts and _covers(verified, unwritten.groups):
+                    del self._unwritten[number]
+            for number, groups in list(self._doubted.items()):
+                if number <= doubts and _covers(verified, groups):
+                    del self._doubted[number]
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""
@@ -385,13 +398,14 @@ class Store:
             settled = await latest_group_seqs(session, recorded_before=utcnow() - VERIFY_GRACE)
             behind = await self._behind(session)
         if behind or any(
-            not state.loaded or state.seq < max(floors[group], settled[group])
+            state is None or not state.loaded or state.seq < max(floors[group], settled[group])
             for group, state in enumerate(states)
         ):
             await self.recover()
             return
         for group, state in enumerate(states):
-            blocklist.raise_group_floor(group, state.seq)
+            if state is not None:
+                blocklist.raise_group_floor(group, state.seq)
 
     async def warm_up(self) -> None:
         """Connect to both backends and make sure the blocklist holds every revocation."""
@@ -426,6 +440,13 @@ class Store:
         self._maintenance = []
         await self.blocklist.close()
         await self.db.dispose()
+
+
+def _covers(verified: frozenset[int] | None, groups: frozenset[int] | None) -> bool:
+    """Whether the groups verified (None: all) include groups (None: all)."""
+    if verified is None:
+        return True
+    return len(verified) == GROUPS if groups is None else groups <= verified
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:

@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
 from service.store.blocklist import (
@@ -122,11 +123,21 @@ class ClusterBlocklist(RedisBlocklist):
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
             self._script = self._cluster.register_script(CHECK_SCRIPT)
+        client = self._cluster
         try:
-            await self._cluster.initialize()
+            await client.initialize()
         except FAILURES as exc:
-            raise self._unreachable(exc) from exc
-        return self._cluster
+            # Relearning the layout asks the first primary the client knows: when that is
+            # the one down, relearn it from the next before calling the cluster unreachable.
+            first = client.get_primaries()[:1]
+            if not first:
+                raise self._unreachable(exc) from exc
+            self._set_aside(client, first[0].name)
+            try:
+                await client.initialize()
+            except FAILURES as again:
+                raise self._unreachable(again) from again
+        return client
 
     async def _on_node_connect(self, connection: aredis.connection.AbstractConnection) -> None:
         """Learn each node's run_id on every new connection to it: a restart shows up here."""
@@ -150,7 +161,20 @@ class ClusterBlocklist(RedisBlocklist):
             self._down_until = until
         else:
             self._nodes_down[node] = until
+            if self._cluster is not None:
+                self._set_aside(self._cluster, node)
         return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+
+    @staticmethod
+    def _set_aside(client: RedisCluster, node: str) -> None:
+        """Make a node that failed the last the client asks when it relearns the layout.
+
+        The client asks the first primary it knows for its command table every time it
+        relearns the layout (after any failure); were that the dead one, it could not
+        relearn it, and every node's checks would fail until the failover. The client
+        does this itself for a command that fails, not for a pipeline or a lookup.
+        """
+        client.nodes_manager.move_node_to_end_of_cached_nodes(node)
 
     def _down(self, node: str) -> bool:
         """Whether the node's breaker, or the whole client's, is open."""
@@ -251,7 +275,6 @@ class ClusterBlocklist(RedisBlocklist):
         """Run the check script on the node of the token's group, with that node's run_id."""
         self._refuse_if_down()
         client = await self._client()
-        assert self._script is not None
         group = group_of(ref.sub)
         keys = self.check_keys(group, ref)
         args: list[str | int] = [ref.jti, ref.sid, session_started_ms(ref)]
@@ -264,19 +287,35 @@ class ClusterBlocklist(RedisBlocklist):
             # Recently unreachable: answer 503 at once instead of waiting out a timeout.
             raise BlocklistUnavailable("blocklist node unreachable moments ago")
         try:
-            run_id = self._run_ids.get(node, "")
-            result = await self._script(keys, [*args, run_id, self._floors[group]], client)
-            answered = self._node_of(client, keys[0])
-            if (answered, self._run_ids.get(answered, "")) != (node, run_id):
-                # The call (re)connected, or followed the slot to another node: ask again
-                # with the run_id of the node that holds the slot now.
-                run_id = self._run_ids.get(answered, "")
-                result = await self._script(keys, [*args, run_id, self._floors[group]], client)
-        except FAILURES as exc:
+            result = await self._run_check(client, group, keys, args, node)
+        except RedisTimeoutError as exc:
             raise self._unreachable(exc, node) from exc
+        except FAILURES:
+            # The client drops every node's connections, also those in use, when it
+            # relearns the layout (a failover or a move elsewhere in the cluster): a check
+            # is a read, so it is asked once more before its node counts as down.
+            try:
+                result = await self._run_check(client, group, keys, args, node)
+            except FAILURES as exc:
+                raise self._unreachable(exc, node) from exc
         self._down_until = 0.0
         self._nodes_down.pop(node, None)
         return Verdict(int(result))
+
+    async def _run_check(
+        self, client: RedisCluster, group: int, keys: list[str], args: list[str | int], node: str
+    ) -> Any:
+        """The check script with the run_id of the node that holds the group's slot."""
+        assert self._script is not None
+        run_id = self._run_ids.get(node, "")
+        result = await self._script(keys, [*args, run_id, self._floors[group]], client)
+        answered = self._node_of(client, keys[0])
+        if (answered, self._run_ids.get(answered, "")) != (node, run_id):
+            # The call (re)connected, or followed the slot to another node: ask again
+            # with the run_id of the node that holds the slot now.
+            run_id = self._run_ids.get(answered, "")
+            result = await self._script(keys, [*args, run_id, self._floors[group]], client)
+        return result
 
     @staticmethod
     def _node_of(client: RedisCluster, key: str) -> str:
@@ -453,33 +492,64 @@ class ClusterBlocklist(RedisBlocklist):
 
     # What the groups say of themselves.
 
-    async def group_states(self) -> list[State]:
-        """Whether each group is loaded into the node holding its slot, and its seq."""
+    async def group_states(self) -> list[State | None]:
+        """Whether each group is loaded into the node holding its slot, and its seq.
+
+        None for the groups of a node that does not answer: the others are read all the
+        same, so that a failed shard does not hide the state of the rest.
+        """
         client = await self._client()
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for group in range(GROUPS):
-                    pipe.get(self.key(group, "ready"))
-                    pipe.get(self.key(group, "seq"))
-                values = await pipe.execute()
-            run_ids: dict[str, str] = {}
-            for primary in client.get_primaries():
-                info = await client.execute_command("INFO", "server", target_nodes=primary)
-                run_ids[primary.name] = _run_id(info)
-            states = []
-            for group in range(GROUPS):
-                ready, seq = values[2 * group], values[2 * group + 1]
-                expected = run_ids.get(self._node_of(client, self.key(group, "ready")), "")
-                loaded = isinstance(ready, bytes) and bool(expected) and ready.decode() == expected
-                states.append(State(loaded=loaded, seq=int(seq or 0)))
-        except FAILURES as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+        by_node: dict[str, list[int]] = defaultdict(list)
+        for group in range(GROUPS):
+            by_node[self._node_of(client, self.key(group, "ready"))].append(group)
+        by_node.pop("", None)  # slots no node holds now
+        states: list[State | None] = [None] * GROUPS
+        # One node after another: a pipeline that fails makes the client drop every
+        # node's connections, which would fail the reads of the others under way.
+        for node, groups in by_node.items():
+            try:
+                answer = await self._node_states(client, node, groups)
+            except FAILURES:
+                self._set_aside(client, node)
+                continue
+            for group, state in zip(groups, answer, strict=True):
+                states[group] = state
+        if all(state is None for state in states):
+            raise BlocklistUnavailable("blocklist unreachable: no node answered")
+        return states
+
+    async def _node_states(self, client: RedisCluster, node: str, groups: list[int]) -> list[State]:
+        """The states of groups whose slots node holds (see group_states)."""
+        async with client.pipeline(transaction=False) as pipe:
+            for group in groups:
+                pipe.get(self.key(group, "ready"))
+                pipe.get(self.key(group, "seq"))
+            values = await pipe.execute()
+        target = client.get_node(node_name=node)
+        if target is None:
+            raise RedisClusterException(f"{node} left the cluster")
+        run_id = _run_id(await client.execute_command("INFO", "server", target_nodes=target))
+        states = []
+        for index, group in enumerate(groups):
+            ready, seq = values[2 * index], values[2 * index + 1]
+            # A slot that moved meanwhile counts as not loaded: its group is reloaded.
+            holder = self._node_of(client, self.key(group, "ready"))
+            loaded = (
+                bool(run_id)
+                and holder == node
+                and isinstance(ready, bytes)
+                and ready.decode() == run_id
+            )
+            states.append(State(loaded=loaded, seq=int(seq or 0)))
         return states
 
     async def state(self) -> State:
         """Loaded when every group is; the lowest seq of any group."""
         states = await self.group_states()
-        return State(loaded=all(s.loaded for s in states), seq=min(s.seq for s in states))
+        known = [state for state in states if state is not None]
+        if len(known) < len(states):
+            raise BlocklistUnavailable("blocklist unreachable: a node did not answer")
+        return State(loaded=all(s.loaded for s in known), seq=min(s.seq for s in known))
 
     async def invalidate_groups(self, groups: Iterable[int]) -> None:
         """Drop the groups' loaded marks: their checks answer NOT_LOADED until reloaded."""
