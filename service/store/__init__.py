@@ -232,7 +232,7 @@ class Store:
         try:
             return await self.recover()
         except Exception as exc:
-            log.warning("blocklist recovery failed (%s); will retry", type(exc).__name__)
+            log.warning("blocklist recovery failed (%s); will retry", _reason(exc))
             return False
 
     async def recover(self) -> bool:
@@ -442,6 +442,11 @@ class Store:
         await self.db.dispose()
 
 
+def _reason(exc: Exception) -> str:
+    """What to log of a failure: the cause a BlocklistUnavailable names, else the type."""
+    return str(exc) if isinstance(exc, BlocklistUnavailable) else type(exc).__name__
+
+
 def _covers(verified: frozenset[int] | None, groups: frozenset[int] | None) -> bool:
     """Whether the groups verified (None: all) include groups (None: all)."""
     if verified is None:
@@ -456,7 +461,7 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str
         try:
             await job()
         except Exception as exc:  # the next round tries again
-            log.warning("%s failed: %s", what, type(exc).__name__)
+            log.warning("%s failed: %s", what, _reason(exc))
 
 
 def _make_blocklist(settings: Settings) -> Blocklist:
