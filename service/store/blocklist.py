@@ -97,6 +97,11 @@ BREAKER_SECONDS = 0.5
 class BlocklistUnavailable(RuntimeError):
     """The blocklist cannot answer (Redis unreachable or not yet rebuilt): fail closed."""
 
+    @classmethod
+    def because(cls, exc: BaseException) -> BlocklistUnavailable:
+        """The error for a failed call to Redis, naming only the failure's type."""
+        return cls(f"blocklist unreachable: {type(exc).__name__}")
+
 
 class Verdict(IntEnum):
     """Result of a check, as the check script returns it."""
@@ -341,7 +346,7 @@ class RedisBlocklist:
             pool = self._redis.connection_pool
             self._closing.add(asyncio.get_running_loop().create_task(pool.disconnect()))
         self._down_until = time.monotonic() + BREAKER_SECONDS
-        return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+        return BlocklistUnavailable.because(exc)
 
     @property
     def floor(self) -> int:
@@ -502,7 +507,7 @@ class RedisBlocklist:
                 replies = await pipe.execute()
         except RedisError as exc:
             metrics.redis_error("write")
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         self.raise_floor(seq)
         return int(replies[-1])
 
@@ -547,7 +552,7 @@ class RedisBlocklist:
             if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, *finish):
                 return False
         except RedisError as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         self.raise_floor(seq)
         return True
 
@@ -591,7 +596,7 @@ class RedisBlocklist:
                 pipe.info("server")
                 ready, seq, info = await pipe.execute()
         except RedisError as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         loaded = isinstance(ready, bytes) and ready.decode() == parse_run_id(info)
         return State(loaded=loaded, seq=int(seq or 0))
 
@@ -600,7 +605,7 @@ class RedisBlocklist:
         try:
             await self._clients().delete(self._ready_key)
         except RedisError as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is not allowed."""

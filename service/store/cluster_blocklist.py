@@ -163,7 +163,7 @@ class ClusterBlocklist(RedisBlocklist):
             self._nodes_down[node] = until
             if self._cluster is not None:
                 self._set_aside(self._cluster, node)
-        return BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}")
+        return BlocklistUnavailable.because(exc)
 
     @staticmethod
     def _set_aside(client: RedisCluster, node: str) -> None:
@@ -282,7 +282,7 @@ class ClusterBlocklist(RedisBlocklist):
             node = self._node_of(client, keys[0])
         except FAILURES as exc:  # no node holds the slot now: a lookup, nothing to wait out
             metrics.redis_error("check")
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         if self._down(node):
             # Recently unreachable: answer 503 at once instead of waiting out a timeout.
             raise BlocklistUnavailable("blocklist node unreachable moments ago")
@@ -399,7 +399,7 @@ class ClusterBlocklist(RedisBlocklist):
                 pipe.eval(ANNOUNCE_SCRIPT, 1, self.key(group, "revoked"), announcement)
                 replies = await pipe.execute()
         except FAILURES as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         self.raise_group_floor(group, seq)
         return int(replies[-1])
 
@@ -465,7 +465,7 @@ class ClusterBlocklist(RedisBlocklist):
                     done.add(group)
                     self.raise_group_floor(group, seqs[group])
         except FAILURES as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
         return done
 
     async def _load_batch(
@@ -560,7 +560,7 @@ class ClusterBlocklist(RedisBlocklist):
                     pipe.delete(self.key(group, "ready"))
                 await pipe.execute()
         except FAILURES as exc:
-            raise BlocklistUnavailable(f"blocklist unreachable: {type(exc).__name__}") from exc
+            raise BlocklistUnavailable.because(exc) from exc
 
     async def invalidate(self) -> None:
         """Drop every group's loaded mark."""
