@@ -315,11 +315,11 @@ async def test_marks_of_unwritten_revocations_add_up_and_only_those_read_are_dro
             async with database.session() as session:
                 assert await unwritten_marks(session) is None
                 for after, groups in ((10, {1}), (5, {2, 3}), (20, {1})):
-                    await mark_unwritten(session, Unwritten(after, frozenset(groups)))
+                    mark_unwritten(session, Unwritten(after, frozenset(groups)))
             async with database.session() as session:
                 read = await unwritten_marks(session)
                 assert read is not None and read[1] == Unwritten(5, frozenset({1, 2, 3}))
-                await mark_unwritten(session, Unwritten(30, frozenset({7})))  # after the read
+                mark_unwritten(session, Unwritten(30, frozenset({7})))  # after the read
                 await drop_unwritten_marks(session, up_to=read[0])
             async with database.session() as session:
                 left = await unwritten_marks(session)

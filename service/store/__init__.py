@@ -146,7 +146,7 @@ class Store:
         """
         try:
             async with self.db.session() as session:
-                await mark_unwritten(session, unwritten)
+                mark_unwritten(session, unwritten)
         except Exception as exc:  # this process still remembers it (self._unwritten)
             log.warning("could not mark revocations Redis may lack: %s", type(exc).__name__)
 

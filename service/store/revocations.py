@@ -214,7 +214,7 @@ class Unwritten:
         return Unwritten(after=min(self.after, other.after), groups=self.groups | other.groups)
 
 
-async def mark_unwritten(session: AsyncSession, unwritten: Unwritten) -> None:
+def mark_unwritten(session: AsyncSession, unwritten: Unwritten) -> None:
     """Record that Redis may lack what unwritten names, for any worker to write back."""
     groups = " ".join(str(group) for group in sorted(unwritten.groups))
     session.add(UnwrittenRevocations(after_seq=unwritten.after, user_groups=groups))
