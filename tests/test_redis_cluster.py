@@ -443,9 +443,12 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
             now = time.monotonic() - killed
             # At once, as concurrent clients ask: a command failing on the dead node must
             # not fail those under way on the live ones.
-            home_answer, *other_answers = await asyncio.gather(
-                status(http, kept.access), *(status(http, other.access) for _ in range(4))
+            home_answer, ready, *other_answers = await asyncio.gather(
+                status(http, kept.access),
+                http.get("/readyz"),  # probes a random group: a third of them are the dead's
+                *(status(http, other.access) for _ in range(4)),
             )
+            assert ready.status_code in {200, 503}
             answers = {"home": home_answer, "other": max(other_answers)}
             for name, answer in answers.items():
                 assert answer in {200, 503}

@@ -27,6 +27,7 @@ from service.store.blocklist import (
     RedisBlocklist,
     TokenRef,
     Verdict,
+    nobody,
 )
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.db import Database
@@ -173,11 +174,15 @@ class Store:
         return self._settle(known, ref)
 
     async def probe(self) -> bool:
-        """Whether a check would pass now: the check script itself, under Redis's ACL."""
+        """Whether a check would pass now: the check script itself, under Redis's ACL.
+
+        On a Cluster, for one group: a failure doubts that group, as a request's would.
+        """
+        ref = nobody()
         try:
-            return self._settle(await self.blocklist.probe()) is Verdict.VALID
+            return self._settle(await self.blocklist.probe(ref), ref) is Verdict.VALID
         except BlocklistUnavailable:
-            self._doubt()
+            self._doubt(frozenset({group_of(ref.sub)}))
             raise
 
     def _settle(self, verdict: Verdict, ref: TokenRef | None = None) -> Verdict:
@@ -197,9 +202,7 @@ class Store:
                 for groups in self._doubted.values()
             )
 
-    def _doubt(
-        self, groups: frozenset[int] | None = None, unwritten: Unwritten | None = None
-    ) -> None:
+    def _doubt(self, groups: frozenset[int], unwritten: Unwritten | None = None) -> None:
         """Note that Redis may lack a revocation, of these groups on a Cluster."""
         with self._recovery_lock:
             self._doubts += 1

@@ -85,9 +85,9 @@ class MemoryBlocklist:
         """Forget the loaded mark; the next rebuild restores it."""
         self._loaded = False
 
-    async def probe(self) -> Verdict:
-        """A lookup for a token nobody holds."""
-        return self.known(TokenRef(jti="", exp=0, sid="", sxp=0, sub=""))
+    async def probe(self, ref: TokenRef) -> Verdict:
+        """A lookup, as a check's."""
+        return self.known(ref)
 
     @property
     def floor(self) -> int:
