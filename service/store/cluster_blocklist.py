@@ -174,7 +174,9 @@ class ClusterBlocklist(RedisBlocklist):
         relearn it, and every node's checks would fail until the failover. The client
         does this itself for a command that fails, not for a pipeline or a lookup.
         """
-        client.nodes_manager.move_node_to_end_of_cached_nodes(node)
+        move_to_end = getattr(client.nodes_manager, "move_node_to_end_of_cached_nodes", None)
+        if move_to_end is not None:  # older redis-py has none: its own order stays
+            move_to_end(node)
 
     def _down(self, node: str) -> bool:
         """Whether the node's breaker, or the whole client's, is open."""
