@@ -14,10 +14,11 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Container, Iterator
+from collections.abc import AsyncIterator, Container, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -28,7 +29,7 @@ from redis.crc import key_slot
 
 from service.config import Settings
 from service.store import Store
-from service.store.blocklist import BlocklistUnavailable, Entry, Kind, TokenRef, Verdict
+from service.store.blocklist import BlocklistUnavailable, Entry, Kind, State, TokenRef, Verdict
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.revocation_feed import CLIENT, Subject
@@ -46,6 +47,7 @@ from tests.conftest import (
 from tests.servers import RedisClusterGroup
 
 PASSWORD = "correct horse battery"
+T = TypeVar("T")
 PREFIX = "cluster:"
 WINDOW = 0.025
 ACK_WINDOW = 1.0  # long enough to tell a write that was acknowledged from one that waited
@@ -431,7 +433,7 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         killed = time.monotonic()
         # The worker's verification is the first to find the node gone, before any check.
         with contextlib.suppress(BlocklistUnavailable):
-            await asyncio.wrap_future(store.loop.submit(store.verify()))
+            await on_loop(store, store.verify())
         unavailable: dict[str, list[float]] = {"home": [], "other": []}
         recovered = None
         while recovered is None or time.monotonic() - recovered < 2.0:
@@ -486,6 +488,55 @@ async def test_revocations_hold_on_a_cluster_and_through_a_primary_failover(
         assert await status(http, kept.access) == 401
         assert await status(http, other.access) == 200
         assert (await login(http, username, PASSWORD)).access
+
+
+@pytest.mark.fault
+async def test_recovery_clears_the_doubts_of_groups_whose_node_answers(
+    settings: Settings,
+    cluster: RedisClusterGroup,
+    tmp_path: Path,
+    captured_app: list[Flask],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that does not answer keeps its own groups doubted, and only those."""
+    async with serve_in_process(on_cluster(settings, cluster, tmp_path)) as http:
+        store = get_store_of(captured_app[-1])
+        blocklist = store.blocklist
+        assert isinstance(blocklist, ClusterBlocklist)
+        users = await users_on_every_primary(http, cluster, 1)
+        (silent_port, [silent]), (_, [live]) = list(users.items())[:2]
+        tag = group_tags()
+        silent_groups = {
+            group
+            for group in range(GROUPS)
+            if cluster.port_of_key(f"{PREFIX}{{{tag[group]}}}ready") == silent_port
+        }
+        assert group_of(sub_of(silent)) in silent_groups
+        assert group_of(sub_of(live)) not in silent_groups
+
+        # One check of each user fails: each one's group is doubted.
+        async def unavailable(_ref: TokenRef) -> Verdict:
+            raise BlocklistUnavailable("blocklist unreachable: in this test")
+
+        with monkeypatch.context() as failing:
+            failing.setattr(blocklist, "known", lambda _ref: None)
+            failing.setattr(blocklist, "check", unavailable)
+            for user in (silent, live):
+                assert await status(http, user.access) == 503
+        # The silent node's groups cannot be read; the others can.
+        read_states = blocklist.group_states
+
+        async def without_silent_node() -> list[State | None]:
+            states = await read_states()
+            return [None if group in silent_groups else s for group, s in enumerate(states)]
+
+        monkeypatch.setattr(blocklist, "group_states", without_silent_node)
+        assert await on_loop(store, store.recover()) is False
+        assert await status(http, live.access) == 200
+        assert await status(http, silent.access) == 503
+        monkeypatch.setattr(blocklist, "group_states", read_states)
+        assert await on_loop(store, store.recover()) is True
+        assert await status(http, silent.access) == 200
 
 
 @pytest.mark.fault
@@ -562,6 +613,11 @@ async def test_no_revoked_token_gets_in_while_a_group_moves_to_another_primary(
             assert await status(http, session.access) == 401
         assert (await http.post("/auth/logout", headers=kept.bearer())).status_code == 204
         assert await status(http, kept.access) == 401
+
+
+async def on_loop(store: Store, job: Coroutine[Any, Any, T]) -> T:
+    """Run job on the loop that owns the store's connections, and wait for it."""
+    return await asyncio.wrap_future(store.loop.submit(job))
 
 
 def get_store_of(app: Flask) -> Store:
