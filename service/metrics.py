@@ -118,6 +118,12 @@ REBUILDS = Counter(
     ["outcome"],
 )
 WORKERS = Gauge("authsvc_workers", "Worker processes serving now.", multiprocess_mode="livesum")
+DOUBTING = Gauge(
+    "authsvc_workers_doubting_redis",
+    "Workers whose checks fail closed (503) for some users until a recovery: a Redis call "
+    "failed there since the last one.",
+    multiprocess_mode="livesum",
+)
 
 
 class Tally:
@@ -295,3 +301,8 @@ def counted_rebuild(
 def worker_started() -> None:
     """Count this process among the serving workers (until the master marks it dead)."""
     WORKERS.set(1)
+
+
+def doubting_redis(doubting: bool) -> None:
+    """Count this process among the workers that doubt Redis, or no longer."""
+    DOUBTING.set(1 if doubting else 0)

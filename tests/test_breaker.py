@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
+from prometheus_client import REGISTRY
 
 from tests.conftest import login, register
 from tests.proxy import TcpProxy
@@ -23,3 +25,26 @@ async def test_breaker_answers_fast_while_redis_is_down(
         assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
     # Twenty checks inside the breaker window cost no network timeout each.
     assert time.perf_counter() - started < 0.3 * 5
+
+
+def doubting_workers() -> float | None:
+    """The gauge of workers that doubt Redis, as this process's registry holds it."""
+    return REGISTRY.get_sample_value("authsvc_workers_doubting_redis")
+
+
+async def test_a_worker_that_doubts_redis_says_so_until_it_recovered(
+    cut_redis: tuple[httpx.AsyncClient, TcpProxy],
+) -> None:
+    http, proxy = cut_redis
+    password = "correct horse battery"
+    session = await login(http, await register(http, password), password)
+    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
+    proxy.stop()
+    assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
+    assert doubting_workers() == 1
+    proxy.start()
+    deadline = time.monotonic() + 10
+    while (await http.get("/api/hello", headers=session.bearer())).status_code != 200:
+        assert time.monotonic() < deadline, "the worker never recovered"
+        await asyncio.sleep(0.05)
+    assert doubting_workers() == 0

@@ -205,6 +205,8 @@ class Store:
     def _doubt(self, groups: frozenset[int], unwritten: Unwritten | None = None) -> None:
         """Note that Redis may lack a revocation, of these groups on a Cluster."""
         with self._recovery_lock:
+            if not self._doubted:
+                metrics.doubting_redis(True)
             self._doubts += 1
             cluster = isinstance(self.blocklist, ClusterBlocklist)
             self._doubted[self._doubts] = groups if cluster else None
@@ -367,12 +369,15 @@ class Store:
 
     def _cleared(self, doubts: int, verified: frozenset[int] | None = None) -> None:
         with self._recovery_lock:
+            doubted = bool(self._doubted)
             for number, unwritten in list(self._unwritten.items()):
                 if number <= doubts and _covers(verified, unwritten.groups):
                     del self._unwritten[number]
             for number, groups in list(self._doubted.items()):
                 if number <= doubts and _covers(verified, groups):
                     del self._doubted[number]
+            if doubted and not self._doubted:
+                metrics.doubting_redis(False)
 
     async def verify(self) -> None:
         """Recover now if Redis may lack a revocation (see recover); else only note its seq."""
@@ -441,6 +446,8 @@ class Store:
         for task in self._maintenance:
             task.cancel()
         self._maintenance = []
+        if self._doubted:  # a worker that stops doubts nothing any more
+            metrics.doubting_redis(False)
         await self.blocklist.close()
         await self.db.dispose()
 
