@@ -8,7 +8,7 @@ import time
 import httpx
 from prometheus_client import REGISTRY
 
-from tests.conftest import login, register
+from tests.conftest import Session, login, register
 from tests.proxy import TcpProxy
 
 
@@ -16,8 +16,7 @@ async def test_breaker_answers_fast_while_redis_is_down(
     cut_redis: tuple[httpx.AsyncClient, TcpProxy],
 ) -> None:
     http, proxy = cut_redis
-    password = "correct horse battery"
-    session = await login(http, await register(http, password), password)
+    session = await signed_in(http)
     proxy.stop()
     assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
     started = time.perf_counter()
@@ -25,6 +24,12 @@ async def test_breaker_answers_fast_while_redis_is_down(
         assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
     # Twenty checks inside the breaker window cost no network timeout each.
     assert time.perf_counter() - started < 0.3 * 5
+
+
+async def signed_in(http: httpx.AsyncClient) -> Session:
+    """A new user's first session."""
+    password = "correct horse battery"
+    return await login(http, await register(http, password), password)
 
 
 def doubting_workers() -> float | None:
@@ -36,8 +41,7 @@ async def test_a_worker_that_doubts_redis_says_so_until_it_recovered(
     cut_redis: tuple[httpx.AsyncClient, TcpProxy],
 ) -> None:
     http, proxy = cut_redis
-    password = "correct horse battery"
-    session = await login(http, await register(http, password), password)
+    session = await signed_in(http)
     assert (await http.get("/api/hello", headers=session.bearer())).status_code == 200
     proxy.stop()
     assert (await http.get("/api/hello", headers=session.bearer())).status_code == 503
