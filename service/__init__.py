@@ -103,7 +103,8 @@ async def start_app(app: Flask) -> None:
             if keyring is not None:
                 await keyring.load()
     except Exception as exc:
-        log.warning("backends not ready at start-up (%s); /readyz will tell", type(exc).__name__)
+        reason = store.failure_reason(exc)
+        log.warning("backends not ready at start-up (%s); /readyz will tell", reason)
 
 
 async def stop_app(app: Flask) -> None:

@@ -185,7 +185,7 @@ class Store:
             self._doubt(frozenset({group_of(ref.sub)}))
             raise
 
-    def _settle(self, verdict: Verdict, ref: TokenRef | None = None) -> Verdict:
+    def _settle(self, verdict: Verdict, ref: TokenRef) -> Verdict:
         if verdict is Verdict.NOT_LOADED or (self._doubted and self._doubts_cover(ref)):
             # Not loaded, or older than a revocation this process saw, or Redis failed
             # here since the last recovery: it may lack one; answer 503 until recovered.
@@ -193,14 +193,11 @@ class Store:
             return Verdict.NOT_LOADED
         return verdict
 
-    def _doubts_cover(self, ref: TokenRef | None) -> bool:
-        """Whether a doubt not yet cleared covers ref's group (None: any group)."""
-        group = None if ref is None else group_of(ref.sub)
+    def _doubts_cover(self, ref: TokenRef) -> bool:
+        """Whether a doubt not yet cleared covers ref's group."""
+        group = group_of(ref.sub)
         with self._recovery_lock:
-            return any(
-                groups is None or group is None or group in groups
-                for groups in self._doubted.values()
-            )
+            return any(groups is None or group in groups for groups in self._doubted.values())
 
     def _doubt(self, groups: frozenset[int], unwritten: Unwritten | None = None) -> None:
         """Note that Redis may lack a revocation, of these groups on a Cluster."""
@@ -237,7 +234,7 @@ class Store:
         try:
             return await self.recover()
         except Exception as exc:
-            log.warning("blocklist recovery failed (%s); will retry", _reason(exc))
+            log.warning("blocklist recovery failed (%s); will retry", failure_reason(exc))
             return False
 
     async def recover(self) -> bool:
@@ -452,7 +449,7 @@ class Store:
         await self.db.dispose()
 
 
-def _reason(exc: Exception) -> str:
+def failure_reason(exc: Exception) -> str:
     """What to log of a failure: the cause a BlocklistUnavailable names, else the type."""
     return str(exc) if isinstance(exc, BlocklistUnavailable) else type(exc).__name__
 
@@ -471,7 +468,7 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], what: str
         try:
             await job()
         except Exception as exc:  # the next round tries again
-            log.warning("%s failed: %s", what, _reason(exc))
+            log.warning("%s failed: %s", what, failure_reason(exc))
 
 
 def _make_blocklist(settings: Settings) -> Blocklist:
