@@ -39,3 +39,14 @@ async def durable(*entries: Entry) -> AsyncIterator[Entry]:
     """Durable revocations to rebuild from; none only marks the blocklist loaded."""
     for entry in entries:
         yield entry
+
+
+class RecordUnreadable(Exception):
+    """The durable record failed while a load streamed it (PostgreSQL went away, say)."""
+
+
+async def failing_midway(*entries: Entry) -> AsyncIterator[Entry]:
+    """Durable revocations whose stream fails after the entries given."""
+    for entry in entries:
+        yield entry
+    raise RecordUnreadable

@@ -25,7 +25,14 @@ from service.store.blocklist import (
     Verdict,
     session_started_ms,
 )
-from tests.blocklist_helpers import TIMEOUT, durable, make_blocklist, new_ref
+from tests.blocklist_helpers import (
+    TIMEOUT,
+    RecordUnreadable,
+    durable,
+    failing_midway,
+    make_blocklist,
+    new_ref,
+)
 from tests.proxy import TcpProxy
 from tests.servers import SnapshottingRedis
 
@@ -247,3 +254,17 @@ async def test_a_flushed_script_is_loaded_again(snapshotting_redis: Snapshotting
     finally:
         direct.close()
         await own.close()
+
+
+async def test_a_load_that_fails_gives_its_lock_back(settings: Settings, prefix: str) -> None:
+    """The next recovery loads at once, rather than after REBUILD_LOCK_SECONDS."""
+    blocklist = make_blocklist(str(settings.redis_url), prefix)
+    try:
+        revoked = new_ref()
+        with pytest.raises(RecordUnreadable):
+            await blocklist.rebuild(failing_midway(Entry(Kind.TOKEN, revoked.jti, revoked.exp)))
+        assert not (await blocklist.state()).loaded
+        assert await blocklist.rebuild(durable(Entry(Kind.TOKEN, revoked.jti, revoked.exp)))
+        assert await blocklist.check(revoked) is Verdict.REVOKED
+    finally:
+        await blocklist.close()

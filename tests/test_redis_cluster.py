@@ -33,7 +33,7 @@ from service.store.blocklist import BlocklistUnavailable, Entry, Kind, State, To
 from service.store.cluster_blocklist import ClusterBlocklist
 from service.store.groups import GROUPS, group_of, group_tags
 from service.store.revocation_feed import CLIENT, Subject
-from tests.blocklist_helpers import durable, new_ref
+from tests.blocklist_helpers import RecordUnreadable, durable, failing_midway, new_ref
 from tests.conftest import (
     README,
     Session,
@@ -907,6 +907,24 @@ async def test_no_revoked_token_gets_in_while_the_whole_cluster_restarts_empty(
             assert await status(http, token.session.access) == (200 if token.kept else 401)
         again = await login(http, everywhere.session.username, PASSWORD)
         assert await status(http, again.access) == 200
+
+
+@pytest.mark.fault
+async def test_a_load_that_fails_gives_every_group_lock_back(
+    shared_cluster: RedisClusterGroup,
+) -> None:
+    """The next recovery loads every group at once, rather than after REBUILD_LOCK_SECONDS."""
+    worker = keeping(shared_cluster.url, f"lock{random.randrange(1 << 30)}:")
+    try:
+        revoked = new_ref()
+        entry = revocations_of(revoked)[0]
+        with pytest.raises(RecordUnreadable):
+            await worker.rebuild(failing_midway(entry))
+        assert not any(state and state.loaded for state in await worker.group_states())
+        assert await worker.rebuild(durable(entry))
+        assert await worker.check(revoked) is Verdict.REVOKED
+    finally:
+        await worker.close()
 
 
 CLUSTER_ACL = re.compile(

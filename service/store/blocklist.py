@@ -89,6 +89,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
+# A load that failed gives its lock back, so that the next recovery (any process's) need
+# not wait REBUILD_LOCK_SECONDS for it to expire; only the holder's token releases it.
+RELEASE_LOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 LOAD_BATCH = 5000
 REBUILD_LOCK_SECONDS = 30
 BREAKER_SECONDS = 0.5
@@ -226,6 +233,18 @@ class Blocklist(Protocol):
     async def close(self) -> None:
         """Release connections of this process."""
         ...
+
+
+async def release_locks(client: Any, keys: list[str], token: str) -> None:
+    """Give back the rebuild locks token holds, in one round trip (per node), if Redis answers.
+
+    Best effort: a lock Redis does not answer for expires after REBUILD_LOCK_SECONDS.
+    """
+    with contextlib.suppress(Exception):
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.eval(RELEASE_LOCK_SCRIPT, 1, key, token)
+            await pipe.execute()
 
 
 def nobody() -> TokenRef:
@@ -547,13 +566,17 @@ class RedisBlocklist:
         try:
             if not await client.set(self._lock_key, token, nx=True, ex=REBUILD_LOCK_SECONDS):
                 return False
-            run_id = parse_run_id(await client.info("server"))
-            if not await self._load_all(client, entries, token):
-                return False
-            keys = (self._lock_key, self._ready_key, self._seq_key)
-            finish = (token, run_id, seq, self._channel, message(None, seq))
-            if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, *finish):
-                return False
+            try:
+                run_id = parse_run_id(await client.info("server"))
+                if not await self._load_all(client, entries, token):
+                    return False
+                keys = (self._lock_key, self._ready_key, self._seq_key)
+                finish = (token, run_id, seq, self._channel, message(None, seq))
+                if not await client.eval(FINISH_LOAD_SCRIPT, 3, *keys, *finish):
+                    return False
+            except BaseException:
+                await release_locks(client, [self._lock_key], token)
+                raise
         except RedisError as exc:
             raise BlocklistUnavailable.because(exc) from exc
         self.raise_floor(seq)

@@ -53,6 +53,7 @@ from service.store.blocklist import (
     _subject,
     keep_nothing,
     parse_run_id,
+    release_locks,
     session_started_ms,
 )
 from service.store.cluster_feed import ClusterFeed
@@ -436,38 +437,55 @@ class ClusterBlocklist(RedisBlocklist):
         """
         client = await self._client()
         token = os.urandom(8).hex()
+        order = sorted(seqs)
         try:
-            order = sorted(seqs)
-            async with client.pipeline(transaction=False) as pipe:
-                for group in order:
-                    lock = self.key(group, "rebuild-lock")
-                    pipe.set(lock, token, nx=True, ex=REBUILD_LOCK_SECONDS)
-                taken = await pipe.execute()
-            held = {group for group, ours in zip(order, taken, strict=True) if ours}
-            batch: list[Entry] = []
-            async for entry in entries:
-                batch.append(entry)
-                if len(batch) >= LOAD_BATCH:
-                    held &= await self._load_batch(client, batch, held, token)
-                    batch = []
-            held &= await self._load_batch(client, batch, held, token)
-            done = set()
-            run_ids: dict[str, str] = {}
-            for group in sorted(held):
-                node = client.get_node_from_key(self.key(group, "ready"))
-                if node is None:
-                    continue
-                if node.name not in run_ids:
-                    info = await client.execute_command("INFO", "server", target_nodes=node)
-                    run_ids[node.name] = _run_id(info)
-                names = ("rebuild-lock", "ready", "seq", "revoked")
-                keys = [self.key(group, name) for name in names]
-                finish = (token, run_ids[node.name], seqs[group], message(None, seqs[group]))
-                if await client.eval(FINISH_GROUP_SCRIPT, 4, *keys, *finish):
-                    done.add(group)
-                    self.raise_group_floor(group, seqs[group])
+            try:
+                return await self._load_groups(client, entries, seqs, order, token)
+            except BaseException:
+                # Finished groups' locks are gone already: the script deletes only token's.
+                locks = [self.key(group, "rebuild-lock") for group in order]
+                await release_locks(client, locks, token)
+                raise
         except FAILURES as exc:
             raise BlocklistUnavailable.because(exc) from exc
+
+    async def _load_groups(
+        self,
+        client: RedisCluster,
+        entries: AsyncIterable[Entry],
+        seqs: dict[int, int],
+        order: list[int],
+        token: str,
+    ) -> set[int]:
+        """rebuild_groups under token's locks: take them, load, finish each group."""
+        async with client.pipeline(transaction=False) as pipe:
+            for group in order:
+                lock = self.key(group, "rebuild-lock")
+                pipe.set(lock, token, nx=True, ex=REBUILD_LOCK_SECONDS)
+            taken = await pipe.execute()
+        held = {group for group, ours in zip(order, taken, strict=True) if ours}
+        batch: list[Entry] = []
+        async for entry in entries:
+            batch.append(entry)
+            if len(batch) >= LOAD_BATCH:
+                held &= await self._load_batch(client, batch, held, token)
+                batch = []
+        held &= await self._load_batch(client, batch, held, token)
+        done = set()
+        run_ids: dict[str, str] = {}
+        for group in sorted(held):
+            node = client.get_node_from_key(self.key(group, "ready"))
+            if node is None:
+                continue
+            if node.name not in run_ids:
+                info = await client.execute_command("INFO", "server", target_nodes=node)
+                run_ids[node.name] = _run_id(info)
+            names = ("rebuild-lock", "ready", "seq", "revoked")
+            keys = [self.key(group, name) for name in names]
+            finish = (token, run_ids[node.name], seqs[group], message(None, seqs[group]))
+            if await client.eval(FINISH_GROUP_SCRIPT, 4, *keys, *finish):
+                done.add(group)
+                self.raise_group_floor(group, seqs[group])
         return done
 
     async def _load_batch(
